@@ -1,0 +1,23 @@
+# make test: create .venv from requirements.txt when missing, then run the test suite.
+# make demo: the same venv, then the whole pipeline on a tiny local model (see README).
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: test demo venv clean-demo
+
+venv: .venv/.installed
+
+.venv/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch .venv/.installed
+
+test: venv
+	$(PY) -m pytest
+
+demo: venv
+	$(PY) experiments/demo/run_demo.py
+
+clean-demo:
+	rm -rf experiments/demo/models experiments/demo/inference experiments/demo/extraction experiments/demo/analysis experiments/demo/model_diff

@@ -1,0 +1,82 @@
+"""Experiment config.json and model-variant resolution.
+
+    load_config(exp)                  -> dict     experiments/{exp}/config.json, errors list known experiments
+    resolve_variant(exp, name, role)  -> Variant  name, or defaults.{role}, or the first variant
+    Variant                           dataclass: name, model, lora, raw (the config entry)
+    ConfigError                       unknown experiment / variant, malformed config
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils import paths
+from utils.storage import StorageError, read_json
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message says what exists."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: str
+    lora: str | None = None
+    raw: dict = field(default_factory=dict, compare=False)
+
+    def model_path(self, exp: str | None = None) -> str:
+        """`model` as given (hub id), or resolved against the repo/experiment when it is a relative local folder."""
+        return _local_or_id(self.model, exp)
+
+    def lora_path(self, exp: str | None = None) -> str | None:
+        return _local_or_id(self.lora, exp) if self.lora else None
+
+
+def _local_or_id(ref: str, exp: str | None) -> str:
+    p = Path(ref)
+    if p.is_absolute():
+        return ref
+    for base in ([paths.experiment_dir(exp)] if exp else []) + [paths.REPO_ROOT]:
+        if (base / p).exists():
+            return str(base / p)
+    return ref
+
+
+def list_experiments() -> list[str]:
+    root = paths.experiments_root()
+    return sorted(p.parent.name for p in root.glob("*/config.json")) if root.exists() else []
+
+
+def load_config(exp: str) -> dict:
+    path = paths.config_path(exp)
+    if not path.exists():
+        known = ", ".join(list_experiments()) or "none"
+        raise ConfigError(f"unknown experiment {exp!r}: {path} not found (experiments: {known})")
+    try:
+        cfg = read_json(path)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_variants"), dict) or not cfg["model_variants"]:
+        raise ConfigError(f"{path}: needs a non-empty 'model_variants' object")
+    return cfg
+
+
+def resolve_variant(exp: str, name: str | None = None, role: str = "application") -> Variant:
+    """The named variant, else `defaults.{role}` (application / extraction), else the first variant."""
+    cfg = load_config(exp)
+    variants = cfg["model_variants"]
+    chosen = name or (cfg.get("defaults") or {}).get(role) or next(iter(variants))
+    if chosen not in variants:
+        raise ConfigError(
+            f"unknown model variant {chosen!r} in experiment {exp!r} (variants: {', '.join(variants)})"
+        )
+    entry = variants[chosen]
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"{paths.config_path(exp)}: variant {chosen!r} needs a 'model' key")
+    return Variant(name=chosen, model=entry["model"], lora=entry.get("lora"), raw=entry)
+
+
+def use_chat_template(exp: str) -> bool | None:
+    """config.use_chat_template: True / False, or None for auto (when the tokenizer has a template)."""
+    return load_config(exp).get("use_chat_template")

@@ -1,0 +1,103 @@
+"""Atomic writes and safe loads: the only place that touches output files.
+
+    atomic_write(path)            context manager: yields a temp path in the same folder, renamed into place on success
+    write_json(path, obj)         atomic JSON write; a standard serializer, so string contents are never altered
+    write_pt(path, obj)           atomic torch.save
+    load_pt(path, mmap=True)      torch.load(weights_only=True), memory-mapped when the file allows it
+    read_json(path)               json.load with an error that names the file
+    StorageError                  raised for unreadable / malformed files (message names the file)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+class StorageError(ValueError):
+    """A file could not be read or parsed; the message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file that
+    --skip-existing would trust.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf are not JSON: refuse them loudly rather than write invalid files."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise StorageError(f"refusing to write non-finite number {obj!r} to JSON (use null with a reason)")
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = None) -> str:
+    """Standard-library JSON text; allow_nan=False so an invalid file is never produced."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise StorageError(f"cannot write JSON: {e} (use null with a reason instead of NaN)") from e
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> int:
+    """Atomically write `obj` as JSON (UTF-8). Returns the number of bytes written."""
+    data = dumps_json(obj, indent=indent).encode("utf-8")
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return len(data)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise StorageError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StorageError(f"{path}: malformed JSON ({e})") from None
+
+
+def write_pt(path: str | Path, obj: Any) -> int:
+    """Atomically torch.save `obj`. Returns the file size in bytes."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+        size = tmp.stat().st_size
+    return size
+
+
+def load_pt(path: str | Path, mmap: bool = True) -> Any:
+    """torch.load with weights_only=True (never unpickles code); mmap so only touched tensors are read."""
+    path = Path(path)
+    if not path.exists():
+        raise StorageError(f"{path}: file not found")
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e).lower():
+            return load_pt(path, mmap=False)
+        raise StorageError(f"{path}: cannot load ({e})") from None
+    except Exception as e:  # truncated zip, unpickling refused, ...
+        raise StorageError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
