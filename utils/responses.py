@@ -1,0 +1,85 @@
+"""Response JSONs (DESIGN.md §4): listing, loading and validating the files generate_responses.py writes.
+
+    list_response_files(exp, variant, prompt_set, suffix=None) -> [Path]   natural id order, *_annotations.json skipped
+    load_response(path, vocab_size=None) -> dict                          validated: token_ids ints, prompt_end in range
+    load_responses(exp, variant, prompt_set, prompt_ids=None, limit=None, vocab_size=None, suffix=None)
+                                                                  -> [(prompt_id, dict)]
+    build_response(...) -> dict                                   the flat response record, keys in the original order
+    ResponseError                                                 missing folder / malformed file (names it)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from utils import paths
+from utils.storage import StorageError, read_json
+
+
+class ResponseError(ValueError):
+    """A response folder or file is missing or malformed; the message names it."""
+
+
+def list_response_files(exp: str, variant: str, prompt_set: str, suffix: str | None = None) -> list[Path]:
+    folder = paths.responses_dir(exp, variant, prompt_set, suffix)
+    if not folder.is_dir():
+        raise ResponseError(
+            f"no responses for variant {variant!r}, prompt set {paths.set_dir(prompt_set, suffix)!r}: {folder} does not "
+            f"exist (create it with: python inference/generate_responses.py --experiment {exp} "
+            f"--prompt-set {prompt_set} --model-variant {variant})"
+        )
+    files = [p for p in folder.glob("*.json") if not p.name.endswith("_annotations.json") and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: paths.natural_key(p.stem))
+
+
+def load_response(path: str | Path, vocab_size: int | None = None) -> dict:
+    """Read one response JSON and check what capture relies on; errors name the file."""
+    path = Path(path)
+    try:
+        data = read_json(path)
+    except StorageError as e:
+        raise ResponseError(str(e)) from None
+    if not isinstance(data, dict):
+        raise ResponseError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    ids = data.get("token_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ResponseError(f"{path}: 'token_ids' must be a non-empty list of integers")
+    end = data.get("prompt_end")
+    if not isinstance(end, int) or isinstance(end, bool) or not 0 <= end <= len(ids):
+        raise ResponseError(f"{path}: 'prompt_end' = {end!r} is out of range for {len(ids)} token ids")
+    if vocab_size is not None:
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ResponseError(f"{path}: token id {bad[0]} is outside the model's vocabulary (size {vocab_size})")
+    return data
+
+
+def load_responses(exp: str, variant: str, prompt_set: str, prompt_ids: list[str] | None = None,
+                   limit: int | None = None, vocab_size: int | None = None,
+                   suffix: str | None = None) -> list[tuple[str, dict]]:
+    """All (prompt_id, response) of a set, naturally sorted, filtered by ids, then limited. Validates every file first."""
+    files = list_response_files(exp, variant, prompt_set, suffix)
+    if prompt_ids:
+        wanted = [str(i) for i in prompt_ids]
+        have = {p.stem: p for p in files}
+        missing = [i for i in wanted if i not in have]
+        if missing:
+            raise ResponseError(f"--prompt-ids: no response for id(s) {', '.join(missing)} in "
+                                f"{paths.responses_dir(exp, variant, prompt_set, suffix)}")
+        files = [have[i] for i in sorted(set(wanted), key=paths.natural_key)]
+    if limit is not None:
+        files = files[:limit]
+    return [(p.stem, load_response(p, vocab_size)) for p in files]
+
+
+def build_response(prompt: str, response: str, token_ids: list[int], prompt_end: int, tokens: list[str],
+                   inference_model: str, system_prompt: str | None = None, prompt_note: str | None = None,
+                   **extra) -> dict:
+    """The flat response record, keys in the original tool's order, extra keys (e.g. `generation`) after."""
+    rec = {
+        "prompt": prompt, "response": response, "system_prompt": system_prompt, "tokens": tokens,
+        "token_ids": [int(i) for i in token_ids], "prompt_end": int(prompt_end), "inference_model": inference_model,
+        "prompt_note": prompt_note or None, "capture_date": _dt.datetime.now().isoformat(), "tags": [],
+    }
+    rec.update(extra)
+    return rec
