@@ -3,6 +3,7 @@
     load_model(model, lora=None, dtype="auto", load_in_8bit=False, ...) -> LoadedModel  (hub id or local folder)
     load_variant(exp, variant=None, role="application", ...)           -> LoadedModel  (from config.json)
     load_tokenizer(model)                                               -> tokenizer (pad token set, padding side explicit)
+    load_model_config(model)                                            -> HF config without weights (text config if nested)
     format_prompt(tokenizer, prompt, system_prompt, use_chat_template) -> (text, note)  chat template with a system turn
     tokenize_prompt(tokenizer, text)                                    -> list[int] with exactly one BOS
     check_single_bos(tokenizer, ids)                                    raise on a double BOS
@@ -65,6 +66,17 @@ def load_tokenizer(model: str, padding_side: str = "left"):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = padding_side
     return tok
+
+
+def load_model_config(model: str, trust_remote_code: bool = False):
+    """The model's HF config (no weights), e.g. to check --layers before a long load; the text config if nested."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load config for {model!r}: {e}") from None
+    return getattr(cfg, "text_config", None) or cfg
 
 
 def load_model(model: str, lora: str | None = None, dtype: str | torch.dtype | None = "auto",

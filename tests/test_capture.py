@@ -1,0 +1,328 @@
+"""capture_raw_activations() and core.capture on the zoo, against HF's own hidden states.
+
+Oracles: HF `output_hidden_states` of an unbatched forward (PeftModel for LoRA), the decomposition identity
+residual[L] = residual[L-1] + attn[L] + mlp[L] (HF's embedding output for L = 0), the block's own MLP path
+applied to residual[L-1] + attn[L], and one-by-one capture for batching / OOM retries.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core import capture as core_capture
+from core.capture import BatchReport, CaptureOOMError, capture_sequences
+from inference.capture_raw_activations import CaptureError, capture_raw_activations
+from utils import paths
+from utils.model import (decode_tokens, format_prompt, load_model, load_tokenizer, tokenize_continuation,
+                         tokenize_prompt)
+from utils.responses import build_response
+from utils.storage import load_pt, write_json
+from utils.zoo import ARCHS
+
+PAIRS = [  # (user prompt, response); one empty response: a prompt-only record
+    ("What is a model?", "I think the answer is good."),
+    ("Tell me a story about honest code, please.", "yes"),
+    ("hi", "the model will help you write code; it would be kind."),
+    ("Why?", ""),
+]
+
+
+def write_responses(exp: str, variant: str, prompt_set: str, model_dir: str, pairs=PAIRS, ids=None,
+                    multi_turn: int | None = None) -> dict[str, dict]:
+    """Response JSONs as generate_responses.py writes them: chat-formatted prompt ids + continuation ids.
+
+    multi_turn=k: record k follows the rollout convention (response == "", full token_ids, prompt_end inside).
+    """
+    tok = load_tokenizer(model_dir)
+    ids = ids or [str(i + 1) for i in range(len(pairs))]
+    out = {}
+    for k, (pid, (prompt, response)) in enumerate(zip(ids, pairs)):
+        text, note = format_prompt(tok, prompt)
+        p_ids = tokenize_prompt(tok, text)
+        r_ids = tokenize_continuation(tok, response)
+        if k == multi_turn:
+            p_ids, r_ids, response = p_ids + r_ids[:2], r_ids[2:], ""
+        all_ids = p_ids + r_ids
+        rec = build_response(text, response, all_ids, len(p_ids), decode_tokens(tok, all_ids), model_dir,
+                             prompt_note=note)
+        write_json(paths.response_file(exp, variant, prompt_set, pid), rec)
+        out[pid] = rec
+    return out
+
+
+def hf_hidden(model, ids: list[int]) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False).hidden_states
+
+
+def final_norm(model):
+    base = model.base_model  # LlamaModel & co. (norm), GPT2Model (ln_f)
+    return base.norm if hasattr(base, "norm") else base.ln_f
+
+
+def blocks(model):
+    base = model.base_model
+    return base.layers if hasattr(base, "layers") else base.h
+
+
+def mlp_path(arch: str, block, mid: torch.Tensor) -> torch.Tensor:
+    """What the block's MLP half adds, computed from the block's own modules (independent of core.hooks)."""
+    if arch == "gemma2":
+        out = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(mid)))
+    elif arch == "olmo2":
+        out = block.post_feedforward_layernorm(block.mlp(mid))
+    elif arch == "gpt2":
+        out = block.mlp(block.ln_2(mid))
+    else:
+        out = block.mlp(block.post_attention_layernorm(mid))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(mid.shape)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    return torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residuals_equal_hf_hidden_states_and_decompose(arch, zoo, experiments):
+    model_dir = zoo(arch)
+    experiments("e", {"base": {"model": model_dir}})
+    recs = write_responses("e", "base", "s", model_dir, multi_turn=3)
+    summary = capture_raw_activations("e", "s", components="residual,attn_contribution,mlp_contribution",
+                                      progress=False)
+    assert summary["captured"] == len(recs) and summary["skipped"] == 0
+    hf = load_model(model_dir).model
+    norm = final_norm(hf)
+    layers = list(range(4))
+    for pid, rec in recs.items():
+        d = load_pt(paths.raw_file("e", "base", "s", pid))
+        ids, end = rec["token_ids"], rec["prompt_end"]
+        assert d["prompt"]["token_ids"] + d["response"]["token_ids"] == ids
+        assert d["prompt"]["tokens"] + d["response"]["tokens"] == rec["tokens"]
+        assert (d["prompt"]["text"], d["response"]["text"]) == (rec["prompt"], rec["response"])
+        assert sorted(d["prompt"]["activations"]) == layers
+        md = d["metadata"]
+        assert (md["variant"], md["layers"], md["responses_from"], md["dtype"]) == ("base", layers, "base", "float32")
+        assert set(md["components"]) == {"residual", "attn_contribution", "mlp_contribution"}
+        hs = hf_hidden(hf, ids)
+        full = {L: {c: torch.cat([d["prompt"]["activations"][L][c], d["response"]["activations"][L][c]])
+                    for c in md["components"]} for L in layers}
+        for L in layers:
+            assert d["prompt"]["activations"][L]["residual"].shape == (end, 64)
+            assert d["response"]["activations"][L]["residual"].shape == (len(ids) - end, 64)
+            # HF's last hidden state has the final norm applied; the capture is the block's raw output.
+            want = hs[L + 1][0] if L < layers[-1] else None
+            got = full[L]["residual"]
+            if want is None:
+                with torch.no_grad():
+                    assert close(norm(got[None])[0], hs[-1][0]), f"{arch} layer {L} (final norm)"
+            else:
+                assert close(got, want), f"{arch} layer {L}"
+            prev = hs[0][0] if L == 0 else full[L - 1]["residual"]
+            attn, mlp = full[L]["attn_contribution"], full[L]["mlp_contribution"]
+            assert close(got, prev + attn + mlp), f"{arch} identity at layer {L}"
+            with torch.no_grad():
+                assert close(mlp_path(arch, blocks(hf)[L], (prev + attn)[None])[0], mlp), f"{arch} attn split at {L}"
+            assert attn.abs().max() > 1e-3 and mlp.abs().max() > 1e-3
+
+
+def test_batched_equals_one_by_one_and_tensors_own_storage(zoo):
+    model = load_model(zoo("qwen2")).model
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 17, 9, 1, 12, 17)]
+    reports: list[BatchReport] = []
+    batched = dict(capture_sequences(model, seqs, [1, 3], ["residual", "mlp_contribution"], pad_id=0,
+                                     on_batch=reports.append))
+    single = dict(capture_sequences(model, seqs, [1, 3], ["residual", "mlp_contribution"], pad_id=0, batch_size=1))
+    assert len(reports) == 1 and reports[0].indices == [1, 5, 4, 2, 0, 3]  # longest first, one batch
+    assert reports[0].padded_tokens == 6 * 17 and reports[0].tokens == sum(map(len, seqs))
+    assert sorted(batched) == list(range(len(seqs)))
+    for i, s in enumerate(seqs):
+        assert sorted(batched[i]) == [1, 3]
+        for L in (1, 3):
+            for c in ("residual", "mlp_contribution"):
+                t = batched[i][L][c]
+                assert t.shape == (len(s), 64) and t.device.type == "cpu"
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                assert close(t, single[i][L][c], 1e-5)
+    # a budget of 20 padded tokens: 17, 17 and 12 go alone, then 9 + 5 (18 padded), then 1
+    reports.clear()
+    list(capture_sequences(model, seqs, [0], ["residual"], pad_id=0, max_batch_tokens=20, on_batch=reports.append))
+    assert [r.indices for r in reports] == [[1], [5], [4], [2, 0], [3]]
+
+
+def test_out_of_memory_halves_retries_and_loses_nothing(zoo, experiments, monkeypatch):
+    model_dir = zoo("llama")
+    experiments("e", {"base": {"model": model_dir}})
+    pairs = [(f"prompt number {i} about code", "an answer " * (i % 3)) for i in range(7)]
+    recs = write_responses("e", "base", "s", model_dir, pairs=pairs)
+    loaded = load_model(model_dir)
+    clean = capture_raw_activations("e", "s", loaded=loaded, output_suffix="clean", progress=False)
+
+    real_forward = core_capture.run_forward
+    sizes: list[int] = []
+
+    def forward_with_small_memory(model, **inputs):
+        sizes.append(inputs["input_ids"].shape[0])
+        if inputs["input_ids"].shape[0] > 2:  # a batch of more than two prompts does not fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(model, **inputs)
+
+    monkeypatch.setattr(core_capture, "run_forward", forward_with_small_memory)
+    summary = capture_raw_activations("e", "s", loaded=loaded, batch_size=4, progress=False)
+    assert summary["captured"] == 7 and summary["out_of_memory_retries"] >= 1
+    assert sizes[:3] == [4, 2, 2]  # halved, retried from the same prompt
+    for pid in recs:
+        a = load_pt(paths.raw_file("e", "base", "s", pid))
+        b = load_pt(paths.raw_file("e", "base", "s", pid, "clean"))
+        for side in ("prompt", "response"):
+            for L, comps in b[side]["activations"].items():
+                assert close(a[side]["activations"][L]["residual"], comps["residual"], 1e-5)
+    assert clean["captured"] == 7
+
+    # a RuntimeError saying "out of memory" counts too; at batch size 1 it names the prompt and writes nothing
+    def always_oom(model, **inputs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(core_capture, "run_forward", always_oom)
+    with pytest.raises(CaptureError, match=r"prompt \d+ \(\d+ tokens\): out of memory even at batch size 1"):
+        capture_raw_activations("e", "s", loaded=loaded, output_suffix="never", progress=False)
+    assert not paths.raw_dir("e", "base", "s", "never").exists()
+    with pytest.raises(CaptureOOMError) as info:
+        list(capture_sequences(loaded.model, [[1, 2, 3], [1, 2]], [0], ["residual"], pad_id=0))
+    assert info.value.index == 0
+
+    def broken(model, **inputs):  # anything else is not retried
+        raise RuntimeError("device-side assert triggered")
+
+    monkeypatch.setattr(core_capture, "run_forward", broken)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        list(capture_sequences(loaded.model, [[1, 2, 3], [1, 2]], [0], ["residual"], pad_id=0))
+
+
+def test_lora_variant_with_responses_from_base(zoo, zoo_lora, experiments):
+    model_dir, adapter = zoo("llama"), zoo_lora("llama")
+    experiments("e", {"base": {"model": model_dir}, "lora": {"model": model_dir, "lora": adapter}})
+    recs = write_responses("e", "base", "s", model_dir)
+    summary = capture_raw_activations("e", "s", model_variant="lora", responses_from="base", progress=False)
+    assert summary["captured"] == len(recs)
+    assert not paths.raw_dir("e", "base", "s").exists()
+    peft = load_model(model_dir, lora=adapter).model
+    base = load_model(model_dir).model
+    for pid, rec in recs.items():
+        d = load_pt(paths.raw_file("e", "lora", "s", pid))
+        assert d["prompt"]["token_ids"] + d["response"]["token_ids"] == rec["token_ids"]
+        assert (d["metadata"]["variant"], d["metadata"]["responses_from"]) == ("lora", "base")
+        assert d["metadata"]["lora"] == adapter
+        hs, hs_base = hf_hidden(peft, rec["token_ids"]), hf_hidden(base, rec["token_ids"])
+        for L in range(3):  # last layer: see the final-norm comparison in the architecture test
+            got = torch.cat([d["prompt"]["activations"][L]["residual"], d["response"]["activations"][L]["residual"]])
+            assert close(got, hs[L + 1][0])
+            assert not close(got, hs_base[L + 1][0])  # the adapter is really in the forward
+
+
+def test_responses_from_needs_the_same_vocabulary(zoo, experiments, tmp_path):
+    import shutil
+
+    from utils.zoo import build_tokenizer
+
+    other = tmp_path / "llama_other_tokenizer"
+    shutil.copytree(zoo("llama"), other)
+    build_tokenizer(vocab_size=300).save_pretrained(other)
+    experiments("e", {"base": {"model": zoo("llama")}, "other": {"model": str(other)}, "g": {"model": zoo("gemma2")}})
+    write_responses("e", "base", "s", zoo("llama"))
+    with pytest.raises(CaptureError, match="--responses-from base: its tokenizer"):
+        capture_raw_activations("e", "s", model_variant="other", responses_from="base", progress=False)
+    assert not paths.raw_dir("e", "other", "s").exists()
+    # another architecture with an identical vocabulary may read the ids
+    summary = capture_raw_activations("e", "s", model_variant="g", responses_from="base", layers="0", progress=False)
+    assert summary["captured"] == len(PAIRS)
+
+
+def test_flags_change_exactly_what_they_say(zoo, experiments):
+    model_dir = zoo("mistral")
+    experiments("e", {"base": {"model": model_dir}})
+    pairs = PAIRS + [("one more prompt", "and its answer"), ("the tenth", "ok")]
+    recs = write_responses("e", "base", "s", model_dir, pairs=pairs, ids=["1", "2", "10", "3", "20", "4"])
+    write_json(paths.responses_dir("e", "base", "s") / "2_annotations.json", {"spans": []})
+    loaded = load_model(model_dir)
+    full = capture_raw_activations("e", "s", loaded=loaded, progress=False)
+    assert full["captured"] == 6  # the annotations file is no prompt
+    ref = {pid: load_pt(paths.raw_file("e", "base", "s", pid)) for pid in recs}
+
+    def run(suffix, **kw):
+        s = capture_raw_activations("e", "s", loaded=loaded, output_suffix=suffix, progress=False, **kw)
+        folder = paths.raw_dir("e", "base", "s", suffix)
+        return s, {p.stem: load_pt(p) for p in folder.glob("*.pt")}
+
+    def same(a, b, side, L, c="residual", tol=1e-5):
+        return close(a[side]["activations"][L][c], b[side]["activations"][L][c], tol)
+
+    s, got = run("layers", layers="1,-1")
+    assert set(got) == set(recs) and s["layers"] == [1, 3]
+    for pid, d in got.items():
+        assert sorted(d["prompt"]["activations"]) == sorted(d["response"]["activations"]) == [1, 3]
+        assert all(same(d, ref[pid], side, L) for side in ("prompt", "response") for L in (1, 3))
+
+    s, got = run("resp", response_only=True)
+    for pid, d in got.items():
+        assert d["prompt"]["activations"] == {} and d["prompt"]["token_ids"] == ref[pid]["prompt"]["token_ids"]
+        assert d["prompt"]["tokens"] == ref[pid]["prompt"]["tokens"] and d["metadata"]["response_only"] is True
+        assert all(same(d, ref[pid], "response", L) for L in range(4))
+
+    s, got = run("ids", prompt_ids="10,2")
+    assert set(got) == {"2", "10"} and s["captured"] == 2
+
+    s, got = run("limit", limit=3)  # natural order: 1, 2, 3 (not 1, 10, 2)
+    assert set(got) == {"1", "2", "3"}
+
+    s, got = run("half", dtype="float16")
+    for pid, d in got.items():
+        assert d["metadata"]["dtype"] == "float16" and d["metadata"]["compute_dtype"] == "float32"
+        for side in ("prompt", "response"):
+            for L in range(4):
+                t = d[side]["activations"][L]["residual"]
+                assert t.dtype == torch.float16
+                assert torch.equal(t, ref[pid][side]["activations"][L]["residual"].half())
+
+    s, got = run("mlp", capture_mlp=True, layers="2")
+    for d in got.values():
+        assert set(d["response"]["activations"][2]) == {"residual", "attn_contribution", "mlp_contribution"}
+    # --output-suffix: the unsuffixed output is untouched, the suffixed folder sits beside it
+    assert paths.raw_dir("e", "base", "s", "mlp").parent == paths.raw_dir("e", "base", "s").parent
+    assert set(p.stem for p in paths.raw_dir("e", "base", "s").glob("*.pt")) == set(recs)
+
+
+def test_skip_existing_decides_before_loading_and_file_sizes_match_tensor_bytes(zoo, experiments, monkeypatch):
+    model_dir = zoo("gpt2")
+    experiments("e", {"base": {"model": model_dir}})
+    pairs = [(f"a longer prompt about the model and code number {i}", "an answer that is long enough " * 2)
+             for i in range(8)]
+    recs = write_responses("e", "base", "s", model_dir, pairs=pairs)
+    summary = capture_raw_activations("e", "s", components="residual,attn_contribution", progress=False)
+    total = 0
+    for f in summary["files"]:
+        d = load_pt(f, mmap=False)
+        tensor_bytes = sum(t.numel() * t.element_size() for side in ("prompt", "response")
+                           for comps in d[side]["activations"].values() for t in comps.values())
+        size = (paths.raw_dir("e", "base", "s") / f.split("/")[-1]).stat().st_size
+        # the original saved views of the whole [B, S, H] batch: 8 prompts in a batch would be ~8x this
+        assert tensor_bytes <= size <= 1.02 * tensor_bytes + 64 * 1024
+        total += size
+    assert summary["bytes"] == total
+
+    import inference.capture_raw_activations as cra
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded although every file exists")
+
+    real_load = cra.load_variant
+    monkeypatch.setattr(cra, "load_variant", no_load)
+    again = capture_raw_activations("e", "s", skip_existing=True, progress=False)
+    assert (again["captured"], again["skipped"]) == (0, len(recs))
+    (paths.raw_file("e", "base", "s", "3")).unlink()
+    monkeypatch.setattr(cra, "load_variant", real_load)
+    again = capture_raw_activations("e", "s", skip_existing=True, progress=False)
+    assert (again["captured"], again["skipped"]) == (1, len(recs) - 1)
