@@ -14,7 +14,7 @@
 Components are the exact vectors added into the residual stream, so that for every layer
     residual[L] == residual[L-1] + attn_contribution[L] + mlp_contribution[L]
 (the embedding output for L = 0). `block_sites` checks that identity on the model itself (one tiny
-forward through layer 0) and refuses an architecture where it fails rather than return a wrong tensor.
+forward, every layer) and refuses an architecture where it fails rather than return a wrong tensor.
 """
 from __future__ import annotations
 
@@ -123,28 +123,38 @@ class _StopForward(Exception):
 
 
 def _identity_error(model: nn.Module, sites: BlockSites) -> str | None:
-    """Run layer 0 on a few tokens; None when out - in == attn + mlp (within dtype precision)."""
+    """Run every layer on a few tokens; None when out - in == attn + mlp (within dtype precision) at each.
+
+    All layers, not only layer 0: a model whose blocks differ (a hybrid, a patched layer) must not pass on
+    the strength of its first block. The forward stops after the last block, so it costs one short pass.
+    """
     layers = decoder_layers(model)
-    block = layers[0]
-    got: dict[str, torch.Tensor] = {}
+    got: list[dict[str, torch.Tensor]] = [{} for _ in layers]
 
-    def pre(_m, args, kwargs):
-        got["in"] = (args[0] if args else kwargs["hidden_states"]).detach().float()
-
-    def grab(key):
-        def fn(_m, _i, out):
-            got[key] = _first(out).detach().float()
+    def pre(i):
+        def fn(_m, args, kwargs):
+            got[i]["in"] = (args[0] if args else kwargs["hidden_states"]).detach().float()
         return fn
 
-    def last(_m, _i, out):
-        got["out"] = _first(out).detach().float()
+    def grab(i, key):
+        def fn(_m, _i, out):
+            got[i][key] = _first(out).detach().float()
+        return fn
+
+    def stop(_m, _i, _o):
         raise _StopForward
 
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True),
-               getattr(block, sites.attn).register_forward_hook(grab("attn")),
-               getattr(block, sites.mlp).register_forward_hook(grab("mlp")),
-               block.register_forward_hook(last)]
+    handles = []
     try:
+        for i, block in enumerate(layers):
+            attn, mlp = getattr(block, sites.attn, None), getattr(block, sites.mlp, None)
+            if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+                return f"layer {i} has no {sites.attn} / {sites.mlp}"
+            handles += [block.register_forward_pre_hook(pre(i), with_kwargs=True),
+                        attn.register_forward_hook(grab(i, "attn")),
+                        mlp.register_forward_hook(grab(i, "mlp")),
+                        block.register_forward_hook(grab(i, "out"))]
+        handles.append(layers[-1].register_forward_hook(stop))  # registered last: runs after the grabs
         vocab = int(model.get_input_embeddings().weight.shape[0])
         ids = (torch.arange(5) * 7 + 3) % vocab
         device = model.get_input_embeddings().weight.device
@@ -156,20 +166,22 @@ def _identity_error(model: nn.Module, sites: BlockSites) -> str | None:
     finally:
         for h in handles:
             h.remove()
-    if not {"in", "out", "attn", "mlp"} <= got.keys():
-        return "sites did not run in the forward"
-    attn, mlp = got["attn"], got["mlp"]
-    if attn.shape != got["out"].shape:
-        attn = attn.reshape(got["out"].shape)
-    if mlp.shape != got["out"].shape:
-        mlp = mlp.reshape(got["out"].shape)
-    delta = got["out"] - got["in"]
-    pred = sites.scale * (attn + mlp)
     dtype = _compute_dtype(model)
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-2
-    tol = 16 * eps * (got["in"].norm() + got["out"].norm()) + 1e-3 * pred.norm() + 1e-6
-    err = (delta - pred).norm()
-    return None if err <= tol else f"|residual update - (attn + mlp)| = {err:.3g} > {tol:.3g}"
+    for i, g in enumerate(got):
+        if not {"in", "out", "attn", "mlp"} <= g.keys():
+            return f"layer {i}: sites did not run in the forward"
+        attn, mlp = g["attn"], g["mlp"]
+        if attn.numel() != g["out"].numel() or mlp.numel() != g["out"].numel():
+            return f"layer {i}: site output shapes {tuple(attn.shape)}, {tuple(mlp.shape)} differ from the block's"
+        attn, mlp = attn.reshape(g["out"].shape), mlp.reshape(g["out"].shape)
+        delta = g["out"] - g["in"]
+        pred = sites.scale * (attn + mlp)
+        tol = 16 * eps * (g["in"].norm() + g["out"].norm()) + 1e-3 * pred.norm() + 1e-6
+        err = (delta - pred).norm()
+        if not err <= tol:  # `not <=` so that a NaN fails too
+            return f"layer {i}: |residual update - (attn + mlp)| = {err:.3g} > {tol:.3g}"
+    return None
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
@@ -217,9 +229,10 @@ class HookManager:
         self.model = model
         self.handles: list = []
 
-    def add_forward_hook(self, module: nn.Module | str, fn: Callable, with_kwargs: bool = False):
+    def add_forward_hook(self, module: nn.Module | str, fn: Callable, with_kwargs: bool = False,
+                         prepend: bool = False):
         module = self._module(module)
-        h = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        h = module.register_forward_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
         self.handles.append(h)
         return h
 
@@ -339,7 +352,9 @@ class SteeringHook(HookManager):
     KV-cached forwards (a multi-token forward starts a new sequence at position 0; single-token forwards
     continue it), so a cached generation is steered exactly like an uncached one, and the first generated
     token (produced by the prompt forward) sees the steered prompt when positions is all/prompt.
-    `prompt_len` (padded prompt length) defaults to the length of the first multi-token forward.
+    `prompt_len` (padded prompt length) defaults to the length of each new prompt forward: a multi-token
+    forward after single-token steps, or one that is not exactly one token longer than the forward before
+    it (an uncached generation step), starts a new prompt, so one context can serve several generate calls.
     The vector is not normalised: the coefficient is in activation units for a unit vector.
     """
 
@@ -356,21 +371,27 @@ class SteeringHook(HookManager):
         self.prompt_len = prompt_len
         self._fixed_prompt_len = prompt_len is not None
         self._offset = 0
+        self._last_seq: int | None = None
 
     def __enter__(self) -> "SteeringHook":
         self._offset = 0
+        self._last_seq = None
         if not self._fixed_prompt_len:
             self.prompt_len = None
-        self.add_forward_hook(self.module, self._hook)
+        # prepend: the edit runs before every other hook on the module (ours or HF's output recorders), so
+        # whatever observes this module's output sees what the next layer sees, whatever the entry order.
+        self.add_forward_hook(self.module, self._hook, prepend=True)
         return self
 
     def _hook(self, _m, _i, out):
         h = _first(out)
         seq = h.shape[-2]
         if seq > 1:  # a new (prefill or uncached) forward starts at position 0
-            self._offset = 0
-            if self.prompt_len is None:
+            uncached_step = self._last_seq is not None and self._last_seq > 1 and seq == self._last_seq + 1
+            if not self._fixed_prompt_len and (self.prompt_len is None or not uncached_step):
                 self.prompt_len = seq
+            self._offset = 0
+        self._last_seq = seq
         start, self._offset = self._offset, self._offset + seq
         delta = self.delta.to(device=h.device, dtype=h.dtype)
         if self.positions == "all":

@@ -59,6 +59,8 @@ def load_config(exp: str) -> dict:
         raise ConfigError(str(e)) from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_variants"), dict) or not cfg["model_variants"]:
         raise ConfigError(f"{path}: needs a non-empty 'model_variants' object")
+    if not isinstance(cfg.get("defaults") or {}, dict):
+        raise ConfigError(f"{path}: 'defaults' must be an object like {{\"application\": \"variant\"}}")
     return cfg
 
 

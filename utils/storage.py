@@ -40,10 +40,21 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file owner-only (0600); give it the mode a plain open() would have
+        os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore, once, at import (before threads)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _finite(obj: Any) -> Any:
@@ -83,7 +94,10 @@ def read_json(path: str | Path) -> Any:
 def write_pt(path: str | Path, obj: Any) -> int:
     """Atomically torch.save `obj`. Returns the file size in bytes."""
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        # through a file object: torch.save names the zip records after a path's stem, which here is the
+        # random temp name, so the same tensors would give different bytes (and sha256) on every write
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
         size = tmp.stat().st_size
     return size
 
