@@ -1,0 +1,191 @@
+"""extraction/extract_vectors.py on a tiny Llama, checked against features computed here from HF's own
+output_hidden_states (never from our capture code).
+
+    vectors are fp32 unit vectors; mean_diff == normalised difference of HF train-line means; baseline == midpoint
+    probe is a stationary point of the L2 logistic objective (C=1) on row-normalised train features
+    reported held-out accuracy == accuracy recomputed from HF features of the recorded validation lines; it separates
+    all[-1] uses the last token; reruns are identical; the extraction fallback of utils.vectors picks the best layer
+    bad input: missing / short files, unknown method, prompt/response positions, bad layers; nothing written; CLI
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from extraction.extract_vectors import ExtractError, extract_vectors, main
+from utils import paths
+from utils.vectors import best_vector
+
+POS_WORDS = "kind polite good help please thanks safe yes hello".split()
+NEG_WORDS = "rude harmful bad refuse cannot sorry no never deceive".split()
+LAYERS = [0, 1, 2]          # hidden_states[4] is after the final norm, so the oracle stops at layer 2
+
+
+def lines(words, seed, n=16):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(3, 8, (1,), generator=g))
+        out.append(" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=g).tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = zoo("llama")
+    return path, AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def ext(experiments, hf, tmp_path, monkeypatch):
+    """Experiment 'x' (extraction variant base) and datasets/traits/tone/kind with 16 + 16 lines + blank lines."""
+    experiments("x", {"base": {"model": hf[0]}}, defaults={"extraction": "base", "application": "base"})
+    root = tmp_path / "datasets"
+    monkeypatch.setenv("TRAIT_DATASETS_DIR", str(root))
+    folder = root / "traits" / "tone" / "kind"
+    folder.mkdir(parents=True)
+    (folder / "positive.txt").write_text("\n".join(lines(POS_WORDS, 1)) + "\n\n")
+    (folder / "negative.txt").write_text("\n\n" + "\n".join(lines(NEG_WORDS, 2)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(hf):
+    """The variant loaded once through utils.model (what extract_vectors would load itself)."""
+    from utils.model import load_model
+    return load_model(hf[0])
+
+
+def hf_features(hf, texts, index=slice(None)) -> dict[int, torch.Tensor]:
+    """Per layer [n, H]: HF hidden states over each text's tokens after BOS, mean (slice) or one token."""
+    _, tok, model = hf
+    rows = {L: [] for L in LAYERS}
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for L in LAYERS:
+            h = hs[L + 1][0, 1:][index]
+            rows[L].append(h if h.ndim == 1 else h.mean(0))
+    return {L: torch.stack(r).double() for L, r in rows.items()}
+
+
+def read_lines(path):
+    return {n: t.strip() for n, t in enumerate(path.read_text().splitlines(), start=1) if t.strip()}
+
+
+def split_texts(folder, meta):
+    """(train_pos, train_neg, val_pos, val_neg) texts from the files and the recorded validation line numbers."""
+    out = []
+    for name, key in (("positive.txt", "positive"), ("negative.txt", "negative")):
+        by_line = read_lines(folder / name)
+        val = set(meta["val_lines"][key])
+        assert val and val < set(by_line)
+        out.append(([t for n, t in by_line.items() if n not in val], [by_line[n] for n in sorted(val)]))
+    (tp, vp), (tn, vn) = out
+    return tp, tn, vp, vn
+
+
+def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
+    s = extract_vectors("x", layers="0-2", loaded=loaded, progress=False)
+    assert s["layers"] == LAYERS and s["traits"]["tone/kind"].keys() == {"mean_diff", "probe"}
+    features = None
+    for method in ("mean_diff", "probe"):
+        meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", "all_all", "residual", method).read_text())
+        assert (meta["method"], meta["position"], meta["component"], meta["n_positive"], meta["n_negative"]) == (
+            method, "all[:]", "residual", 16, 16)
+        assert len(meta["val_lines"]["positive"]) == len(meta["val_lines"]["negative"]) == 4
+        tp, tn, vp, vn = split_texts(ext, meta)
+        if features is None:   # both methods share the split (checked by the texts below)
+            features = (tp, tn, vp, vn), [hf_features(hf, t) for t in (tp, tn, vp, vn)]
+        assert features[0] == (tp, tn, vp, vn)
+        f_tp, f_tn, f_vp, f_vn = features[1]
+        for L in LAYERS:
+            v = torch.load(paths.vector_file("x", "tone/kind", "base", "all_all", "residual", method, L),
+                           weights_only=True)
+            assert v.dtype == torch.float32 and v.shape == (64,) and abs(float(v.norm()) - 1) < 1e-6
+            entry = meta["layers"][str(L)]
+            vd = v.double()
+            if method == "mean_diff":
+                diff = f_tp[L].mean(0) - f_tn[L].mean(0)
+                torch.testing.assert_close(vd, diff / diff.norm(), atol=1e-5, rtol=0)
+                assert entry["norm"] == pytest.approx(float(diff.norm()), rel=1e-4)
+            else:   # a stationary point of sum BCE + |w|^2 / 2 on row-normalised train features
+                x = torch.cat([f_tp[L], f_tn[L]])
+                x = x / x.norm(dim=1, keepdim=True)
+                y = torch.cat([torch.ones(len(tp)), torch.zeros(len(tn))]).double()
+                w = (vd * entry["norm"]).requires_grad_(True)
+                b = torch.tensor(entry["bias"], dtype=torch.float64, requires_grad=True)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="sum") + 0.5 * w @ w
+                gw, gb = torch.autograd.grad(loss, [w, b])
+                assert float(gw.norm()) < 1e-4 and abs(float(gb)) < 1e-4
+            baseline = float((f_tp[L].mean(0) + f_tn[L].mean(0)) / 2 @ vd)
+            assert entry["baseline"] == pytest.approx(baseline, abs=1e-4)
+            acc = float(((f_vp[L] @ vd > baseline).sum() + (f_vn[L] @ vd <= baseline).sum()) / (len(vp) + len(vn)))
+            assert entry["val_accuracy"] == acc
+            assert set(entry) >= {"norm", "baseline", "train_accuracy", "val_accuracy", "val_separation"}
+        best = max(meta["layers"].values(), key=lambda e: e["val_accuracy"])
+        assert best["val_accuracy"] >= 0.875 and best["val_separation"] > 1.0
+
+    # with no steering results, the fallback of utils.vectors ranks these by held-out accuracy
+    sel = best_vector("x", "tone/kind", "base", "base", hidden_size=64)
+    assert sel.selection_source == "extraction"
+    meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", "all_all", "residual", sel.method).read_text())
+    assert meta["layers"][str(sel.layer)]["val_accuracy"] == max(
+        json.loads(paths.vector_metadata("x", "tone/kind", "base", "all_all", "residual", m).read_text())
+        ["layers"][str(L)]["val_accuracy"] for m in ("mean_diff", "probe") for L in LAYERS)
+
+
+def test_last_token_position_and_rerun_identical(ext, hf, loaded):
+    extract_vectors("x", position="all[-1]", methods="mean_diff", layers="1", loaded=loaded, progress=False)
+    meta_path = paths.vector_metadata("x", "tone/kind", "base", "all_-1", "residual", "mean_diff")
+    meta = json.loads(meta_path.read_text())
+    assert list(meta["layers"]) == ["1"] and meta["position"] == "all[-1]"
+    tp, tn, _, _ = split_texts(ext, meta)
+    diff = hf_features(hf, tp, -1)[1].mean(0) - hf_features(hf, tn, -1)[1].mean(0)
+    vec_path = paths.vector_file("x", "tone/kind", "base", "all_-1", "residual", "mean_diff", 1)
+    torch.testing.assert_close(torch.load(vec_path, weights_only=True).double(), diff / diff.norm(), atol=1e-5, rtol=0)
+    digest = hashlib.sha256(vec_path.read_bytes()).hexdigest()
+    extract_vectors("x", position="all[-1]", methods="mean_diff", layers="1", loaded=loaded, progress=False)
+    assert hashlib.sha256(vec_path.read_bytes()).hexdigest() == digest   # same split, same bytes, same provenance
+
+
+@pytest.mark.parametrize("case,kwargs,message", [
+    ("missing", {}, r"negative\.txt not found"),
+    ("short", {}, r"positive\.txt: needs at least 2 non-blank lines"),
+    ("method", {"methods": "probe,gradient"}, r"--methods.*'gradient'"),
+    ("frame", {"position": "response[:5]"}, r"--position 'response\[:5\]'.*all\[\.\.\.\]"),
+    ("grammar", {"position": "all"}, r"--position 'all'"),
+    ("layers", {"layers": "9"}, r"--layers '9'.*4 layers"),
+    ("trait", {"traits": "tone/nope"}, r"trait 'tone/nope'.*not found.*tone/kind"),
+    ("name", {"traits": "kind"}, r"category/name"),
+    ("fraction", {"val_fraction": 1.0}, r"--val-fraction"),
+    ("empty", {"position": "all[20:]"}, r"positive\.txt:\d+: position all\[20:\] selects no token"),
+])
+def test_bad_input(ext, loaded, case, kwargs, message):
+    if case == "missing":
+        (ext / "negative.txt").unlink()
+    if case == "short":
+        (ext / "positive.txt").write_text("\none line only\n\n")
+    with pytest.raises(ExtractError if case != "layers" else ValueError, match=message):
+        extract_vectors("x", **kwargs, loaded=loaded, progress=False)
+    assert not paths.extraction_dir("x").exists()
+
+
+def test_cli(ext, capsys):
+    assert main(["--experiment", "x", "--traits", "tone/kind", "--layers", "2", "--methods", "probe", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "extracted 1 traits x 1 methods x 1 layers (2 files)" in out and "tone/kind probe layer 2" in out
+    assert paths.vector_file("x", "tone/kind", "base", "all_all", "residual", "probe", 2).exists()
+    assert main(["--experiment", "x", "--methods", "svm", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --methods")
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "examples:" in capsys.readouterr().out

@@ -1,0 +1,288 @@
+"""utils/vectors.py: positions, discovery, safe loading, and best-vector selection on hand-written evidence.
+
+    sanitize / desanitize round trips (the four documented examples and all[:])
+    discovery of category/name traits; load_vector checks (hidden size, rank, zero) and unit-normalises in fp32
+    selection: direction-aware best, coherence >= 77, naturalness < 50 drops, best+K grammar, steering
+    variant chooses the evidence, extraction fallback, deterministic method / position order, top-N
+    errors: malformed results.jsonl line named, missing baseline, unknown trait, no evidence says --layer
+
+Helpers write_vector / write_steering are reused by tests/test_project.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import paths
+from utils.layers import LayerSpecError
+from utils.vectors import (NoEvidenceError, VectorError, best_vector, desanitize_position, discover_traits,
+                           list_vectors, load_vector, parse_position, rank_vectors, read_steering_results,
+                           sanitize_position, select_vectors)
+
+H = 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers (also used by test_project.py)
+
+def write_vector(exp: str, trait: str, variant: str, position: str, method: str, layer: int,
+                 vector: torch.Tensor, component: str = "residual", **layer_meta) -> Path:
+    """A layer{L}.pt as trait-interp writes it, and its entry in the method's metadata.json."""
+    pos_dir = sanitize_position(position)
+    path = paths.vector_file(exp, trait, variant, pos_dir, component, method, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vector, path)
+    meta_path = paths.vector_metadata(exp, trait, variant, pos_dir, component, method)
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
+        "model": "m", "trait": trait, "method": method, "component": component, "position": position, "layers": {}}
+    meta["layers"][str(layer)] = {"norm": float(vector.float().norm()), **layer_meta}
+    meta_path.write_text(json.dumps(meta))
+    return path
+
+
+def write_steering(exp: str, trait: str, variant: str, position: str, runs: list[tuple], direction: str = "positive",
+                   baseline: float = 50.0, naturalness: dict | None = None, extra_lines: list[str] = ()) -> Path:
+    """results.jsonl with a header, a baseline line and runs (layer, method, trait_mean, coherence[, weight])."""
+    path = paths.steering_results(exp, trait, variant, sanitize_position(position))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"type": "header", "trait": trait, "direction": direction}),
+             json.dumps({"type": "baseline", "result": {"trait_mean": baseline}})]
+    for run in runs:
+        layer, method, trait_mean, coherence, *weight = run
+        lines.append(json.dumps({
+            "result": {"trait_mean": trait_mean, "coherence_mean": coherence},
+            "config": {"vectors": [{"layer": layer, "method": method, "component": "residual",
+                                    "position": position, "weight": weight[0] if weight else 4.0}]}}))
+    lines += list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    if naturalness is not None:
+        (path.parent / "naturalness.json").write_text(json.dumps({"scores": {
+            f"{l}_{m}": {"layer": l, "method": m, "component": "residual", "mean": s}
+            for (l, m), s in naturalness.items()}}))
+    return path
+
+
+def rand(seed: int, n: int = H, scale: float = 3.0) -> torch.Tensor:
+    return scale * torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def vec_exp(experiments):
+    """Experiment 'v': trait cat/t with probe + mean_diff vectors at layers 0-5, position response[:5]."""
+    experiments("v", {"base": {"model": "m"}, "instruct": {"model": "m"}, "lora": {"model": "m", "lora": "x"}},
+                defaults={"extraction": "base", "application": "instruct"})
+    for layer in range(6):
+        for k, method in enumerate(("probe", "mean_diff")):
+            write_vector("v", "cat/t", "base", "response[:5]", method, layer, rand(10 * layer + k),
+                         baseline=float(layer + k / 10))
+    return "v"
+
+
+# ---------------------------------------------------------------------------------------------------
+# positions, discovery, loading
+
+@pytest.mark.parametrize("position,pos_dir", [
+    ("response[:5]", "response__5"), ("response[:]", "response_all"), ("prompt[-1]", "prompt_-1"),
+    ("response[-5:]", "response_-5_"), ("all[:]", "all_all"), ("response[2:7]", "response_2_7")])
+def test_position_round_trip(position, pos_dir):
+    assert sanitize_position(position) == pos_dir
+    assert desanitize_position(pos_dir) == position
+
+
+def test_position_errors_and_parse():
+    assert parse_position("all[:]") == ("all", slice(None, None))
+    assert parse_position("prompt[-1]") == ("prompt", -1)
+    assert parse_position("response[2:5]") == ("response", slice(2, 5))
+    for bad in ("response", "resp[:5]", "response[a]", "response[1:2:3]"):
+        with pytest.raises(VectorError, match="--position"):
+            parse_position(bad)
+    for bad in ("foo_bar", "response", "response_x"):
+        with pytest.raises(VectorError, match="sanitized position"):
+            desanitize_position(bad)
+
+
+def test_discover_traits(vec_exp):
+    write_vector("v", "alpha/one", "other", "response[:]", "probe", 3, rand(1))
+    (paths.extraction_dir("v") / "empty" / "trait" / "base" / "vectors").mkdir(parents=True)  # no layer files
+    stray = paths.vectors_dir("v", "beta/two", "base") / "response__5" / "residual" / "probe" / "notes.pt"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"")
+    assert discover_traits("v") == ["alpha/one", "cat/t"]
+    assert discover_traits("v", "base") == ["cat/t"]
+    assert discover_traits("nonexistent") == []
+
+
+def test_load_vector_unit_fp32_and_checks(vec_exp):
+    raw = rand(99).to(torch.bfloat16)
+    path = write_vector("v", "cat/t", "base", "response[:5]", "gradient", 2, raw, baseline=0.5)
+    v, meta = load_vector("v", "cat/t", "base", "response[:5]", "residual", "gradient", 2, hidden_size=H)
+    assert v.dtype == torch.float32 and v.shape == (H,)
+    assert torch.allclose(v, raw.float() / raw.float().norm(), atol=1e-6)
+    assert abs(float(v.norm()) - 1.0) < 1e-6
+    assert meta["layers"]["2"]["baseline"] == 0.5
+    # pos_dir form is accepted too
+    v2, _ = load_vector("v", "cat/t", "base", "response__5", "residual", "gradient", 2)
+    assert torch.equal(v, v2)
+    with pytest.raises(VectorError, match=rf"{path.name}.*8 dims but the activations have hidden size 16"):
+        load_vector("v", "cat/t", "base", "response[:5]", "residual", "gradient", 2, hidden_size=16)
+    torch.save(torch.zeros(2, H), path)
+    with pytest.raises(VectorError, match="1-D float tensor"):
+        load_vector("v", "cat/t", "base", "response[:5]", "residual", "gradient", 2)
+    torch.save(torch.zeros(H), path)
+    with pytest.raises(VectorError, match="zero or not finite"):
+        load_vector("v", "cat/t", "base", "response[:5]", "residual", "gradient", 2)
+    torch.save({"v": torch.ones(H)}, path)
+    with pytest.raises(VectorError, match="expected a tensor"):
+        load_vector("v", "cat/t", "base", "response[:5]", "residual", "gradient", 2)
+    with pytest.raises(VectorError, match="not found"):
+        load_vector("v", "cat/t", "base", "response[:5]", "residual", "gradient", 17)
+
+
+def test_unknown_trait_and_bad_names(vec_exp):
+    with pytest.raises(VectorError, match=r"unknown trait 'cat/nope'.*cat/t"):
+        list_vectors("v", "cat/nope", "base")
+    with pytest.raises(VectorError, match="no vectors for extraction variant 'instruct'.*base"):
+        list_vectors("v", "cat/t", "instruct")
+    with pytest.raises(VectorError, match="category/name"):
+        list_vectors("v", "a/b/c", "base")
+
+
+def test_list_vectors_deterministic_order(vec_exp):
+    write_vector("v", "cat/t", "base", "prompt[-1]", "gradient", 1, rand(5))
+    write_vector("v", "cat/t", "base", "all[:]", "zeta", 1, rand(6))
+    refs = list_vectors("v", "cat/t", "base", layer=1)
+    # response[:5] (the extraction default) first, then the rest sorted; probe, mean_diff, gradient, rest
+    assert [(r.position, r.method) for r in refs] == [
+        ("response[:5]", "probe"), ("response[:5]", "mean_diff"), ("all[:]", "zeta"), ("prompt[-1]", "gradient")]
+
+
+# ---------------------------------------------------------------------------------------------------
+# steering evidence
+
+def test_best_is_direction_aware(vec_exp):
+    runs = [(1, "probe", 60.0, 80.0), (2, "probe", 75.0, 90.0, 6.0), (3, "mean_diff", 20.0, 85.0),
+            (4, "probe", 40.0, 88.0)]
+    write_steering("v", "cat/t", "instruct", "response[:5]", runs, direction="positive")
+    best = best_vector("v", "cat/t", "base", "instruct", hidden_size=H)
+    assert (best.layer, best.method, best.selection_source) == (2, "probe", "steering")
+    assert best.score == pytest.approx(25.0) and best.coefficient == 6.0 and best.direction == "positive"
+    assert best.baseline == pytest.approx(2.0)
+    assert best.sha256 == hashlib.sha256(best.path.read_bytes()).hexdigest()
+    assert best.path == paths.vector_file("v", "cat/t", "base", "response__5", "residual", "probe", 2)
+
+    write_steering("v", "cat/t", "instruct", "response[:5]", runs, direction="negative")
+    best = best_vector("v", "cat/t", "base", "instruct")
+    assert (best.layer, best.method, best.score) == (3, "mean_diff", pytest.approx(-30.0))
+
+
+def test_coherence_and_naturalness_filters(vec_exp):
+    runs = [(1, "probe", 95.0, 76.9), (2, "probe", 70.0, 77.0), (3, "probe", 65.0, 99.0), (3, "probe", 90.0, 10.0)]
+    write_steering("v", "cat/t", "instruct", "response[:5]", runs)
+    ranked = rank_vectors("v", "cat/t", "base", "instruct")
+    # layer 1's run is below coherence 77 (76.9); 77 itself counts; layer 3 keeps its coherent run only
+    assert [(r.ref.layer, r.score) for r in ranked] == [(2, 20.0), (3, 15.0)]
+    write_steering("v", "cat/t", "instruct", "response[:5]", runs, naturalness={(2, "probe"): 49.0, (3, "probe"): 50.0})
+    ranked = rank_vectors("v", "cat/t", "base", "instruct")
+    assert [(r.ref.layer, r.naturalness) for r in ranked] == [(3, 50.0)]
+
+
+def test_best_plus_k_grammar(vec_exp):
+    write_steering("v", "cat/t", "instruct", "response[:5]", [(2, "mean_diff", 70.0, 90.0), (4, "probe", 60.0, 90.0)])
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="best,best+2,best-1", available_layers=list(range(6)),
+                         hidden_size=H)
+    assert [(s.layer, s.method, s.selection_source) for s in sel] == [
+        (2, "mean_diff", "steering"), (4, "probe", "layers_arg"), (1, "probe", "layers_arg")]
+    assert all(s.position == "response[:5]" for s in sel)
+    # --method is honoured at every layer, the best included
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="best+1", method="mean_diff",
+                         available_layers=list(range(6)))
+    assert [(s.layer, s.method) for s in sel] == [(3, "mean_diff")]  # best mean_diff is layer 2
+    with pytest.raises(LayerSpecError, match=r"layer 5 \(best\+3, best layer 2\).*available layers: 0-3"):
+        select_vectors("v", "cat/t", "base", "instruct", layers="best+3", available_layers=[0, 1, 2, 3])
+
+
+def test_one_steering_variant_decides(vec_exp):
+    write_steering("v", "cat/t", "instruct", "response[:5]", [(1, "probe", 80.0, 90.0), (5, "probe", 60.0, 90.0)])
+    write_steering("v", "cat/t", "lora", "response[:5]", [(5, "probe", 99.0, 90.0)])
+    assert best_vector("v", "cat/t", "base", "instruct").layer == 1
+    assert best_vector("v", "cat/t", "base", "lora").layer == 5
+
+
+def test_extraction_fallback_and_no_evidence(vec_exp):
+    with pytest.raises(NoEvidenceError, match="--layer N"):
+        rank_vectors("v", "cat/t", "base", "instruct")
+    with pytest.raises(NoEvidenceError, match="--layer N"):
+        select_vectors("v", "cat/t", "base", "instruct", layers="best")
+    # an explicit layer needs no evidence; the deterministic order picks probe at response[:5]
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="3", available_layers=list(range(6)))
+    assert [(s.layer, s.method, s.selection_source) for s in sel] == [(3, "probe", "layers_arg")]
+    for layer, (acc, sep) in {1: (0.8, 3.0), 4: (0.95, 1.0), 5: (0.95, 2.0)}.items():
+        write_vector("v", "cat/t", "base", "response[:5]", "mean_diff", layer, rand(10 * layer + 1),
+                     baseline=0.0, val_accuracy=acc, val_separation=sep)
+    best = best_vector("v", "cat/t", "base", "instruct")
+    assert (best.layer, best.method, best.selection_source, best.score) == (5, "mean_diff", "extraction", 0.95)
+    # steering evidence, when there is any, wins over extraction metrics
+    write_steering("v", "cat/t", "instruct", "response[:5]", [(1, "probe", 51.0, 80.0)])
+    assert best_vector("v", "cat/t", "base", "instruct").selection_source == "steering"
+
+
+def test_position_order_prefers_best(vec_exp):
+    for layer in range(6):
+        write_vector("v", "cat/t", "base", "prompt[-1]", "probe", layer, rand(100 + layer))
+    write_vector("v", "cat/t", "base", "all[:]", "probe", 3, rand(200))
+    write_steering("v", "cat/t", "instruct", "prompt[-1]", [(2, "probe", 90.0, 90.0)])
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="best,best+1", available_layers=list(range(6)))
+    assert [(s.layer, s.position) for s in sel] == [(2, "prompt[-1]"), (3, "prompt[-1]")]
+    # without evidence: response[:5] before the rest
+    sel = select_vectors("v", "cat/t", "base", "lora", layers="3", available_layers=list(range(6)))
+    assert sel[0].position == "response[:5]"
+
+
+def test_multi_vector_top_n(vec_exp):
+    write_steering("v", "cat/t", "instruct", "response[:5]",
+                   [(0, "probe", 55.0, 90.0), (3, "mean_diff", 80.0, 90.0), (5, "probe", 70.0, 90.0)])
+    sel = select_vectors("v", "cat/t", "base", "instruct", multi_vector=2, available_layers=list(range(6)))
+    assert [(s.layer, s.method, s.selection_source) for s in sel] == [(3, "mean_diff", "steering"), (5, "probe", "steering")]
+    with pytest.raises(LayerSpecError, match=r"layer\(s\) 5.*captured layers: 0, 1, 2, 3"):
+        select_vectors("v", "cat/t", "base", "instruct", multi_vector=2, available_layers=[0, 1, 2, 3])
+
+
+def test_malformed_results_named(vec_exp):
+    path = write_steering("v", "cat/t", "instruct", "response[:5]", [(1, "probe", 60.0, 80.0)],
+                          extra_lines=['{"result": {"trait_mean": 1}, "config": {"vectors": [{"layer": 2}]}}',
+                                       '{"result": '])
+    with pytest.raises(VectorError, match=rf"{path}:5: malformed JSON line"):
+        best_vector("v", "cat/t", "base", "instruct")
+    path.write_text('{"type": "header", "direction": "sideways"}\n')
+    with pytest.raises(VectorError, match=rf"{path}:1: direction"):
+        read_steering_results(path)
+    path.write_text('{"type": "baseline", "result": {"trait_mean": 1}}\n{"result": {"trait_mean": 2}, "config": {}}\n')
+    with pytest.raises(VectorError, match=rf"{path}:2: a run line needs config.vectors"):
+        read_steering_results(path)
+    path.write_text('{"type": "header", "direction": "positive"}\n')
+    with pytest.raises(VectorError, match="no baseline line"):
+        read_steering_results(path)
+    path.write_text('{"type": "baseline", "result": {"trait_mean": "high"}}\n')
+    with pytest.raises(VectorError, match=rf"{path}:1: result.trait_mean must be a number"):
+        read_steering_results(path)
+
+
+def test_run_defaults_and_unscored_runs(vec_exp):
+    """Runs without method/component/position default to probe / residual / the folder's position; null scores skip."""
+    path = paths.steering_results("v", "cat/t", "instruct", "response__5")
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join([
+        '{"type": "baseline", "result": {"trait_mean": 10}}',
+        '{"result": {"trait_mean": 30, "coherence_mean": 80}, "config": {"vectors": [{"layer": 4}]}}',
+        '{"result": {"trait_mean": null, "coherence_mean": 90}, "config": {"vectors": [{"layer": 5}]}}',
+    ]))
+    res = read_steering_results(path, default_position="response[:5]")
+    assert res.direction == "positive" and res.baseline == 10.0
+    assert [(r.layer, r.method, r.component, r.position) for r in res.runs] == [
+        (4, "probe", "residual", "response[:5]"), (5, "probe", "residual", "response[:5]")]
+    ranked = rank_vectors("v", "cat/t", "base", "instruct")
+    assert [(r.ref.layer, r.ref.method, r.score) for r in ranked] == [(4, "probe", 20.0)]

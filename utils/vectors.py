@@ -1,0 +1,599 @@
+"""Trait vectors: discovery, safe loading, and best-vector selection (DESIGN.md §3).
+
+    sanitize_position(position) / desanitize_position(pos_dir)   response[:5] <-> response__5, response[:] <-> response_all
+    parse_position(position) -> (frame, index | slice)              validate a position such as all[:], prompt[-1]
+    discover_traits(exp, variant=None) -> ["category/name"]         traits with at least one layer{L}.pt
+    list_vectors(exp, trait, variant, component=, position=, method=, layer=) -> [VectorRef]   deterministic order
+    load_vector(exp, trait, variant, position_or_pos_dir, component, method, layer, hidden_size=None)
+                                                 -> (fp32 unit Tensor[H], metadata.json dict)
+    read_steering_results(path) -> SteeringResults                  header / baseline / runs; malformed line named
+    rank_vectors(exp, trait, extraction_variant, steering_variant, ...) -> [RankedVector]   best first
+    best_vector(exp, trait, extraction_variant, steering_variant, ...)  -> SelectedVector
+    select_vectors(exp, trait, extraction_variant, steering_variant, layers="best", available_layers=, ...,
+                   multi_vector=None) -> [SelectedVector]          the vectors a projection uses, one per layer
+    SelectedVector   trait, layer, method, component, position, path, sha256, baseline, selection_source, vector, ...
+    VectorError / NoEvidenceError                                   ValueErrors whose message names the file or flag
+
+Selection (the original's rule with its bugs fixed): candidates are the vector files filtered by
+component / position / method / layer. Evidence is the steering results of ONE steering variant
+(the same for every projected variant); runs count when coherence >= 77; candidates whose naturalness
+is < 50 drop out; the best is the largest delta from the baseline in the trait's direction
+(selection_source "steering"). Without steering evidence, held-out accuracy then separation from the
+vectors' metadata (written by extraction/extract_vectors.py) rank them (selection_source "extraction").
+Ties and fallbacks are deterministic: methods probe, mean_diff, gradient, then the rest sorted;
+positions the best's, then response[:5], then the rest sorted; then layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from utils import paths
+from utils.layers import LayerSpecError, ProjectionLayer, parse_projection_layers, resolve_projection_layers
+from utils.storage import StorageError, load_pt, read_json
+
+__all__ = [
+    "METHOD_ORDER", "DEFAULT_POSITION", "MIN_COHERENCE", "MIN_NATURALNESS",
+    "VectorError", "NoEvidenceError", "VectorRef", "SteeringRun", "SteeringResults", "RankedVector",
+    "SelectedVector", "sanitize_position", "desanitize_position", "parse_position", "discover_traits",
+    "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
+    "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
+]
+
+METHOD_ORDER = ("probe", "mean_diff", "gradient")
+DEFAULT_POSITION = "response[:5]"   # trait-interp's extraction default
+MIN_COHERENCE = 77.0
+MIN_NATURALNESS = 50.0
+
+_LAYER_FILE = re.compile(r"^layer(\d+)\.pt$")
+_POSITION = re.compile(r"^(prompt|response|all)\[(-?\d+|-?\d*:-?\d*)\]$")
+
+
+class VectorError(ValueError):
+    """A vector, its metadata or its evidence is missing or malformed; the message names the file or flag."""
+
+
+class NoEvidenceError(VectorError):
+    """Neither steering results nor held-out extraction metrics exist to pick a best vector."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positions
+
+def sanitize_position(position: str) -> str:
+    """The folder name of a position: `[:]` -> `_all`, `[` -> `_`, `]` -> ``, `:` -> `_`."""
+    return position.replace("[:]", "_all").replace("[", "_").replace("]", "").replace(":", "_")
+
+
+def desanitize_position(pos_dir: str) -> str:
+    """Inverse of sanitize_position: response__5 -> response[:5], response_-5_ -> response[-5:]."""
+    frame, sep, rest = pos_dir.partition("_")
+    if not sep or frame not in ("prompt", "response", "all"):
+        raise VectorError(f"{pos_dir!r} is not a sanitized position (expected e.g. response__5, response_all)")
+    position = f"{frame}[:]" if rest == "all" else f"{frame}[{rest.replace('_', ':')}]"
+    if not _POSITION.match(position):
+        raise VectorError(f"{pos_dir!r} is not a sanitized position (expected e.g. response__5, response_all)")
+    return position
+
+
+def parse_position(position: str) -> tuple[str, int | slice]:
+    """`frame[index]` or `frame[start:stop]` -> (frame, int or slice); frames: prompt, response, all."""
+    m = _POSITION.match(position.strip())
+    if not m:
+        raise VectorError(
+            f"--position {position!r}: expected FRAME[INDEX] or FRAME[START:STOP] with FRAME prompt, response "
+            f"or all (e.g. response[:5], prompt[-1], all[:])"
+        )
+    frame, inner = m.groups()
+    if ":" not in inner:
+        return frame, int(inner)
+    start, stop = inner.split(":")
+    return frame, slice(int(start) if start else None, int(stop) if stop else None)
+
+
+def _position_of(pos_dir: str) -> str:
+    """The position a folder stands for; a folder this grammar does not know keeps its own name."""
+    try:
+        return desanitize_position(pos_dir)
+    except VectorError:
+        return pos_dir
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def _position_rank(position: str, preferred: str | None = None) -> tuple[int, str]:
+    if preferred is not None and position == preferred:
+        return (0, "")
+    if position == DEFAULT_POSITION:
+        return (1, "")
+    return (2, position)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery and loading
+
+def check_trait_name(trait: str) -> str:
+    """A trait is exactly `category/name`."""
+    parts = trait.strip().strip("/").split("/")
+    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        raise VectorError(f"--traits: {trait!r} is not a trait name of the form category/name")
+    return "/".join(parts)
+
+
+def discover_traits(exp: str, variant: str | None = None) -> list[str]:
+    """Sorted `category/name` of every trait with a vector file (under `variant`, or any variant)."""
+    root = paths.extraction_dir(exp)
+    if not root.is_dir():
+        return []
+    found = []
+    for cat in sorted(p for p in root.iterdir() if p.is_dir()):
+        for trait in sorted(p for p in cat.iterdir() if p.is_dir()):
+            variants = [trait / variant] if variant else sorted(p for p in trait.iterdir() if p.is_dir())
+            if any(_has_vector_file(v / "vectors") for v in variants):
+                found.append(f"{cat.name}/{trait.name}")
+    return found
+
+
+def _has_vector_file(folder: Path) -> bool:
+    return folder.is_dir() and any(_LAYER_FILE.match(p.name) for p in folder.rglob("layer*.pt"))
+
+
+@dataclass(frozen=True)
+class VectorRef:
+    """One vector file: vectors/{pos_dir}/{component}/{method}/layer{layer}.pt of a trait and variant."""
+
+    trait: str
+    layer: int
+    method: str
+    component: str
+    pos_dir: str
+    path: Path
+
+    @property
+    def position(self) -> str:
+        return _position_of(self.pos_dir)
+
+
+def list_vectors(exp: str, trait: str, variant: str, component: str | None = None, position: str | None = None,
+                 method: str | None = None, layer: int | None = None) -> list[VectorRef]:
+    """Every vector file of a trait and extraction variant that matches the filters, in deterministic order.
+
+    An unknown trait or variant is a VectorError that lists what exists.
+    """
+    trait = check_trait_name(trait)
+    root = paths.vectors_dir(exp, trait, variant)
+    if not root.is_dir():
+        known = discover_traits(exp)
+        if trait in known:
+            variants = sorted(p.name for p in (paths.extraction_dir(exp) / trait).iterdir()
+                              if _has_vector_file(p / "vectors"))
+            raise VectorError(f"trait {trait!r} has no vectors for extraction variant {variant!r} ({root} not found; "
+                              f"variants with vectors: {', '.join(variants) or 'none'})")
+        raise VectorError(f"unknown trait {trait!r}: {root} not found "
+                          f"(traits with vectors in {exp!r}: {', '.join(known) or 'none'})")
+    pos_dirs = [sanitize_position(position)] if position else sorted(p.name for p in root.iterdir() if p.is_dir())
+    refs = []
+    for pos_dir in pos_dirs:
+        comp_dirs = [component] if component else sorted(p.name for p in (root / pos_dir).glob("*") if p.is_dir())
+        for comp in comp_dirs:
+            method_dirs = [method] if method else sorted(
+                p.name for p in (root / pos_dir / comp).glob("*") if p.is_dir())
+            for meth in method_dirs:
+                folder = root / pos_dir / comp / meth
+                if not folder.is_dir():
+                    continue
+                for f in folder.glob("layer*.pt"):
+                    m = _LAYER_FILE.match(f.name)
+                    if m and (layer is None or int(m.group(1)) == layer):
+                        refs.append(VectorRef(trait, int(m.group(1)), meth, comp, pos_dir, f))
+    refs.sort(key=lambda r: (_position_rank(r.position), _method_rank(r.method), r.component, r.layer))
+    return refs
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_vector_metadata(exp: str, trait: str, variant: str, pos_dir: str, component: str, method: str) -> dict:
+    """The method folder's metadata.json, or {} when there is none."""
+    path = paths.vector_metadata(exp, trait, variant, pos_dir, component, method)
+    if not path.exists():
+        return {}
+    try:
+        meta = read_json(path)
+    except StorageError as e:
+        raise VectorError(str(e)) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
+        raise VectorError(f"{path}: expected an object with a 'layers' object")
+    return meta
+
+
+def _layer_meta(meta: dict, layer: int) -> dict:
+    entry = (meta.get("layers") or {}).get(str(layer)) or {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def _pos_dir(position_or_pos_dir: str) -> str:
+    return sanitize_position(position_or_pos_dir) if "[" in position_or_pos_dir else position_or_pos_dir
+
+
+def load_vector(exp: str, trait: str, variant: str, position_or_pos_dir: str, component: str, method: str,
+                layer: int, hidden_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """A vector file as an fp32 unit Tensor[H], and its method's metadata.json ({} when absent).
+
+    Refuses (VectorError naming the file) anything but a finite, non-zero 1-D float tensor, and a
+    hidden size other than `hidden_size` when given.
+    """
+    pos_dir = _pos_dir(position_or_pos_dir)
+    path = paths.vector_file(exp, check_trait_name(trait), variant, pos_dir, component, method, layer)
+    if not path.exists():
+        raise VectorError(f"{path}: vector file not found")
+    try:
+        obj = load_pt(path, mmap=False)
+    except StorageError as e:
+        raise VectorError(str(e)) from None
+    if not isinstance(obj, torch.Tensor):
+        raise VectorError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    if obj.ndim != 1 or not obj.dtype.is_floating_point:
+        raise VectorError(f"{path}: expected a 1-D float tensor, got shape {tuple(obj.shape)} dtype {obj.dtype}")
+    if hidden_size is not None and obj.shape[0] != hidden_size:
+        raise VectorError(f"{path}: vector has {obj.shape[0]} dims but the activations have hidden size "
+                          f"{hidden_size} (a vector from another model?)")
+    v = obj.to(torch.float32)
+    norm = float(v.norm())
+    if not torch.isfinite(v).all() or norm == 0.0:
+        raise VectorError(f"{path}: vector is zero or not finite")
+    meta = load_vector_metadata(exp, trait, variant, pos_dir, component, method)
+    return v / norm, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steering evidence
+
+@dataclass(frozen=True)
+class SteeringRun:
+    layer: int
+    method: str
+    component: str
+    position: str
+    weight: float | None
+    trait_mean: float | None
+    coherence_mean: float | None
+    line: int
+
+
+@dataclass
+class SteeringResults:
+    path: Path
+    direction: str                    # "positive" or "negative"
+    baseline: float
+    runs: list[SteeringRun] = field(default_factory=list)
+
+
+def _number(value, what: str, where: str, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise VectorError(f"{where}: {what} must be a number, got {value!r}")
+    return float(value)
+
+
+def read_steering_results(path: str | Path, default_position: str | None = None) -> SteeringResults:
+    """Parse a steering results.jsonl; any malformed line is a VectorError naming `path:line`.
+
+    Run positions default to `default_position` (the position of the folder the file lives in);
+    runs without a score (null trait_mean / coherence_mean) are kept with None and never pass a filter.
+    """
+    path = Path(path)
+    direction, baseline = "positive", None
+    runs: list[SteeringRun] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise VectorError(f"{path}: cannot read ({e})") from None
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise VectorError(f"{where}: malformed JSON line ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise VectorError(f"{where}: expected a JSON object")
+        kind = rec.get("type")
+        if kind == "header":
+            direction = rec.get("direction", "positive")
+            if direction not in ("positive", "negative"):
+                raise VectorError(f"{where}: direction must be 'positive' or 'negative', got {direction!r}")
+            continue
+        result = rec.get("result")
+        if not isinstance(result, dict):
+            raise VectorError(f"{where}: missing 'result' object")
+        if kind == "baseline":
+            baseline = _number(result.get("trait_mean"), "result.trait_mean", where, allow_none=False)
+            continue
+        vectors = (rec.get("config") or {}).get("vectors") if isinstance(rec.get("config"), dict) else None
+        if not isinstance(vectors, list) or not vectors or not isinstance(vectors[0], dict):
+            raise VectorError(f"{where}: a run line needs config.vectors[0] (layer, method, component, position)")
+        spec = vectors[0]
+        layer = spec.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise VectorError(f"{where}: config.vectors[0].layer must be an integer, got {layer!r}")
+        position = spec.get("position") or default_position
+        if position is None:
+            raise VectorError(f"{where}: config.vectors[0].position is missing")
+        runs.append(SteeringRun(
+            layer=layer, method=str(spec.get("method") or "probe"), component=str(spec.get("component") or "residual"),
+            position=str(position), weight=_number(spec.get("weight"), "config.vectors[0].weight", where),
+            trait_mean=_number(result.get("trait_mean"), "result.trait_mean", where),
+            coherence_mean=_number(result.get("coherence_mean"), "result.coherence_mean", where), line=n,
+        ))
+    if baseline is None:
+        raise VectorError(f"{path}: no baseline line ({{\"type\": \"baseline\", \"result\": {{\"trait_mean\": ...}}}}); "
+                          f"deltas need it")
+    return SteeringResults(path, direction, baseline, runs)
+
+
+def read_naturalness(path: str | Path) -> dict[tuple[int, str, str], float]:
+    """naturalness.json scores keyed by (layer, method, component); {} when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = read_json(path)
+    except StorageError as e:
+        raise VectorError(str(e)) from None
+    scores = data.get("scores") if isinstance(data, dict) else None
+    if not isinstance(scores, dict):
+        raise VectorError(f"{path}: expected an object with a 'scores' object")
+    out = {}
+    for key, s in scores.items():
+        if not isinstance(s, dict) or isinstance(s.get("layer"), bool) or not isinstance(s.get("layer"), int):
+            raise VectorError(f"{path}: score {key!r} needs an integer 'layer'")
+        mean = _number(s.get("mean"), f"scores.{key}.mean", str(path))
+        if mean is not None:
+            out[(s["layer"], str(s.get("method") or "probe"), str(s.get("component") or "residual"))] = mean
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranking and selection
+
+@dataclass(frozen=True)
+class RankedVector:
+    """A candidate with its evidence: a steering delta (signed, from baseline) or held-out extraction metrics."""
+
+    ref: VectorRef
+    source: str                        # "steering" | "extraction"
+    score: float                       # steering: delta from baseline; extraction: held-out accuracy
+    coefficient: float | None = None   # steering weight of the winning run
+    direction: str | None = None
+    naturalness: float | None = None
+    separation: float | None = None    # extraction: held-out separation
+
+
+@dataclass
+class SelectedVector:
+    """A loaded vector and why it was chosen; `vector` is an fp32 unit Tensor[H]."""
+
+    trait: str
+    layer: int
+    method: str
+    component: str
+    position: str
+    path: Path
+    sha256: str
+    baseline: float
+    selection_source: str              # "steering" | "extraction" | "layers_arg"
+    vector: torch.Tensor = field(repr=False)
+    score: float | None = None
+    coefficient: float | None = None
+    direction: str | None = None
+    metadata: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def pos_dir(self) -> str:
+        return sanitize_position(self.position)
+
+    def describe(self, relative_to: Path | None = None) -> dict:
+        """JSON-ready provenance: which file, its hash, and why it was chosen."""
+        path = self.path
+        if relative_to is not None:
+            try:
+                path = self.path.relative_to(relative_to)
+            except ValueError:
+                pass
+        out = {"layer": self.layer, "method": self.method, "component": self.component, "position": self.position,
+               "path": str(path), "sha256": self.sha256, "selection_source": self.selection_source,
+               "baseline": self.baseline}
+        for key in ("score", "coefficient", "direction"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _steering_evidence(exp: str, trait: str, steering_variant: str, refs: list[VectorRef],
+                       min_coherence: float, min_naturalness: float) -> tuple[list[RankedVector], set[VectorRef], str]:
+    """Per candidate, its best qualifying run; also the candidates naturalness drops, and a note of what was seen."""
+    by_pos: dict[str, list[VectorRef]] = {}
+    for r in refs:
+        by_pos.setdefault(r.pos_dir, []).append(r)
+    ranked, dropped, seen_files, seen_runs, low_coherence = [], set(), 0, 0, 0
+    for pos_dir, group in by_pos.items():
+        results_path = paths.steering_results(exp, trait, steering_variant, pos_dir)
+        naturalness = read_naturalness(results_path.parent / "naturalness.json")
+        for r in group:
+            nat = naturalness.get((r.layer, r.method, r.component))
+            if nat is not None and nat < min_naturalness:
+                dropped.add(r)
+        if not results_path.exists():
+            continue
+        seen_files += 1
+        results = read_steering_results(results_path, default_position=_position_of(pos_dir))
+        sign = 1.0 if results.direction == "positive" else -1.0
+        best: dict[VectorRef, tuple[float, float | None]] = {}
+        index = {(r.layer, r.method, r.component, r.pos_dir): r for r in group}
+        for run in results.runs:
+            r = index.get((run.layer, run.method, run.component, sanitize_position(run.position)))
+            if r is None or run.trait_mean is None:
+                continue
+            seen_runs += 1
+            if run.coherence_mean is None or run.coherence_mean < min_coherence:
+                low_coherence += 1
+                continue
+            delta = run.trait_mean - results.baseline
+            if r not in best or sign * delta > sign * best[r][0]:
+                best[r] = (delta, run.weight)
+        for r, (delta, weight) in best.items():
+            if r not in dropped:
+                ranked.append(RankedVector(r, "steering", delta, weight, results.direction,
+                                           naturalness.get((r.layer, r.method, r.component))))
+    note = (f"{seen_files} steering results file(s) under variant {steering_variant!r} with {seen_runs} matching "
+            f"run(s), {low_coherence} below coherence {min_coherence:g}, {len(dropped)} vector(s) dropped for "
+            f"naturalness < {min_naturalness:g}")
+    return ranked, dropped, note
+
+
+def rank_vectors(exp: str, trait: str, extraction_variant: str, steering_variant: str,
+                 component: str | None = "residual", position: str | None = None, method: str | None = None,
+                 layer: int | None = None, min_coherence: float = MIN_COHERENCE,
+                 min_naturalness: float = MIN_NATURALNESS) -> list[RankedVector]:
+    """Candidates with evidence, best first: steering deltas if any qualify, else held-out extraction metrics.
+
+    Raises VectorError when no vector file matches the filters, NoEvidenceError when none has evidence.
+    """
+    refs = list_vectors(exp, trait, extraction_variant, component, position, method, layer)
+    if not refs:
+        wanted = ", ".join(f"{k}={v}" for k, v in
+                           (("component", component), ("position", position), ("method", method), ("layer", layer)) if v is not None)
+        have = list_vectors(exp, trait, extraction_variant)
+        listing = sorted({f"{r.position} {r.component} {r.method}" for r in have})
+        raise VectorError(f"trait {trait!r}: no vector files with {wanted or 'any settings'} under "
+                          f"{paths.vectors_dir(exp, trait, extraction_variant)} (have: {'; '.join(listing) or 'none'})")
+    ranked, dropped, note = _steering_evidence(exp, trait, steering_variant, refs, min_coherence, min_naturalness)
+    if ranked:
+        # direction-aware: a negative trait's best run lowers the trait score the most
+        ranked.sort(key=lambda c: (-(1.0 if c.direction == "positive" else -1.0) * c.score,
+                                   _position_rank(c.ref.position), _method_rank(c.ref.method), c.ref.layer))
+        return ranked
+    metas: dict[tuple[str, str, str], dict] = {}
+    for r in refs:
+        if r in dropped:
+            continue
+        key = (r.pos_dir, r.component, r.method)
+        if key not in metas:
+            metas[key] = load_vector_metadata(exp, trait, extraction_variant, *key)
+        entry = _layer_meta(metas[key], r.layer)
+        acc = entry.get("val_accuracy")
+        if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+            sep = entry.get("val_separation")
+            sep = float(sep) if isinstance(sep, (int, float)) and not isinstance(sep, bool) else None
+            ranked.append(RankedVector(r, "extraction", float(acc), separation=sep))
+    if not ranked:
+        raise NoEvidenceError(
+            f"trait {trait!r}: cannot pick a best vector: no steering evidence "
+            f"({paths.steering_dir(exp, trait, steering_variant, '{pos_dir}')}: {note}) and no held-out accuracy "
+            f"(val_accuracy) in the vectors' metadata.json; pass --layer N (and --method / --position) to choose "
+            f"a vector, or create vectors with python extraction/extract_vectors.py"
+        )
+    ranked.sort(key=lambda c: (-c.score, -(c.separation if c.separation is not None else float("-inf")),
+                               _position_rank(c.ref.position), _method_rank(c.ref.method), c.ref.layer))
+    return ranked
+
+
+def _load_selected(exp: str, extraction_variant: str, ref: VectorRef, source: str, hidden_size: int | None,
+                   ranked: RankedVector | None = None) -> SelectedVector:
+    vector, meta = load_vector(exp, ref.trait, extraction_variant, ref.pos_dir, ref.component, ref.method, ref.layer,
+                               hidden_size=hidden_size)
+    baseline = _layer_meta(meta, ref.layer).get("baseline", 0.0)
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
+        raise VectorError(f"{paths.vector_metadata(exp, ref.trait, extraction_variant, ref.pos_dir, ref.component, ref.method)}: "
+                          f"layers.{ref.layer}.baseline must be a number, got {baseline!r}")
+    return SelectedVector(
+        trait=ref.trait, layer=ref.layer, method=ref.method, component=ref.component, position=ref.position,
+        path=ref.path, sha256=file_sha256(ref.path), baseline=float(baseline), selection_source=source,
+        vector=vector, score=ranked.score if ranked else None, coefficient=ranked.coefficient if ranked else None,
+        direction=ranked.direction if ranked else None, metadata=meta,
+    )
+
+
+def best_vector(exp: str, trait: str, extraction_variant: str, steering_variant: str,
+                component: str = "residual", position: str | None = None, method: str | None = None,
+                hidden_size: int | None = None, min_coherence: float = MIN_COHERENCE,
+                min_naturalness: float = MIN_NATURALNESS) -> SelectedVector:
+    """The single best vector of a trait (see rank_vectors), loaded."""
+    top = rank_vectors(exp, trait, extraction_variant, steering_variant, component, position, method,
+                       min_coherence=min_coherence, min_naturalness=min_naturalness)[0]
+    return _load_selected(exp, extraction_variant, top.ref, top.source, hidden_size, top)
+
+
+def _format(layers) -> str:
+    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
+
+
+def select_vectors(exp: str, trait: str, extraction_variant: str, steering_variant: str,
+                   layers: str | list[ProjectionLayer] = "best", available_layers: list[int] | None = None,
+                   component: str = "residual", position: str | None = None, method: str | None = None,
+                   multi_vector: int | None = None, hidden_size: int | None = None,
+                   n_layers: int | None = None) -> list[SelectedVector]:
+    """The vectors to project a trait onto: one per resolved layer, or the top `multi_vector` ranked ones.
+
+    `layers` is the projection grammar (best, best+K, best-K, N). A layer outside `available_layers`
+    (the captured layers) is an error listing them. The best layer's vector keeps the best's method and
+    position and its evidence source; other layers take `--method` / `--position` or the deterministic
+    order (best's position, response[:5], the rest; probe, mean_diff, gradient, the rest), with
+    selection_source "layers_arg".
+    """
+    if multi_vector is not None:
+        if multi_vector < 1:
+            raise VectorError(f"--multi-vector must be >= 1, got {multi_vector}")
+        ranked = rank_vectors(exp, trait, extraction_variant, steering_variant, component, position, method)
+        chosen = ranked[:multi_vector]
+        if available_layers is not None:
+            missing = [c.ref.layer for c in chosen if c.ref.layer not in set(available_layers)]
+            if missing:
+                raise LayerSpecError(f"trait {trait!r}: --multi-vector {multi_vector} picks layer(s) {_format(missing)}, "
+                                     f"which were not captured (captured layers: {_format(available_layers)})")
+        return [_load_selected(exp, extraction_variant, c.ref, c.source, hidden_size, c) for c in chosen]
+
+    items = parse_projection_layers(layers, n_layers) if isinstance(layers, str) else list(layers)
+    needs_best = any(i.kind == "best" for i in items)
+    try:
+        ranked = rank_vectors(exp, trait, extraction_variant, steering_variant, component, position, method)
+    except NoEvidenceError:
+        if needs_best:
+            raise
+        ranked = []
+    best = ranked[0] if ranked else None
+    candidates = list_vectors(exp, trait, extraction_variant, component, position, method)
+    have = sorted({r.layer for r in candidates})
+    available = available_layers if available_layers is not None else have
+    resolved = resolve_projection_layers(items, best.ref.layer if best else None, available)
+    out = []
+    for layer in resolved:
+        if best is not None and layer == best.ref.layer:
+            out.append(_load_selected(exp, extraction_variant, best.ref, best.source, hidden_size, best))
+            continue
+        at_layer = [r for r in candidates if r.layer == layer]
+        if not at_layer:
+            raise VectorError(
+                f"trait {trait!r}: no vector at layer {layer} (component={component}"
+                f"{', position=' + position if position else ''}{', method=' + method if method else ''}) under "
+                f"{paths.vectors_dir(exp, trait, extraction_variant)}; vectors exist at layers {_format(have)}"
+            )
+        preferred = best.ref.position if best else None
+        at_layer.sort(key=lambda r: (_position_rank(r.position, preferred), _method_rank(r.method)))
+        out.append(_load_selected(exp, extraction_variant, at_layer[0], "layers_arg", hidden_size))
+    return out
