@@ -1,0 +1,594 @@
+"""analysis/model_diff: compare_variants.py and per_token_diff.py against independent oracles.
+
+    statistics: core.stats against Python's `statistics` module; N = 1 and zero variance give None + reason
+    clause splitting on hand-made token lists (decimals, abbreviations, ellipses, quotes, em dash, newlines)
+    compare_variants on hand-written raw .pt files: numbers against an fp64 oracle, a trait without overlapping
+        layers skipped, N = 1 valid JSON with nulls, bf16 activations averaged in fp32, token mismatch and flag
+        errors (exit 2, nothing written), --use-existing-diff without raw files, results merged trait by trait
+    per_token_diff on hand-written projections: vector / token / layer mismatches named, N = 1 nulls
+    the README's cross-variant workflow from the shell on the zoo (llama + a random LoRA): every number equal
+        to one recomputed from HF output_hidden_states of the base model and the PeftModel on the same ids
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.model_diff import compare_variants as cv
+from analysis.model_diff import per_token_diff as ptd
+from analysis.model_diff.per_token_diff import clause_breaks, split_into_clauses
+from core import stats
+from utils import paths
+from utils.storage import load_pt, write_pt
+
+REPO = Path(__file__).resolve().parents[1]
+H = 6
+POS = "response[:5]"
+
+
+def strict_json(path: Path):
+    """json.load that refuses NaN / Infinity (what a browser's JSON.parse does)."""
+    def bad(c):
+        raise ValueError(f"{path}: invalid JSON constant {c}")
+    return json.loads(Path(path).read_text(), parse_constant=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics
+
+def _oracle_d(b, a):
+    pooled = math.sqrt((statistics.stdev(a) ** 2 + statistics.stdev(b) ** 2) / 2)
+    return (statistics.fmean(b) - statistics.fmean(a)) / pooled
+
+
+def test_effect_sizes_match_statistics_module():
+    a = [0.3, -1.2, 2.5, 0.9, 1.1]
+    b = [0.8, -0.2, 2.9, 2.0, 1.0]
+    assert stats.cohens_d(b, a).value == pytest.approx(_oracle_d(b, a), rel=1e-12)
+    diffs = [y - x for x, y in zip(a, b)]
+    assert stats.paired_d(b, a).value == pytest.approx(statistics.fmean(diffs) / statistics.stdev(diffs), rel=1e-12)
+    assert stats.std(a).value == pytest.approx(statistics.stdev(a), rel=1e-12)
+    # unequal group sizes: the classical pooled variance
+    a2 = a + [4.0, -3.0]
+    pooled = math.sqrt((6 * statistics.variance(a2) + 4 * statistics.variance(b)) / 10)
+    assert stats.cohens_d(b, a2).value == pytest.approx((statistics.fmean(b) - statistics.fmean(a2)) / pooled)
+    u, v = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.5, -1.0, 3.0])
+    assert stats.cosine(u, v).value == pytest.approx(float(u @ v) / (u.norm() * v.norm()).item(), rel=1e-6)
+    assert stats.peak_index([0.5, None, -2.0, 2.0]) == 2   # largest |d|, first wins ties
+    assert stats.peak_index([None, None]) is None
+
+
+def test_undefined_statistics_are_none_with_reason():
+    for s in (stats.cohens_d([1.0], [2.0]), stats.paired_d([1.0], [2.0]), stats.std([1.0])):
+        assert s.value is None and "n=1" in s.reason
+    s = stats.cohens_d([2.0, 2.0, 2.0], [1.0, 1.0, 1.0])
+    assert s.value is None and "zero variance" in s.reason
+    s = stats.paired_d([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])        # constant shift: d_z undefined, d defined
+    assert s.value is None and "zero variance" in s.reason
+    assert stats.cohens_d([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]).value == pytest.approx(1.0)
+    assert stats.cosine(torch.zeros(3), torch.ones(3)).value is None
+    with pytest.raises(ValueError):
+        stats.mean([1.0, float("nan")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clause splitting
+
+def _clauses(tokens):
+    out, cur = [], ""
+    for tok, br in zip(tokens, clause_breaks(tokens)):
+        cur += tok
+        if br:
+            out.append(cur)
+            cur = ""
+    return out
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    (["Hello", ",", " world", ".", " How", " are", " you", "?"], ["Hello,", " world.", " How are you?"]),
+    (["It", " costs", " 3", ".", "5", " dollars", ".", " OK"], ["It costs 3.5 dollars.", " OK"]),
+    (["It", " costs", " 3.", "5", "."], ["It costs 3.5."]),
+    (["See", " e", ".", "g", ".", " this", " and", " Dr", ".", " Smith", " now", "."],
+     ["See e.g. this and Dr. Smith now."]),
+    (["The", " U", ".", "S", ".", " is", " big", ";", " so", " is", " Canada"], ["The U.S. is big;", " so is Canada"]),
+    (["Wait", "...", " what", "?!", " yes"], ["Wait...", " what?!", " yes"]),
+    (["Wait", ".", ".", ".", " no"], ["Wait...", " no"]),
+    (["He", " said", " \"", "no", ".\"", " Then", " left"], ["He said \"no.\"", " Then left"]),
+    (["a", " \u2014", " b", "\n", "c", ":", " d"], ["a \u2014", " b\n", "c:", " d"]),
+    (["1", ",", "000", " people", " at", " 10", ":", "30"], ["1,000 people at 10:30"]),
+    (["see", " example", ".", "com", " now", "!"], ["see example.com now!"]),
+    (["one"], ["one"]),
+])
+def test_clause_breaks_on_hand_made_tokens(tokens, expected):
+    assert _clauses(tokens) == expected
+
+
+def test_split_into_clauses_fields_and_whitespace_spans():
+    tokens = ["Yes", ",", " sure", ".", "\n", "\n", "Bye"]
+    deltas = [1.0, 3.0, -2.0, 0.5, 9.0, 9.0, -1.0]
+    clauses = split_into_clauses(tokens, deltas)
+    assert [c["text"] for c in clauses] == ["Yes,", " sure.", "Bye"]   # lone newlines are not clauses
+    assert [c["token_range"] for c in clauses] == [[0, 2], [2, 4], [6, 7]]
+    assert clauses[0]["mean_delta"] == 2.0 and clauses[0]["max_delta"] == 3.0 and clauses[0]["min_delta"] == 1.0
+    assert clauses[1]["mean_delta"] == pytest.approx(-0.75) and clauses[1]["n_tokens"] == 2
+    with pytest.raises(ValueError):
+        split_into_clauses(["a"], [1.0, 2.0])
+
+
+def test_user_prompt_text_strips_template():
+    prefix, suffix = "<bos><|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    assert ptd.user_prompt_text(prefix + "Why?" + suffix, (prefix, suffix)) == ("Why?", "chat_template_stripped")
+    assert ptd.user_prompt_text(prefix + "Why?" + suffix + "Sure", (prefix, suffix))[0] == "Why?"  # prefill
+    assert ptd.user_prompt_text("plain", None) == ("plain", "formatted_prompt")
+
+
+def test_prompt_text_without_the_prompt_set_strips_the_zoo_chat_template(experiments, zoo):
+    from utils.model import format_prompt, load_tokenizer
+
+    experiments("pz", {"v": {"model": zoo("llama")}})
+    formatted, _ = format_prompt(load_tokenizer(zoo("llama")), "Is 3.5 > 2?", "Be brief.")
+    texts = ptd._PromptTexts("pz", "no/such_set", "v")
+    assert formatted != "Is 3.5 > 2?"
+    assert texts.get("7", formatted, "Be brief.") == ("Is 3.5 > 2?", "chat_template_stripped")
+    assert texts.get("7", formatted + "Sure,", "Be brief.")[0] == "Is 3.5 > 2?"     # a --prefill is dropped too
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hand-written experiment files
+
+def write_vector(exp: str, trait: str, variant: str, method: str, layer: int, vec: torch.Tensor,
+                 position: str = POS, component: str = "residual") -> Path:
+    pos_dir = sanitize(position)
+    path = paths.vector_file(exp, trait, variant, pos_dir, component, method, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vec, path)
+    mpath = paths.vector_metadata(exp, trait, variant, pos_dir, component, method)
+    meta = json.loads(mpath.read_text()) if mpath.exists() else {
+        "model": "zoo", "trait": trait, "method": method, "component": component, "position": position, "layers": {}}
+    meta["layers"][str(layer)] = {"norm": float(vec.norm()), "baseline": 0.25}
+    mpath.write_text(json.dumps(meta))
+    return path
+
+
+def sanitize(position: str) -> str:   # DESIGN.md §3, written out here rather than imported
+    return position.replace("[:]", "_all").replace("[", "_").replace("]", "").replace(":", "_")
+
+
+def write_steering(exp: str, trait: str, variant: str, method: str, best_layer: int, other_layer: int) -> Path:
+    path = paths.steering_results(exp, trait, variant, sanitize(POS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = lambda layer, mean: {"result": {"trait_mean": mean, "coherence_mean": 85.0},  # noqa: E731
+                               "config": {"vectors": [{"layer": layer, "method": method, "component": "residual",
+                                                       "position": POS, "weight": 4.0}]}}
+    lines = [{"type": "header", "trait": trait, "direction": "positive"},
+             {"type": "baseline", "result": {"trait_mean": 20.0}}, run(best_layer, 70.0), run(other_layer, 40.0)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def write_raw(exp: str, variant: str, pset: str, pid: str, resp_ids: list[int], acts: dict[int, torch.Tensor],
+              prompt_ids: list[int] = (1, 2, 3)) -> None:
+    rec = {"prompt": {"text": "p", "tokens": [f"t{i}" for i in prompt_ids], "token_ids": list(prompt_ids),
+                      "activations": {}},
+           "response": {"text": "r", "tokens": [f"t{i}" for i in resp_ids], "token_ids": list(resp_ids),
+                        "activations": {layer: {"residual": t.clone()} for layer, t in acts.items()}},
+           "metadata": {"variant": variant}}
+    write_pt(paths.raw_file(exp, variant, pset, pid), rec)
+
+
+def make_synthetic(experiments, n_prompts: int = 5, layers=(0, 1, 2), dtype=torch.float32, seed: int = 0,
+                   shift: float = 0.7):
+    """Variants A/B with random response activations (B = A + a shift along e0 + noise), two traits:
+    `t/overlap` with vectors at layers 1, 2, 3 and `t/elsewhere` only at layer 5 (never captured)."""
+    experiments("md", {"a": {"model": "none"}, "b": {"model": "none"}}, defaults={"extraction": "a", "application": "a"})
+    g = torch.Generator().manual_seed(seed)
+    acts = {"a": {}, "b": {}}
+    for i in range(n_prompts):
+        n_tok = 3 + i % 3
+        ids = [10 + i + k for k in range(n_tok)]
+        for v in ("a", "b"):
+            per_layer = {}
+            for layer in layers:
+                base = torch.randn(n_tok, H, generator=g)
+                if v == "b":
+                    base = acts["a"][str(i)][layer].float() + shift * torch.eye(H)[0] + 0.3 * torch.randn(n_tok, H, generator=g)
+                per_layer[layer] = base.to(dtype)
+            acts[v][str(i)] = per_layer
+            write_raw("md", v, "s/set", str(i), ids, per_layer)
+    vecs = {}
+    for layer in (1, 2, 3):
+        vecs[("t/overlap", layer)] = torch.randn(H, generator=g) * 3.0   # not unit: the tool normalises
+        write_vector("md", "t/overlap", "a", "probe", layer, vecs[("t/overlap", layer)])
+    vecs[("t/elsewhere", 5)] = torch.randn(H, generator=g)
+    write_vector("md", "t/elsewhere", "a", "probe", 5, vecs[("t/elsewhere", 5)])
+    return acts, vecs
+
+
+def _oracle(acts, vec: torch.Tensor, layer: int):
+    """Per-prompt fp64 means over response tokens, projections on the unit vector, the diff."""
+    u = vec.double() / vec.double().norm()
+    ids = sorted(acts["a"], key=int)
+    ma = [acts["a"][i][layer].double().mean(0) for i in ids]
+    mb = [acts["b"][i][layer].double().mean(0) for i in ids]
+    pa = [float(m @ u) for m in ma]
+    pb = [float(m @ u) for m in mb]
+    diff = torch.stack(mb).mean(0) - torch.stack(ma).mean(0)
+    return pa, pb, diff
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare_variants on hand-written files
+
+def test_compare_matches_oracle_and_skips_trait_without_overlap(experiments):
+    acts, vecs = make_synthetic(experiments)
+    s = cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    res = strict_json(out / "results.json")
+    assert res["n_prompts"] == 5 and res["component"] == "residual" and res["captured_layers"] == [0, 1, 2]
+    assert "t/elsewhere" in res["skipped_traits"] and "no overlapping layers" in res["skipped_traits"]["t/elsewhere"]
+    assert "t/elsewhere" in s["skipped"] and "t/elsewhere" not in res["traits"]
+    t = res["traits"]["t/overlap"]
+    assert t["layers"] == [1, 2] and t["vector_layers_not_captured"] == [3]
+    assert t["method"] == "probe" and t["position"] == POS and t["vector_component"] == "residual"
+    assert [f["layer"] for f in t["vector_files"]] == [1, 2] and all(len(f["sha256"]) == 64 for f in t["vector_files"])
+    ds = []
+    for k, layer in enumerate(t["layers"]):
+        vec = vecs[("t/overlap", layer)]
+        pa, pb, diff = _oracle(acts, vec, layer)
+        d = _oracle_d(pb, pa)
+        deltas = [y - x for x, y in zip(pa, pb)]
+        assert t["per_layer_effect_size"][k] == pytest.approx(d, rel=1e-5)
+        assert t["per_layer_paired_effect_size"][k] == pytest.approx(
+            statistics.fmean(deltas) / statistics.stdev(deltas), rel=1e-5)
+        assert t["per_layer_std_a"][k] == pytest.approx(statistics.stdev(pa), rel=1e-5)
+        assert t["per_layer_std_b"][k] == pytest.approx(statistics.stdev(pb), rel=1e-5)
+        cos = float(diff @ vec.double()) / float(diff.norm() * vec.double().norm())
+        assert t["per_layer_cosine_sim"][k] == pytest.approx(cos, rel=1e-5)
+        assert t["per_layer_projections_a"][k] == pytest.approx(pa, rel=1e-5, abs=1e-6)
+        ds.append(d)
+    peak = max(range(2), key=lambda k: abs(ds[k]))
+    assert t["peak_layer"] == t["layers"][peak]
+    assert t["peak_effect_size"] == t["per_layer_effect_size"][peak]
+    assert t["peak_paired_effect_size"] == t["per_layer_paired_effect_size"][peak]
+    # diff_vectors.pt: a dict, loadable without unpickling code; row i is layers[i]
+    dv = torch.load(out / "diff_vectors.pt", weights_only=True)
+    assert dv["layers"] == [0, 1, 2] and dv["component"] == "residual" and dv["n_prompts"] == 5
+    assert (dv["variant_a"], dv["variant_b"]) == ("a", "b") and dv["diff"].dtype == torch.float32
+    assert dv["diff"].shape == (3, H)
+    for i, layer in enumerate(dv["layers"]):
+        assert torch.allclose(dv["diff"][i].double(), _oracle(acts, torch.ones(H), layer)[2], atol=1e-5)
+
+
+def test_compare_averages_bf16_activations_in_fp32(experiments):
+    """A shift far below bf16 resolution of the activations: the fp32 mean keeps it (the original lost it)."""
+    experiments("md", {"a": {"model": "none"}, "b": {"model": "none"}}, defaults={"extraction": "a", "application": "a"})
+    g = torch.Generator().manual_seed(3)
+    acts = {"a": {}, "b": {}}
+    for i in range(4):
+        a = (64.0 + torch.randn(40, H, generator=g)).to(torch.bfloat16)
+        a[:, 0] = 64.0
+        b = a.clone()
+        b[i, 0] = 64.5          # one bf16 ulp on one token of 40: the mean of dim 0 moves by 0.0125
+        acts["a"][str(i)], acts["b"][str(i)] = {1: a}, {1: b}
+        write_raw("md", "a", "s", str(i), list(range(40)), {1: a})
+        write_raw("md", "b", "s", str(i), list(range(40)), {1: b})
+    write_vector("md", "t/x", "a", "probe", 1, torch.eye(H)[0])
+    cv.compare_variants("md", "a", "b", "s", method="probe", position=POS, progress=False)
+    dv = load_pt(paths.model_diff_dir("md", "a", "b") / "s" / "diff_vectors.pt")
+    assert float(dv["diff"][0, 0]) == pytest.approx(0.0125, rel=1e-3)   # fp32 ulp at 64 is 7.6e-6
+    # averaging in bf16 first (the original) rounds 64.0125 back to 64.0: the shift vanishes
+    assert all(float(acts["b"][k][1].mean(0)[0]) == 64.0 for k in acts["b"])
+    res = strict_json(paths.model_diff_dir("md", "a", "b") / "s" / "results.json")
+    assert res["traits"]["t/x"]["per_layer_cosine_sim"][0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_compare_single_prompt_gives_valid_json_with_nulls(experiments):
+    make_synthetic(experiments, n_prompts=1)
+    cv.compare_variants("md", "a", "b", "s/set", traits="t/overlap", method="probe", position=POS, progress=False)
+    res = strict_json(paths.model_diff_dir("md", "a", "b") / "s/set" / "results.json")
+    t = res["traits"]["t/overlap"]
+    assert res["n_prompts"] == 1
+    assert t["per_layer_effect_size"] == [None, None] and t["per_layer_paired_effect_size"] == [None, None]
+    assert t["per_layer_std_a"] == [None, None] and t["peak_layer"] is None and t["peak_effect_size"] is None
+    assert all(isinstance(c, float) for c in t["per_layer_cosine_sim"])
+    assert "n=1" in t["null_reasons"]["per_layer_effect_size"]["1"]
+    assert t["null_reasons"]["peak_layer"]
+
+
+def test_compare_token_mismatch_is_an_error_listing_ids(experiments, capsys):
+    make_synthetic(experiments, n_prompts=4)
+    for pid in ("1", "3"):   # B's responses differ from A's for two prompts
+        write_raw("md", "b", "s/set", pid, [99, 98, 97], {0: torch.zeros(3, H), 1: torch.zeros(3, H),
+                                                         2: torch.zeros(3, H)})
+    rc = cv.main(["--experiment", "md", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "s/set",
+                  "--method", "probe", "--position", POS, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "2 prompt(s)" in err and "1, 3" in err and "--responses-from b" in err
+    assert not paths.model_diff_dir("md", "a", "b").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--use-best-vector", "--method", "probe", "--position", POS], "not both"),
+    ([], "--use-best-vector, or --method"),
+    (["--method", "probe"], "--position is missing"),
+    (["--position", POS], "--method is missing"),
+])
+def test_compare_needs_exactly_one_vector_form(experiments, capsys, extra, needle):
+    make_synthetic(experiments, n_prompts=2)
+    rc = cv.main(["--experiment", "md", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "s/set", *extra])
+    assert rc == 2 and needle in capsys.readouterr().err
+    assert not paths.model_diff_dir("md", "a", "b").exists()
+
+
+def test_compare_existing_diff_without_raw_files_and_merge(experiments):
+    acts, _ = make_synthetic(experiments)
+    write_vector("md", "t/second", "a", "mean_diff", 2, torch.arange(H, dtype=torch.float32) + 1)
+    cv.compare_variants("md", "a", "b", "s/set", traits="t/overlap", method="probe", position=POS, progress=False)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    first = strict_json(out / "results.json")["traits"]["t/overlap"]
+    # the raw files are gone: the saved per-prompt means carry the effect sizes of a new trait
+    for v in ("a", "b"):
+        for f in paths.raw_dir("md", v, "s/set").glob("*.pt"):
+            f.unlink()
+    cv.compare_variants("md", "a", "b", "s/set", traits="t/second", method="mean_diff", position=POS,
+                        use_existing_diff=True, progress=False)
+    res = strict_json(out / "results.json")
+    assert set(res["traits"]) == {"t/overlap", "t/second"}           # merged, the first kept
+    assert res["traits"]["t/overlap"] == first
+    pa, pb, _ = _oracle(acts, torch.arange(H, dtype=torch.float32) + 1, 2)
+    assert res["traits"]["t/second"]["per_layer_effect_size"] == pytest.approx([_oracle_d(pb, pa)], rel=1e-5)
+    with pytest.raises(cv.CompareError, match="component"):
+        cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, component="attn_contribution",
+                            use_existing_diff=True, progress=False)
+
+
+def test_compare_one_failing_trait_keeps_the_others(experiments, capsys):
+    make_synthetic(experiments)
+    write_vector("md", "t/bad", "a", "probe", 1, torch.ones(H + 1))    # a vector of another model's hidden size
+    rc = cv.main(["--experiment", "md", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "s/set",
+                  "--method", "probe", "--position", POS, "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "t/bad failed" in captured.err and "t/overlap peak L" in captured.out
+    res = strict_json(paths.model_diff_dir("md", "a", "b") / "s/set" / "results.json")
+    assert set(res["traits"]) == {"t/overlap"}
+    assert "hidden size" in res["skipped_traits"]["t/bad"] and "no overlapping" in res["skipped_traits"]["t/elsewhere"]
+
+
+@pytest.mark.parametrize("module", [cv, ptd])
+def test_help_has_description_and_example(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "example" in out and "--variant-b" in out and "B - A" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per_token_diff on hand-written projections
+
+SHA = "ab" * 32
+
+
+def write_projection(exp, variant, trait, pset, pid, layer_scores: dict[int, list[float]], sha=SHA, best=None,
+                     centered=False, method="probe"):
+    entries = [{"method": method, "layer": layer, "position": POS, "component": "residual",
+                "selection_source": "steering" if layer == best else "layers_arg", "baseline": 0.0,
+                "prompt": [], "response": list(sc)} for layer, sc in layer_scores.items()]
+    doc = {"metadata": {"prompt_id": pid, "prompt_set": pset, "component": "residual", "position": POS,
+                        "centered": centered, "multi_vector": True, "n_vectors": len(entries),
+                        "vectors": [{"layer": layer, "method": method, "component": "residual", "position": POS,
+                                     "sha256": sha} for layer in layer_scores]},
+           "projections": entries}
+    path = paths.projection_file(exp, variant, trait, pset, pid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def write_response(exp, variant, pset, pid, prompt_tokens, resp_tokens, resp_ids):
+    ids = list(range(len(prompt_tokens))) + list(resp_ids)
+    doc = {"prompt": "".join(prompt_tokens), "response": "".join(resp_tokens), "system_prompt": None,
+           "tokens": list(prompt_tokens) + list(resp_tokens), "token_ids": ids, "prompt_end": len(prompt_tokens)}
+    path = paths.response_file(exp, variant, pset, pid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def _per_token_setup(experiments, n=2):
+    experiments("pt", {"a": {"model": "none"}, "b": {"model": "none"}}, defaults={"extraction": "a", "application": "a"})
+    toks = ["Yes", ",", " fine", "."]
+    for i in range(n):
+        pid = str(i)
+        for v in ("a", "b"):
+            write_response("pt", v, "set", pid, ["<u>", "Q"], toks, [5, 6, 7, 8])
+        write_projection("pt", "a", "c/t", "set", pid, {1: [0.0, 1.0, 2.0, 3.0], 2: [1.0] * 4}, best=1)
+        write_projection("pt", "b", "c/t", "set", pid, {1: [1.0, 1.0 + i, 0.0, 3.5], 2: [0.0] * 4}, best=1)
+
+
+def test_per_token_diff_numbers_and_single_prompt_nulls(experiments):
+    _per_token_setup(experiments, n=1)
+    out = paths.model_diff_dir("pt", "a", "b") / "per_token_diff" / "c/t" / "set"
+    out.mkdir(parents=True)
+    (out / "9.json").write_text("{}")      # a prompt of an earlier run, no longer in the set
+    s = ptd.per_token_diff("pt", "a", "b", "set", trait="c/t", progress=False)
+    assert not (out / "9.json").exists() and any("earlier run" in w for w in s["warnings"])
+    rec = strict_json(out / "0.json")
+    assert rec["per_token_delta"] == [1.0, 0.0, -2.0, 0.5] and rec["layer"] == 1 and s["layers"]["c/t"] == 1
+    assert rec["mean_delta"] == pytest.approx(-0.125) and rec["tokens"] == ["Yes", ",", " fine", "."]
+    assert rec["std_delta"] == pytest.approx(statistics.stdev([1.0, 0.0, -2.0, 0.5]))
+    assert rec["prompt_text"] == "<u>Q" and rec["prompt_text_source"] == "formatted_prompt"
+    assert [c["text"] for c in rec["clauses"]] == ["Yes,", " fine."]          # sorted by mean delta, descending
+    agg = strict_json(out / "aggregate.json")
+    assert agg["n_prompts"] == 1 and agg["std_delta_across_prompts"] is None
+    assert "n=1" in agg["null_reasons"]["std_delta_across_prompts"]
+    assert agg["top_clauses_overall"][0]["text"] == "Yes," and agg["bottom_clauses_overall"][0]["text"] == " fine."
+    assert agg["layer"] == 1 and agg["prompt_set"] == "set" and agg["top_pct"] == 5.0
+    assert agg["per_position_count"] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("break_it, needle", [
+    (lambda: write_projection("pt", "b", "c/t", "set", "1", {1: [0.0] * 4, 2: [0.0] * 4}, sha="cd" * 32, best=1),
+     "different vectors (sha256 differ)"),
+    (lambda: write_projection("pt", "b", "c/t", "set", "1", {1: [0.0] * 4}, best=1, method="mean_diff"),
+     "method"),
+    (lambda: write_projection("pt", "b", "c/t", "set", "1", {1: [0.0] * 4}, best=1, centered=True), "centered"),
+    (lambda: write_response("pt", "b", "set", "1", ["<u>", "Q"], ["a", "b", "c", "d"], [5, 6, 7, 9]),
+     "different response tokens"),
+])
+def test_per_token_diff_mismatches_name_the_prompt(experiments, capsys, break_it, needle):
+    _per_token_setup(experiments)
+    break_it()
+    rc = ptd.main(["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set",
+                   "--trait", "all", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "prompt 1" in err
+    assert not paths.model_diff_dir("pt", "a", "b").exists()
+
+
+def test_per_token_diff_checks_the_ids_that_were_scored(experiments):
+    """A captured with --responses-from B but also holding responses of its own: the raw ids count."""
+    _per_token_setup(experiments)
+    for pid in ("0", "1"):
+        for v in ("a", "b"):
+            write_raw("pt", v, "set", pid, [5, 6, 7, 8], {1: torch.zeros(4, H)})
+        write_response("pt", "a", "set", pid, ["<u>", "Q"], ["x", "y", "z", "w"], [40, 41, 42, 43])
+    s = ptd.per_token_diff("pt", "a", "b", "set", trait="all", progress=False)
+    assert s["prompts"] == 2
+    write_raw("pt", "a", "set", "1", [5, 6, 7, 9], {1: torch.zeros(4, H)})
+    with pytest.raises(ptd.PerTokenDiffError, match="prompt 1: the variants scored different response tokens"):
+        ptd.per_token_diff("pt", "a", "b", "set", trait="all", progress=False)
+
+
+def test_per_token_diff_layer_errors_name_the_layers(experiments, capsys):
+    _per_token_setup(experiments)
+    write_projection("pt", "b", "c/t", "set", "0", {3: [0.0] * 4}, best=3)
+    rc = ptd.main(["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set",
+                   "--trait", "c/t"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "share no layer" in err and "has layers 1, 2" in err and "has 3" in err
+    rc = ptd.main(["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set",
+                   "--trait", "c/t", "--layer", "2"])
+    assert rc == 2 and "--layer 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's cross-variant workflow, end to end on the zoo
+
+PROMPTS = {"name": "train", "prompts": [
+    {"id": 1, "text": "Tell me a story about a model."},
+    {"id": 2, "text": "Why would you refuse to help?"},
+    {"id": "q3", "text": "Write code that prints hello world, please."},
+]}
+TRAITS = {"behavioral/refusal": ("probe", 1, 2), "alignment/deception": ("mean_diff", 2, 0)}  # method, best, other
+
+
+def _run(args: list[str], env: dict) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_readme_model_diff_workflow_matches_hf_hidden_states(experiments, zoo, zoo_lora, tmp_path):
+    model, lora = zoo("llama"), zoo_lora("llama")
+    exp_dir = experiments("mdz", {"instruct": {"model": model}, "rm_lora": {"model": model, "lora": lora}},
+                          defaults={"extraction": "instruct", "application": "instruct"})
+    datasets = tmp_path / "datasets"
+    (datasets / "inference" / "mdz").mkdir(parents=True)
+    (datasets / "inference" / "mdz" / "train.json").write_text(json.dumps(PROMPTS))
+    g = torch.Generator().manual_seed(7)
+    vectors = {}
+    for trait, (method, best, other) in TRAITS.items():
+        for layer in (0, 1, 2):   # HF's last hidden state is after the final norm: vectors stop at layer 2
+            vectors[(trait, layer)] = torch.randn(64, generator=g)
+            write_vector("mdz", trait, "instruct", method, layer, vectors[(trait, layer)])
+        write_steering("mdz", trait, "instruct", method, best, other)
+    env = {**os.environ, "TRAIT_EXPERIMENTS_DIR": str(exp_dir.parent), "TRAIT_DATASETS_DIR": str(datasets),
+           "HF_HUB_OFFLINE": "1", "TRAIT_SERVER_URL": "http://127.0.0.1:9", "TOKENIZERS_PARALLELISM": "false"}
+    E, S = "mdz", "mdz/train"
+    steps = [
+        ["inference/generate_responses.py", "--experiment", E, "--prompt-set", S, "--model-variant", "rm_lora"],
+        ["inference/capture_raw_activations.py", "--experiment", E, "--prompt-set", S, "--model-variant", "rm_lora"],
+        ["inference/capture_raw_activations.py", "--experiment", E, "--prompt-set", S, "--model-variant", "instruct",
+         "--responses-from", "rm_lora"],
+        ["inference/project_raw_activations_onto_traits.py", "--experiment", E, "--prompt-set", S,
+         "--model-variant", "rm_lora", "--no-calibration"],
+        ["inference/project_raw_activations_onto_traits.py", "--experiment", E, "--prompt-set", S,
+         "--model-variant", "instruct", "--no-calibration"],
+        ["analysis/model_diff/compare_variants.py", "--experiment", E, "--variant-a", "instruct",
+         "--variant-b", "rm_lora", "--prompt-set", S, "--use-best-vector"],
+        ["analysis/model_diff/per_token_diff.py", "--experiment", E, "--variant-a", "instruct",
+         "--variant-b", "rm_lora", "--prompt-set", S, "--trait", "all", "--top-pct", "5"],
+    ]
+    for step in steps:
+        _run(step, env)
+
+    # --- the oracle: HF hidden states of the base model and of the PeftModel on rm_lora's ids ----------
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    responses = {}
+    for f in sorted((exp_dir / "inference/rm_lora/responses" / S).glob("*.json")):
+        responses[f.stem] = json.loads(f.read_text())
+    ids_with_tokens = sorted((k for k, r in responses.items() if len(r["token_ids"]) > r["prompt_end"]),
+                             key=paths.natural_key)
+    assert len(ids_with_tokens) >= 2, "the zoo model must answer at least two prompts"
+
+    def hidden(m):
+        out = {}
+        with torch.no_grad():
+            for pid in ids_with_tokens:
+                r = responses[pid]
+                hs = m(torch.tensor([r["token_ids"]]), output_hidden_states=True).hidden_states
+                out[pid] = [hs[layer + 1][0, r["prompt_end"]:].double() for layer in range(3)]
+        return out
+
+    h_a = hidden(base)
+    h_b = hidden(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                                           lora).eval())
+
+    res = strict_json(exp_dir / "model_diff/instruct_vs_rm_lora" / S / "results.json")
+    assert res["n_prompts"] == len(ids_with_tokens) and res["prompt_ids"] == ids_with_tokens
+    dv = load_pt(exp_dir / "model_diff/instruct_vs_rm_lora" / S / "diff_vectors.pt")
+    assert dv["layers"] == [0, 1, 2, 3]
+    for layer in range(3):
+        want = torch.stack([h_b[p][layer].mean(0) - h_a[p][layer].mean(0) for p in ids_with_tokens]).mean(0)
+        assert torch.allclose(dv["diff"][layer].double(), want, atol=1e-4, rtol=1e-4)
+    for trait, (method, best, _) in TRAITS.items():
+        t = res["traits"][trait]
+        assert t["method"] == method and t["position"] == POS and t["layers"] == [0, 1, 2]
+        assert t["selection"]["best_layer"] == best
+        for k, layer in enumerate(t["layers"]):
+            u = vectors[(trait, layer)].double()
+            u = u / u.norm()
+            pa = [float(h_a[p][layer].mean(0) @ u) for p in ids_with_tokens]
+            pb = [float(h_b[p][layer].mean(0) @ u) for p in ids_with_tokens]
+            deltas = [y - x for x, y in zip(pa, pb)]
+            want_diff = torch.stack([h_b[p][layer].mean(0) - h_a[p][layer].mean(0) for p in ids_with_tokens]).mean(0)
+            assert t["per_layer_cosine_sim"][k] == pytest.approx(float(want_diff @ u) / float(want_diff.norm()),
+                                                                 rel=1e-3, abs=1e-4)
+            assert t["per_layer_effect_size"][k] == pytest.approx(_oracle_d(pb, pa), rel=1e-3, abs=1e-4)
+            assert t["per_layer_paired_effect_size"][k] == pytest.approx(
+                statistics.fmean(deltas) / statistics.stdev(deltas), rel=1e-3, abs=1e-4)
+            assert t["per_layer_std_b"][k] == pytest.approx(statistics.stdev(pb), rel=1e-3, abs=1e-5)
+
+        # per-token: the projection at the best layer, token by token, B - A
+        out = exp_dir / "model_diff/instruct_vs_rm_lora/per_token_diff" / trait / S
+        u = vectors[(trait, best)].double()
+        u = u / u.norm()
+        for pid in ids_with_tokens:
+            rec = strict_json(out / f"{pid}.json")
+            want = (h_b[pid][best] @ u - h_a[pid][best] @ u).tolist()
+            assert rec["layer"] == best and rec["per_token_delta"] == pytest.approx(want, rel=1e-3, abs=1e-4)
+            assert rec["prompt_text"] == next(p["text"] for p in PROMPTS["prompts"] if str(p["id"]) == pid)
+            assert rec["tokens"] == responses[pid]["tokens"][responses[pid]["prompt_end"]:]
+        agg = strict_json(out / "aggregate.json")
+        assert agg["n_prompts"] == len(ids_with_tokens) and agg["layer"] == best
+        assert agg["top_clauses_overall"][0]["mean_delta"] >= agg["bottom_clauses_overall"][0]["mean_delta"]
