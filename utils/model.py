@@ -5,6 +5,7 @@
     load_tokenizer(model)                                               -> tokenizer (pad token set, padding side explicit)
     load_model_config(model)                                            -> HF config without weights (text config if nested)
     format_prompt(tokenizer, prompt, system_prompt, use_chat_template) -> (text, note)  chat template with a system turn
+    format_messages(tokenizer, messages, system_prompt, use_chat_template) -> (text, note)  a multi-turn chat
     tokenize_prompt(tokenizer, text)                                    -> list[int] with exactly one BOS
     check_single_bos(tokenizer, ids)                                    raise on a double BOS
     LoadedModel                                                         model, tokenizer, info (model, lora, quantization, dtype, device)
@@ -165,6 +166,37 @@ def format_prompt(tokenizer, prompt: str, system_prompt: str | None = None,
             raise
     folded = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
     return _apply(tokenizer, folded, kw), "chat template rejects a system role: system prompt folded into the user turn"
+
+
+def format_messages(tokenizer, messages: list[dict], system_prompt: str | None = None,
+                    use_chat_template: bool | None = None) -> tuple[str, str | None]:
+    """A multi-turn chat ([{role, content}], e.g. the live chat) as the text the model sees, generation prompt added.
+
+    `system_prompt` is prepended as a system turn unless the messages start with one; a template that
+    rejects the system role gets it folded into the first user turn (the note says so).
+    """
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ModelLoadError("messages must be a non-empty list of {\"role\": str, \"content\": str}")
+    if use_chat_template is False or not has_chat_template(tokenizer):
+        raise ModelLoadError("messages need a chat template (this model has none or the experiment disables it): "
+                             "send a single prompt instead")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    kw = dict(tokenize=False, add_generation_prompt=True)
+    try:
+        return _apply(tokenizer, msgs, kw), None
+    except Exception as e:  # jinja TemplateError from raise_exception
+        if msgs[0]["role"] != "system" or "system" not in str(e).lower():
+            raise
+    system, rest = msgs[0]["content"], msgs[1:]
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first_user is None:
+        raise ModelLoadError("chat template rejects a system role and there is no user turn to fold it into")
+    rest[first_user] = {"role": "user", "content": f"{system}\n\n{rest[first_user]['content']}"}
+    return _apply(tokenizer, rest, kw), "chat template rejects a system role: system prompt folded into the user turn"
 
 
 def _apply(tokenizer, messages, kw) -> str:
