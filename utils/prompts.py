@@ -1,0 +1,138 @@
+"""Prompt sets: `datasets/inference/{name}.json` (DESIGN.md §3), loaded and validated.
+
+    load_prompt_set(name) -> PromptSet       name may be nested ("rm_syco/train_100"); errors name file and item
+    list_prompt_sets()    -> [name]          every set under datasets/inference/, nested names included
+    PromptSet                                name, path, prompts, system_prompt, description
+    Prompt                                   id (str: the file stem), text, note, extra (other keys, kept)
+    PromptSetError                           unknown set (close names listed) / malformed file
+
+Accepted shapes: an object with `prompts` (and optional `name`, `description`, `system_prompt`) or a bare
+list. Items: `{"id": str|int, "text"|"prompt": str, "note"?: str, ...}`; ids are unique and become file names.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils import paths
+from utils.storage import StorageError, read_json
+
+
+class PromptSetError(ValueError):
+    """A prompt set is unknown or malformed; the message names the file (and item) and what to do."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    note: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    path: Path
+    prompts: list[Prompt]
+    system_prompt: str | None = None
+    description: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.prompts]
+
+
+def list_prompt_sets() -> list[str]:
+    root = paths.prompt_sets_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.json")
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _check_name(name: str) -> str:
+    clean = name.strip().strip("/")
+    if clean.endswith(".json"):
+        clean = clean[: -len(".json")]
+    parts = clean.split("/")
+    if not clean or Path(clean).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise PromptSetError(f"--prompt-set {name!r}: give a set name under {paths.prompt_sets_dir()}, "
+                             f"e.g. single_trait or rm_syco/train_100")
+    return clean
+
+
+def _unknown(name: str) -> PromptSetError:
+    known = list_prompt_sets()
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    # nested sets: also match on the last path component ("train_10" -> "rm_syco/train_100")
+    leaf = name.split("/")[-1]
+    leaves = difflib.get_close_matches(leaf, sorted({k.split("/")[-1] for k in known}), n=5, cutoff=0.6)
+    close += [k for k in known if k.split("/")[-1] in leaves and k not in close]
+    hint = f"did you mean: {', '.join(close)}" if close else (
+        f"available: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}" if known else "no prompt sets exist")
+    return PromptSetError(f"unknown prompt set {name!r}: {paths.prompt_set_file(name)} not found ({hint})")
+
+
+def _item(path: Path, index: int, item) -> Prompt:
+    where = f"{path}: prompt #{index}"
+    if not isinstance(item, dict):
+        raise PromptSetError(f"{where}: expected an object with 'id' and 'text', got {type(item).__name__}")
+    if "id" not in item:
+        raise PromptSetError(f"{where}: missing 'id'")
+    pid = item["id"]
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise PromptSetError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
+    pid = str(pid)
+    where = f"{path}: prompt #{index} (id {pid!r})"
+    if not pid or pid in (".", "..") or "/" in pid or "\\" in pid or pid.startswith(".") or "\0" in pid:
+        raise PromptSetError(f"{where}: the id becomes a file name: it must be non-empty, without '/', and not "
+                             f"start with '.'")
+    text = item["text"] if "text" in item else item.get("prompt")
+    if text is None and "text" not in item and "prompt" not in item:
+        raise PromptSetError(f"{where}: missing 'text' (or 'prompt')")
+    if not isinstance(text, str):
+        raise PromptSetError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+    note = item.get("note")
+    if note is not None and not isinstance(note, str):
+        raise PromptSetError(f"{where}: 'note' must be a string, got {type(note).__name__}")
+    extra = {k: v for k, v in item.items() if k not in ("id", "text", "prompt", "note")}
+    return Prompt(id=pid, text=text, note=note or None, extra=extra)
+
+
+def load_prompt_set(name: str) -> PromptSet:
+    """Load and validate `datasets/inference/{name}.json`."""
+    name = _check_name(name)
+    path = paths.prompt_set_file(name)
+    if not path.is_file():
+        raise _unknown(name)
+    try:
+        data = read_json(path)
+    except StorageError as e:
+        raise PromptSetError(str(e)) from None
+    system_prompt = description = None
+    if isinstance(data, dict):
+        if not isinstance(data.get("prompts"), list):
+            raise PromptSetError(f"{path}: expected a 'prompts' list (or a bare list of prompts)")
+        system_prompt, description = data.get("system_prompt"), data.get("description")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise PromptSetError(f"{path}: 'system_prompt' must be a string or null")
+        if description is not None and not isinstance(description, str):
+            raise PromptSetError(f"{path}: 'description' must be a string or null")
+        items = data["prompts"]
+    elif isinstance(data, list):
+        items = data
+    else:
+        raise PromptSetError(f"{path}: expected an object with 'prompts' or a list, got {type(data).__name__}")
+    prompts = [_item(path, i, it) for i, it in enumerate(items)]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        if p.id in seen:
+            raise PromptSetError(f"{path}: prompt #{i} (id {p.id!r}): duplicate id (also prompt #{seen[p.id]})")
+        seen[p.id] = i
+    return PromptSet(name=name, path=path, prompts=prompts, system_prompt=system_prompt or None,
+                     description=description)
