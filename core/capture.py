@@ -93,8 +93,14 @@ def plan_batch(lengths: Sequence[int], order: Sequence[int], start: int, max_bat
 
 
 def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], components: list[str],
-                   pad_id: int, out_dtype: torch.dtype | None) -> torch.Tensor:
-    """One right-padded forward; returns a CPU tensor [layers x components, B, S, H], copied from the device once."""
+                   pad_id: int, out_dtype: torch.dtype | None, staging: dict | None = None) -> torch.Tensor:
+    """One right-padded forward; returns a CPU tensor [layers x components, real tokens, H], copied from the device once.
+
+    Only real tokens are kept (sequence b's tokens are rows offset_b .. offset_b + len_b, in batch order), so
+    padding never crosses to the CPU. On CUDA the copy lands in a pinned buffer kept in `staging` and reused
+    across batches: pageable device-to-host copies are several times slower. The returned tensor may be that
+    reused buffer: callers copy out what they keep before the next batch.
+    """
     device = model.get_input_embeddings().weight.device
     B, S = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
@@ -102,6 +108,8 @@ def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], c
     for b, s in enumerate(seqs):
         ids[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[b, :len(s)] = 1
+    real = torch.cat([torch.arange(len(s)) + b * S for b, s in enumerate(seqs)])  # flat [B*S] positions kept
+    real_on: dict[torch.device, torch.Tensor] = {}
     slots = {(layer, comp): k for k, (layer, comp) in enumerate((l, c) for l in layers for c in components)}
     buf: list[torch.Tensor] = []
     filled: set[tuple[int, str]] = set()
@@ -109,8 +117,11 @@ def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], c
     def keep(layer: int, comp: str, t: torch.Tensor) -> None:
         # Write into one device buffer so the whole batch crosses to the CPU in a single copy.
         if not buf:
-            buf.append(torch.empty((len(slots), B, S, t.shape[-1]), dtype=out_dtype or t.dtype, device=t.device))
-        buf[0][slots[(layer, comp)]].copy_(t.reshape(B, S, -1))
+            buf.append(torch.empty((len(slots), len(real), t.shape[-1]), dtype=out_dtype or t.dtype, device=t.device))
+        idx = real_on.get(t.device)
+        if idx is None:
+            idx = real_on[t.device] = real.to(t.device)
+        buf[0][slots[(layer, comp)]].copy_(t.reshape(B * S, -1).index_select(0, idx))
         filled.add((layer, comp))
         return None
 
@@ -119,7 +130,16 @@ def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], c
     if len(filled) != len(slots):
         missing = sorted(set(slots) - filled)
         raise RuntimeError(f"capture hooks did not run during the forward for {missing[:3]}")
-    return buf[0].to("cpu")
+    out = buf[0]
+    if out.device.type != "cuda":
+        return out if out.device.type == "cpu" else out.to("cpu")
+    staging = staging if staging is not None else {}
+    pinned = staging.get("pinned")
+    if pinned is None or pinned.dtype != out.dtype or pinned.numel() < out.numel():
+        staging["pinned"] = pinned = torch.empty(out.numel(), dtype=out.dtype, pin_memory=True)
+    host = pinned[:out.numel()].view(out.shape)
+    host.copy_(out)
+    return host
 
 
 def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list[int], components: list[str],
@@ -148,13 +168,14 @@ def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list
     order = sorted(range(len(sequences)), key=lambda i: (-lengths[i], i))
     budget = max_batch_tokens or default_max_batch_tokens(model, len(layers) * len(components), lengths[order[0]])
     cap, streak, start = batch_size, 0, 0
+    staging: dict = {}  # the pinned host buffer, reused by every batch of this call
     while start < len(order):
         take = plan_batch(lengths, order, start, budget, cap)
         idx = order[start:start + take]
         t0 = time.perf_counter()
         oom = False
         try:
-            cpu = _forward_batch(model, [sequences[i] for i in idx], layers, components, pad_id, out_dtype)
+            cpu = _forward_batch(model, [sequences[i] for i in idx], layers, components, pad_id, out_dtype, staging)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -171,12 +192,15 @@ def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list
                 raise CaptureOOMError(idx[0], lengths[idx[0]])
             cap, streak = take // 2, 0
             continue
-        for b, i in enumerate(idx):
+        offset = 0
+        for i in idx:
             n = lengths[i]
             acts: dict[int, dict[str, torch.Tensor]] = {}
             for k, (layer, comp) in enumerate((l, c) for l in layers for c in components):
-                # clone: a slice is a view, and torch.save of a view writes the whole batch's storage.
-                acts.setdefault(layer, {})[comp] = cpu[k, b, :n].clone()
+                # clone: a slice is a view (of a reused buffer on CUDA), and torch.save of a view writes the
+                # whole batch's storage.
+                acts.setdefault(layer, {})[comp] = cpu[k, offset:offset + n].clone()
+            offset += n
             yield i, acts
         del cpu
         start += take
