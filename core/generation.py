@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from core.capture import is_oom  # one definition of an accelerator out-of-memory
+
 STOP_EOS = "eos"
 STOP_LENGTH = "length"
 CPU_BATCH_SIZE = 8
@@ -181,12 +183,6 @@ def generate_batch(model, prompt_ids: Sequence[Sequence[int]], pad_id: int, max_
         results.append(GenerationResult(row[:cut], STOP_EOS) if cut is not None else
                        GenerationResult(row, STOP_LENGTH))
     return results
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def generate_in_batches(model, prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int,

@@ -46,6 +46,7 @@ from utils.layers import parse_layers  # noqa: E402
 from utils.model import LoadedModel, load_model_config, load_variant, tokenize_prompt  # noqa: E402
 from utils.storage import StorageError, read_json, write_json, write_pt  # noqa: E402
 from utils.vectors import VectorError, check_trait_name, parse_position, sanitize_position  # noqa: E402
+from utils.cli import Parser as _Parser  # noqa: E402
 
 METHODS = ("mean_diff", "probe")
 DEFAULT_POSITION = "all[:]"
@@ -329,11 +330,6 @@ def format_summary(s: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one stderr line, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 EPILOG = """\
 examples:

@@ -37,6 +37,7 @@ from utils.model import (DTYPES, LoadedModel, decode_tokens, load_model_config, 
                          load_variant)
 from utils.responses import list_response_files, load_responses  # noqa: E402
 from utils.storage import write_pt  # noqa: E402
+from utils.cli import Parser as _Parser  # noqa: E402
 
 
 class CaptureError(ValueError):
@@ -325,11 +326,6 @@ def format_summary(s: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one stderr line, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(

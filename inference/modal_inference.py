@@ -53,6 +53,7 @@ sys.path.insert(0, str(_REPO))
 import modal  # noqa: E402
 
 from utils import paths  # noqa: E402  (no torch: importing this module stays light)
+from utils.cli import Parser as _Parser  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Deploy-time settings
@@ -575,13 +576,6 @@ def run_local(experiment: str, prompt: str, model_variant: Optional[str] = None,
     """The stream of TraitChat, run in this process through Modal's .local() (enter, then the method)."""
     obj = TraitChat(experiment=experiment, model_variant=model_variant or "")
     return obj.capture_activations_stream.local(prompt=prompt, **kwargs)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:

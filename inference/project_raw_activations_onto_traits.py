@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from core.hooks import COMPONENTS  # noqa: E402
 from core.projection import MassiveDimStats, project, token_norms  # noqa: E402
 from utils import paths  # noqa: E402
+from utils.cli import Parser as _Parser  # noqa: E402
 from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
 from utils.layers import LayerSpecError, parse_projection_layers  # noqa: E402
 from utils.model import load_model_config  # noqa: E402
@@ -466,11 +467,6 @@ def format_summary(s: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one stderr line, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 EPILOG = """\
 examples:

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from core import stats  # noqa: E402
 from core.hooks import COMPONENTS  # noqa: E402
 from utils import paths  # noqa: E402
+from utils.cli import Parser as _Parser  # noqa: E402
 from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json, write_pt  # noqa: E402
 from utils.vectors import (VectorError, best_vector, check_trait_name, discover_traits, file_sha256,  # noqa: E402
@@ -539,11 +540,6 @@ def _num(x: float | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one stderr line, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 EPILOG = """\
 example (after capturing both variants on the same tokens, see the README's model-diff workflow):

@@ -37,6 +37,7 @@ from core import stats  # noqa: E402
 from utils import paths  # noqa: E402
 from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json  # noqa: E402
+from utils.cli import Parser as _Parser  # noqa: E402
 
 PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as the original)
 
@@ -579,11 +580,6 @@ def _num(x: float | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one stderr line, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 EPILOG = """\
 example (after projecting both variants, see the README's model-diff workflow):
