@@ -107,8 +107,8 @@ def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
         assert features[0] == (tp, tn, vp, vn)
         f_tp, f_tn, f_vp, f_vn = features[1]
         for L in LAYERS:
-            v = torch.load(paths.vector_file("x", "tone/kind", "base", "all_all", "residual", method, L),
-                           weights_only=True)
+            path = paths.vector_file("x", "tone/kind", "base", "all_all", "residual", method, L)
+            v = torch.load(path, weights_only=True)
             assert v.dtype == torch.float32 and v.shape == (64,) and abs(float(v.norm()) - 1) < 1e-6
             entry = meta["layers"][str(L)]
             vd = v.double()
