@@ -70,7 +70,19 @@ def _first(out):
 
 
 def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder block list: the longest ModuleList named `layers` or `h` (PeftModel / multimodal wrappers too)."""
+    """The decoder block list: the longest ModuleList named `layers` or `h` (PeftModel / multimodal wrappers too).
+
+    The path is remembered on the model (a plain string attribute, so not a submodule and not in the state
+    dict): hooks are entered once per forward while streaming, and walking every module each time is slow.
+    """
+    path = model.__dict__.get("_trait_layers_path")
+    if path is not None:
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:  # the model was restructured since: search again
+            found = None
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return path, found
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "h") and len(mod) > 0:
@@ -80,6 +92,7 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 best = (name, mod)
     if best is None:
         raise HookError(f"cannot find the decoder layers of {type(model).__name__} (no ModuleList named layers/h)")
+    model.__dict__["_trait_layers_path"] = best[0]
     return best
 
 
