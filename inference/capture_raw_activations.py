@@ -36,7 +36,7 @@ from utils.layers import parse_layers  # noqa: E402
 from utils.model import (DTYPES, LoadedModel, decode_tokens, load_model_config, load_tokenizer,  # noqa: E402
                          load_variant)
 from utils.responses import list_response_files, load_responses  # noqa: E402
-from utils.storage import write_pt  # noqa: E402
+from utils.storage import BackgroundWriter  # noqa: E402
 from utils.cli import Parser as _Parser  # noqa: E402
 
 
@@ -275,23 +275,24 @@ def capture_raw_activations(experiment: str, prompt_set: str, model_variant: str
 
     sequences = [d["token_ids"] for _, d in plan.todo]
     started = time.perf_counter()
+    writer = BackgroundWriter()  # files are written while the next batch runs; each one atomically
     try:
-        for i, acts in capture_sequences(lm.model, sequences, plan.layers, plan.components, pad_id,
-                                         max_batch_tokens=max_batch_tokens, batch_size=batch_size,
-                                         out_dtype=plan.out_dtype, on_batch=on_batch):
-            prompt_id, data = plan.todo[i]
-            first = next(iter(next(iter(acts.values())).values()))
-            meta = dict(base_meta, dtype=str(first.dtype).replace("torch.", ""), prompt_id=prompt_id,
-                        n_prompt_tokens=data["prompt_end"], n_response_tokens=len(data["token_ids"]) - data["prompt_end"],
-                        inference_model=data.get("inference_model"))
-            out = plan.out_file(prompt_id)
-            summary["bytes"] += write_pt(out, build_record(data, acts, lm.tokenizer, response_only, meta))
-            summary["files"].append(str(out))
-            summary["captured"] += 1
-            summary["tokens"] += len(data["token_ids"])
-            bar.update(1)
-            bar.set_postfix_str(f"{summary['tokens'] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s",
-                                refresh=False)
+        with writer:
+            for i, acts in capture_sequences(lm.model, sequences, plan.layers, plan.components, pad_id,
+                                             max_batch_tokens=max_batch_tokens, batch_size=batch_size,
+                                             out_dtype=plan.out_dtype, on_batch=on_batch):
+                prompt_id, data = plan.todo[i]
+                first = next(iter(next(iter(acts.values())).values()))
+                meta = dict(base_meta, dtype=str(first.dtype).replace("torch.", ""), prompt_id=prompt_id,
+                            n_prompt_tokens=data["prompt_end"], n_response_tokens=len(data["token_ids"]) - data["prompt_end"],
+                            inference_model=data.get("inference_model"))
+                writer.submit(plan.out_file(prompt_id), build_record(data, acts, lm.tokenizer, response_only, meta))
+                summary["captured"] += 1
+                summary["tokens"] += len(data["token_ids"])
+                bar.update(1)
+                bar.set_postfix_str(f"{summary['tokens'] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s",
+                                    refresh=False)
+        summary["bytes"], summary["files"] = writer.bytes, writer.files
     except CaptureOOMError as e:
         pid = plan.todo[e.index][0]
         raise CaptureError(f"prompt {pid} ({e.n_tokens} tokens): out of memory even at batch size 1; capture fewer "

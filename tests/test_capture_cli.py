@@ -97,9 +97,9 @@ def run_cli(args: list[str], slow_write: float = 0.0) -> subprocess.Popen:
         cmd = [sys.executable, str(SCRIPT)] + args
     else:  # the real main(), with a pause before each file write so the run can be killed mid-way
         code = ("import sys, time\n"
-                "import inference.capture_raw_activations as c\n"
-                "real = c.write_pt\n"
-                f"c.write_pt = lambda path, obj: (time.sleep({slow_write}), real(path, obj))[1]\n"
+                "import inference.capture_raw_activations as c, utils.storage as st\n"
+                "real = st.write_pt\n"
+                f"st.write_pt = lambda path, obj: (time.sleep({slow_write}), real(path, obj))[1]\n"
                 f"sys.exit(c.main({args!r}))\n")
         cmd = [sys.executable, "-c", code]
     return subprocess.Popen(cmd, cwd=paths.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

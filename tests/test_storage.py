@@ -133,3 +133,37 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     os.chmod(tmp_path / "atomic.json", 0o640)  # an existing file keeps its mode
     write_json(tmp_path / "atomic.json", {"v": 2})
     assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_background_writer_writes_every_record_and_counts_bytes(tmp_path):
+    from utils.storage import BackgroundWriter, load_pt
+
+    records = {f"{i}.pt": {"a": torch.full((50, 8), float(i)), "meta": {"i": i}} for i in range(6)}
+    # a budget smaller than two records: submit must block until the writer catches up, never lose one
+    with BackgroundWriter(max_pending_bytes=50 * 8 * 4 + 1) as writer:
+        for name, rec in records.items():
+            writer.submit(tmp_path / name, rec)
+    assert writer.bytes == sum((tmp_path / n).stat().st_size for n in records)
+    assert writer.files == [str(tmp_path / n) for n in records]
+    for name, rec in records.items():
+        got = load_pt(tmp_path / name)
+        assert torch.equal(got["a"], rec["a"]) and got["meta"] == rec["meta"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_background_writer_reraises_a_failed_write(tmp_path, monkeypatch):
+    import utils.storage as storage
+
+    real = storage.write_pt
+
+    def failing(path, obj):
+        if path.name == "1.pt":
+            raise OSError("disk full")
+        return real(path, obj)
+
+    monkeypatch.setattr(storage, "write_pt", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with storage.BackgroundWriter() as writer:
+            for i in range(3):
+                writer.submit(tmp_path / f"{i}.pt", {"a": torch.ones(3)})
+    assert (tmp_path / "0.pt").exists() and not (tmp_path / "1.pt").exists()

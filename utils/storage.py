@@ -3,6 +3,7 @@
     atomic_write(path)            context manager: yields a temp path in the same folder, renamed into place on success
     write_json(path, obj)         atomic JSON write; a standard serializer, so string contents are never altered
     write_pt(path, obj)           atomic torch.save
+    BackgroundWriter(...)         write_pt on one background thread, so disk I/O overlaps the next forward
     load_pt(path, mmap=True)      torch.load(weights_only=True), memory-mapped when the file allows it
     read_json(path)               json.load with an error that names the file
     StorageError                  raised for unreadable / malformed files (message names the file)
@@ -14,6 +15,8 @@ import json
 import math
 import os
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -100,6 +103,82 @@ def write_pt(path: str | Path, obj: Any) -> int:
             torch.save(obj, fh)
         size = tmp.stat().st_size
     return size
+
+
+class BackgroundWriter:
+    """Atomic .pt writes on one background thread: the caller computes the next batch while files are written.
+
+        with BackgroundWriter(max_pending_bytes=2 << 30) as writer:
+            for path, record in results:
+                writer.submit(path, record)      # blocks while the queued records' tensors exceed the budget
+        writer.bytes, writer.files              # every write has finished here (or the first error was raised)
+
+    Each file is still written atomically (write_pt), so a kill at any moment leaves finished files and no
+    partial one. A failed write is re-raised by the next submit or at exit; after an error in the body, the
+    writes already queued still finish (they are complete records) before that error propagates. Memory is
+    bounded by `max_pending_bytes` of queued tensors (one record is always let through).
+    """
+
+    def __init__(self, max_pending_bytes: int = 2 << 30):
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.bytes = 0
+        self.files: list[str] = []
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
+
+    def __enter__(self) -> "BackgroundWriter":
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pt-writer")
+        return self
+
+    def _write(self, path: Path, obj: Any, size: int) -> int:
+        try:
+            return write_pt(path, obj)
+        finally:
+            with self._cond:
+                self._pending -= size
+                self._cond.notify_all()
+
+    def submit(self, path: str | Path, obj: Any) -> None:
+        if self._pool is None:
+            raise RuntimeError("BackgroundWriter.submit outside its `with` block")
+        self._collect(wait=False)
+        size = _tensor_bytes(obj)
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0 or self._pending + size <= self.max_pending_bytes)
+            self._pending += size
+        self._futures.append(self._pool.submit(self._write, Path(path), obj, size))
+        self.files.append(str(path))
+
+    def _collect(self, wait: bool) -> None:
+        """Account finished writes; re-raise the first failure."""
+        pending = []
+        for fut in self._futures:
+            if wait or fut.done():
+                self.bytes += fut.result()
+            else:
+                pending.append(fut)
+        self._futures = pending
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pool, self._pool = self._pool, None
+        try:
+            if exc_type is None:
+                self._collect(wait=True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_pt(path: str | Path, mmap: bool = True) -> Any:
