@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,3 +257,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 
 warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+# Dependency noise with nothing for a user to act on: peft calls a deprecated transformers helper, and
+# bitsandbytes logs at import that an optional CPU kernel package is missing (the built-in kernel is used).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
