@@ -44,6 +44,7 @@ def run(args: list[str]) -> None:
 def build_models(exp_dir: Path) -> None:
     import transformers
 
+    import utils.model  # noqa: F401  (its import quiets dependency messages users cannot act on)
     from utils.zoo import build_lora_adapter, build_model
 
     transformers.utils.logging.disable_progress_bar()
