@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from core.hooks import ActivationCapture, run_forward
+from core.hooks import ActivationCapture, input_device, run_forward, text_config
 
 CPU_BATCH_TOKENS = 4096      # padded tokens per batch on CPU: large enough to amortise, small enough for RAM
 GROW_AFTER = 4               # successful batches after an OOM before the batch cap doubles again
@@ -54,11 +54,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _text_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "text_config", None) or cfg
-
-
 def default_max_batch_tokens(model: nn.Module, n_captured: int, max_len: int) -> int:
     """A padded-token budget per batch: CPU_BATCH_TOKENS on CPU; on CUDA half the free memory over a per-token estimate.
 
@@ -69,7 +64,7 @@ def default_max_batch_tokens(model: nn.Module, n_captured: int, max_len: int) ->
     if not devices:
         return CPU_BATCH_TOKENS
     free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
-    cfg = _text_config(model)
+    cfg = text_config(model)
     hidden = int(getattr(cfg, "hidden_size", 4096))
     inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
     heads = int(getattr(cfg, "num_attention_heads", 32))
@@ -101,7 +96,7 @@ def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], c
     across batches: pageable device-to-host copies are several times slower. The returned tensor may be that
     reused buffer: callers copy out what they keep before the next batch.
     """
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     B, S = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)

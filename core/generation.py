@@ -5,6 +5,7 @@
                    stop_ids=None, row_seeds=None) -> [GenerationResult]     one `model.generate` call
     generate_in_batches(model, prompt_ids, batch_size, ...) -> ([GenerationResult], batch size that fit)
                                                   chunks of batch_size; a CUDA out-of-memory halves it and retries
+    config_stop_ids(model)                      the generation config's eos ids (the default stop ids)
     auto_batch_size(model, seq_len)             a batch size that fits the free accelerator memory (8 on CPU)
     left_pad(prompt_ids, pad_id, device)        -> (input_ids, attention_mask)
     SeededSampler                               logits processor: temperature + top-p + a per-row seeded draw
@@ -30,6 +31,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from core.capture import is_oom  # one definition of an accelerator out-of-memory
+from core.hooks import input_device, text_config
 
 STOP_EOS = "eos"
 STOP_LENGTH = "length"
@@ -43,14 +45,8 @@ class GenerationResult:
     stop_reason: str    # "eos" (a stop id was generated) or "length" (max_new_tokens reached)
 
 
-def _input_device(model) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return next(model.parameters()).device
-
-
-def _config_stop_ids(model) -> list[int]:
+def config_stop_ids(model) -> list[int]:
+    """The eos ids of the model's generation config (the default stop ids)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = eos if isinstance(eos, (list, tuple)) else [eos]
     return [int(e) for e in eos if e is not None]
@@ -162,8 +158,8 @@ def generate_batch(model, prompt_ids: Sequence[Sequence[int]], pad_id: int, max_
     if not prompt_ids:
         return []
     _check(prompt_ids, max_new_tokens, temperature, top_p, row_seeds)
-    stops = [int(s) for s in stop_ids] if stop_ids else _config_stop_ids(model)
-    input_ids, attention_mask = left_pad(prompt_ids, pad_id, _input_device(model))
+    stops = [int(s) for s in stop_ids] if stop_ids else config_stop_ids(model)
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id, input_device(model))
     kwargs: dict = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=False, pad_token_id=int(pad_id), eos_token_id=stops or None)
     if temperature > 0:
@@ -224,11 +220,11 @@ def auto_batch_size(model, seq_len: int, cap: int = MAX_AUTO_BATCH_SIZE) -> int:
     Per sequence: the KV cache, one layer's prefill activations and two rows of fp32 logits, plus 20%.
     CPU (and other non-CUDA devices): CPU_BATCH_SIZE.
     """
-    device = _input_device(model)
+    device = input_device(model)
     if device.type != "cuda":
         return CPU_BATCH_SIZE
     free, _total = torch.cuda.mem_get_info(device)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     hidden = int(getattr(cfg, "hidden_size", 4096))
     heads = int(getattr(cfg, "num_attention_heads", 32))
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)

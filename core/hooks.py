@@ -8,6 +8,7 @@
                                            add coefficient * vector where the block writes into the residual stream
     steer(model, specs)                    several SteeringHooks at once (one context)
     block_sites(model) -> BlockSites       which module output is each component (checked by the identity)
+    input_device(model) / text_config(model)   where input ids go; the text config of a (multimodal) model
     decoder_layers(model) / num_layers(model) / component_module(model, layer, component)
     hook_sites(model)                      the module paths used, for file metadata
 
@@ -94,6 +95,21 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise HookError(f"cannot find the decoder layers of {type(model).__name__} (no ModuleList named layers/h)")
     model.__dict__["_trait_layers_path"] = best[0]
     return best
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the embedding's device (works with device_map='auto' splits)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return next(model.parameters()).device
+
+
+def text_config(model: nn.Module):
+    """The config that describes the language model (the text config of a multimodal one)."""
+    cfg = getattr(model, "config", None)
+    getter = getattr(cfg, "get_text_config", None)
+    return getter() if callable(getter) else cfg
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

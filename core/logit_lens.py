@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from core.hooks import ActivationCapture, HookError, HookManager, decoder_layers, run_forward
+from core.hooks import ActivationCapture, HookError, HookManager, decoder_layers, run_forward, text_config
 
 # The decoder's final norm, by the names HF architectures give it (Llama/Gemma/Qwen/Mistral, GPT-2, Phi/Falcon, ...).
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm", "norm_f")
@@ -52,12 +52,6 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _text_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    getter = getattr(cfg, "get_text_config", None)
-    return getter() if callable(getter) else cfg
-
-
 def _final_norm(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     """The norm that sits beside the decoder layer list (same parent), by its conventional names."""
     layers = decoder_layers(model)
@@ -80,7 +74,7 @@ def find_lens_head(model: nn.Module, verify: bool = True) -> LensHead:
     if lm_head is None or not hasattr(lm_head, "weight"):
         raise LensError(f"{type(model).__name__} has no output embedding (lm_head): the logit lens needs a causal LM")
     norm_path, norm = _final_norm(model)
-    cfg = _text_config(model)
+    cfg = text_config(model)
     scale = 1.0
     if getattr(cfg, "logit_scale", None):
         scale *= float(cfg.logit_scale)

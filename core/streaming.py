@@ -13,8 +13,8 @@ for the same ids. A token's residual exists only once the token has been fed bac
 yielded one forward after it was sampled, and the last token gets one extra forward.
 
 Everything happens on the device inside the forward: per layer, one matmul of the residual against the
-stacked unit vectors of every trait at that layer; only the small score tensor crosses to the CPU
-(one copy per forward). The KV cache is HF's own (`past_key_values` returned by the model).
+stacked unit vectors of every trait at that layer; the next token is picked on the device too, and the
+small score tensor crosses to the CPU together with it (one copy, one sync per forward). The KV cache is HF's own (`past_key_values` returned by the model).
 
 Steering specs (core.hooks.SteeringSpec) act as SteeringHook does under HF generate: `positions="all"`
 steers every forward, "prompt" only the prompt forward (every prompt token, so the prompt's scores and
@@ -36,8 +36,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from core.generation import SeededSampler, mix_seed
-from core.hooks import ActivationCapture, SteeringHook, SteeringSpec, num_layers
+from core.generation import SeededSampler, config_stop_ids, mix_seed
+from core.hooks import ActivationCapture, SteeringHook, SteeringSpec, input_device, num_layers
 from core.projection import unit_vectors
 
 __all__ = ["StreamError", "ScoreProjector", "stream_with_scores", "STOP_EOS", "STOP_LENGTH"]
@@ -102,13 +102,21 @@ class ScoreProjector:
 
     def scores(self) -> dict[str, dict[int, list[float]]]:
         """The last forward's scores per trait and layer, one float per position (one device-to-CPU copy)."""
+        flat = self.flat()
+        return self.unflatten(flat.cpu()) if flat is not None else {}
+
+    def flat(self) -> torch.Tensor | None:
+        """The last forward's scores as one device tensor [seq, sum K] (None without vectors)."""
         if not self.layers:
-            return {}
+            return None
         missing = [layer for layer in self.layers if layer not in self._scores]
         if missing:
             raise StreamError(f"the forward did not reach layer(s) {missing}")
         dev = self._scores[self.layers[0]].device
-        flat = torch.cat([self._scores[layer].to(dev) for layer in self.layers], dim=1).cpu()   # [seq, sum K]
+        return torch.cat([self._scores[layer].to(dev) for layer in self.layers], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, dict[int, list[float]]]:
+        """flat() rows, on the CPU, as {trait: {layer: [float per position]}}."""
         out: dict[str, dict[int, list[float]]] = {}
         col = 0
         for layer in self.layers:
@@ -153,12 +161,6 @@ def _returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def _default_stop_ids(model) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = eos if isinstance(eos, (list, tuple)) else [eos]
-    return [int(e) for e in eos if e is not None]
-
-
 def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
                        vectors: Mapping[str, Mapping[int, torch.Tensor]], max_new_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -179,14 +181,14 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     vocab = int(model.get_input_embeddings().weight.shape[0])
     prompt_ids = [int(i) for i in prompt_ids]
     _check(prompt_ids, max_new_tokens, temperature, top_p, vocab, steering)
-    stops = set(int(s) for s in (stop_ids if stop_ids is not None else _default_stop_ids(model)))
+    stops = set(int(s) for s in (stop_ids if stop_ids is not None else config_stop_ids(model)))
     projector = ScoreProjector(model, vectors, keep_activations=return_activations)
     # one hook object per spec; each forward enters the ones that act on its positions (see module docstring)
     prompt_hooks = [SteeringHook(model, s.vector, s.layer, s.coefficient, s.component, "all")
                     for s in steering if s.positions in ("all", "prompt")]
     response_hooks = [SteeringHook(model, s.vector, s.layer, s.coefficient, s.component, "all")
                       for s in steering if s.positions in ("all", "response")]
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     sampler = None
     if temperature > 0:
         row_seed = mix_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()), 0)
@@ -205,31 +207,44 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
                         logits_to_keep=1, **{cache_kw: past})
         return out.logits[0, -1].to(torch.float32), _returned_cache(out)
 
+    def pick(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """The next token, chosen on the device (greedy argmax, or the seeded sampler)."""
+        if sampler is None:
+            return torch.argmax(logits)
+        ids_t = torch.tensor([ids], dtype=torch.long, device=logits.device)
+        return torch.argmax(sampler(ids_t, logits[None]), dim=-1)[0]
+
+    def to_host(choice: torch.Tensor) -> tuple[dict, int]:
+        """This forward's scores and the next token id in ONE device-to-host copy (the id rides bit-cast as fp32)."""
+        flat = projector.flat()
+        if flat is None:
+            return {}, int(choice.item())
+        tail = choice.reshape(1).to(device=flat.device, dtype=torch.int32).view(torch.float32)
+        host = torch.cat([flat.reshape(-1).to(torch.float32), tail]).cpu()
+        return projector.unflatten(host[:-1].reshape(flat.shape)), int(host[-1:].view(torch.int32)[0])
+
     logits, past = forward(prompt_ids, None, prompt_hooks)
+    all_ids = list(prompt_ids)
+    scores, next_id = to_host(pick(logits, all_ids))
     msg = {"type": "prompt", "tokens": [decode(i) for i in prompt_ids], "token_ids": list(prompt_ids),
-           "scores": projector.scores()}
+           "scores": scores}
     if return_activations:
         msg["activations"] = projector.activations()
     yield msg
 
-    all_ids = list(prompt_ids)
     generated: list[int] = []
     stop_reason, stop_token_id = STOP_LENGTH, None
     for step in range(max_new_tokens):
-        if sampler is None:
-            next_id = int(torch.argmax(logits).item())
-        else:
-            ids_t = torch.tensor([all_ids], dtype=torch.long, device=logits.device)
-            next_id = int(torch.argmax(sampler(ids_t, logits[None]), dim=-1).item())
         if next_id in stops:
             stop_reason, stop_token_id = STOP_EOS, next_id
             break
-        generated.append(next_id)
-        all_ids.append(next_id)
+        token_id = next_id
+        generated.append(token_id)
+        all_ids.append(token_id)
         # feed the token back: this forward gives its own residual (its score) and the next token's logits
-        logits, past = forward([next_id], past, response_hooks)
-        scores = projector.scores()
-        msg = {"type": "token", "token": decode(next_id), "token_id": next_id, "step": step,
+        logits, past = forward([token_id], past, response_hooks)
+        scores, next_id = to_host(pick(logits, all_ids))
+        msg = {"type": "token", "token": decode(token_id), "token_id": token_id, "step": step,
                "scores": {t: {layer: s[0] for layer, s in per.items()} for t, per in scores.items()}}
         if return_activations:
             msg["activations"] = {layer: a[0] for layer, a in projector.activations().items()}

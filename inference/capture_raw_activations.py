@@ -248,7 +248,8 @@ def capture_raw_activations(experiment: str, prompt_set: str, model_variant: str
         summary["seconds"] = time.perf_counter() - t0
         return summary
 
-    lm = loaded or load_variant(experiment, plan.variant.name, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    lm = loaded or load_variant(experiment, plan.variant.name, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                                tokenizer=plan.tokenizer)  # the tokenizer plan_capture checked the ids with
     if plan.layers[-1] >= num_layers(lm.model):  # only when `loaded` is not the variant's model
         raise CaptureError(f"--layers: layer {plan.layers[-1]} is out of range for the loaded model "
                            f"({num_layers(lm.model)} layers)")

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from core.hooks import input_device  # noqa: F401  (re-exported: callers load and place inputs here)
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -49,14 +51,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def input_device(model) -> torch.device:
-    """Where input ids must go: the embedding's device (works with device_map='auto' splits)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return next(model.parameters()).device
-
-
 def load_tokenizer(model: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
@@ -84,7 +78,7 @@ def load_model_config(model: str, trust_remote_code: bool = False):
 def load_model(model: str, lora: str | None = None, dtype: str | torch.dtype | None = "auto",
                load_in_8bit: bool = False, load_in_4bit: bool = False, device_map: str | dict | None = "auto",
                merge_lora: bool = False, attn_implementation: str | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, tokenizer=None) -> LoadedModel:
     """Load model + tokenizer like a hub id: dtype, device_map, LoRA (peft) and 8/4-bit (bitsandbytes)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -119,7 +113,7 @@ def load_model(model: str, lora: str | None = None, dtype: str | torch.dtype | N
                 raise ModelLoadError("merging a LoRA into an 8/4-bit model is lossy: load without --merge-lora")
             hf_model = hf_model.merge_and_unload()
     hf_model.eval()
-    tok = load_tokenizer(model)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model)  # a caller may have it already
     info = {
         "model": model, "lora": lora, "lora_merged": bool(lora and merge_lora), "quantization": quantization,
         "dtype": str(torch_dtype).replace("torch.", ""), "device": str(input_device(hf_model)),
