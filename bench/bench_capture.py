@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import build_random_model, machine, table, timeit_interleaved, workload  # noqa: E402
+from bench.common import add_model_args, build_random_model, machine, model_dtype, table, timeit_interleaved, workload  # noqa: E402
 from core.capture import capture_sequences, plan_batch  # noqa: E402
 from inference.capture_raw_activations import build_record  # noqa: E402
 from utils.storage import BackgroundWriter  # noqa: E402
@@ -56,9 +56,7 @@ def padded(seqs: list[list[int]], idx: list[int], device) -> tuple[torch.Tensor,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-8x1024")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    add_model_args(p)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=256)
@@ -66,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None, help="also append the table to this markdown file")
     a = p.parse_args(argv)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")]
+    dtype = model_dtype(a)
     torch.set_grad_enabled(False)
 
     model = build_random_model(a.shape, a.device, dtype)

@@ -22,23 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import build_random_model, machine, timeit_interleaved, workload  # noqa: E402
+from bench.common import add_model_args, build_random_model, machine, model_dtype, timeit_interleaved, workload  # noqa: E402
 from core.generation import generate_batch, left_pad  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-8x1024")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None, help="also append the table to this markdown file")
     a = p.parse_args(argv)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
-        a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")]
+    dtype = model_dtype(a)
     torch.set_grad_enabled(False)
     model = build_random_model(a.shape, a.device, dtype)
     prompts = workload(a.batch, a.prompt_len // 2, a.prompt_len, model.config.vocab_size, seed=1)

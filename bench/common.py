@@ -7,6 +7,7 @@
     sync(device)                       wait for queued GPU work before reading the clock
     table(rows, floor)                 markdown table: median ms and ratio to the floor
     machine()                          one line describing where this ran
+    add_model_args(parser) / model_dtype(args)   the --shape/--device/--dtype flags every bench shares
 """
 from __future__ import annotations
 
@@ -56,6 +57,17 @@ def build_random_model(shape: str, device: str = "cpu", dtype: torch.dtype = tor
     model.eval()
     model.generation_config.pad_token_id = 0
     return model
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--shape", default="llama-8x1024", help=f"model shape: {', '.join(SHAPES)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
+
+
+def model_dtype(a) -> torch.dtype:
+    name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def workload(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
