@@ -8,9 +8,10 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: .venv/.installed
 
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch .venv/.installed
 
 test: venv

@@ -5,7 +5,6 @@
                                            tensors that own their storage, halve-and-retry on out-of-memory
     plan_batch(lengths, order, start, max_batch_tokens, cap) -> int   how many sequences the next batch takes
     default_max_batch_tokens(model, n_captured, max_len) -> int       from free memory on CUDA, CPU_BATCH_TOKENS on CPU
-    is_oom(exc) -> bool                    torch.cuda.OutOfMemoryError, or a RuntimeError saying "out of memory"
     BatchReport                            what on_batch receives after every forward attempt
     CaptureOOMError                        out of memory with a single sequence: carries the sequence's index
 
@@ -23,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from core.errors import is_oom
 from core.hooks import ActivationCapture, input_device, run_forward, text_config
 
 CPU_BATCH_TOKENS = 4096      # padded tokens per batch on CPU: large enough to amortise, small enough for RAM
@@ -46,12 +46,6 @@ class BatchReport:
     padded_tokens: int       # batch size x longest sequence
     ok: bool                 # False: out of memory, the batch will be retried halved
     seconds: float
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def default_max_batch_tokens(model: nn.Module, n_captured: int, max_len: int) -> int:

@@ -9,7 +9,6 @@
     auto_batch_size(model, seq_len)             a batch size that fits the free accelerator memory (8 on CPU)
     left_pad(prompt_ids, pad_id, device)        -> (input_ids, attention_mask)
     SeededSampler                               logits processor: temperature + top-p + a per-row seeded draw
-    is_oom(exc)                                 is this exception an accelerator out-of-memory?
 
 Greedy decoding is plain HF `generate` with left padding and an attention mask (HF derives the position
 ids from the mask), so batched output equals one-prompt-at-a-time output.
@@ -30,7 +29,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from core.capture import is_oom  # one definition of an accelerator out-of-memory
+from core.errors import is_oom
 from core.hooks import input_device, text_config
 
 STOP_EOS = "eos"

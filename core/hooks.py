@@ -25,12 +25,13 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
+from core.errors import TraitError
 
 COMPONENTS = ("residual", "attn_contribution", "mlp_contribution")
 Positions = Literal["all", "prompt", "response"]
 
 
-class HookError(ValueError):
+class HookError(TraitError):
     """An unsupported architecture or an invalid hook request; the message says which."""
 
 

@@ -13,11 +13,12 @@ No files and no model here; utils/ and inference/ call these.
 from __future__ import annotations
 
 import torch
+from core.errors import TraitError
 
 __all__ = ["ProjectionError", "unit_vectors", "project", "token_norms", "MassiveDimStats"]
 
 
-class ProjectionError(ValueError):
+class ProjectionError(TraitError):
     """Activations and vectors that cannot be projected (shape, zero vector); the message says which."""
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from core.generation import SeededSampler, config_stop_ids, mix_seed
 from core.hooks import ActivationCapture, SteeringHook, SteeringSpec, input_device, num_layers
 from core.projection import unit_vectors
+from core.errors import TraitError
 
 __all__ = ["StreamError", "ScoreProjector", "stream_with_scores", "STOP_EOS", "STOP_LENGTH"]
 
@@ -46,7 +47,7 @@ STOP_EOS = "eos"        # a stop id was sampled (it is not streamed as a token)
 STOP_LENGTH = "length"  # max_new_tokens reached
 
 
-class StreamError(ValueError):
+class StreamError(TraitError):
     """Arguments a stream cannot run with; the message says which."""
 
 

@@ -47,13 +47,14 @@ from utils.model import LoadedModel, load_model_config, load_variant, tokenize_p
 from utils.storage import StorageError, read_json, write_json, write_pt  # noqa: E402
 from utils.vectors import VectorError, check_trait_name, parse_position, sanitize_position  # noqa: E402
 from utils.cli import Parser as _Parser  # noqa: E402
+from core.errors import TraitError
 
 METHODS = ("mean_diff", "probe")
 DEFAULT_POSITION = "all[:]"
 COMPONENT = "residual"
 
 
-class ExtractError(ValueError):
+class ExtractError(TraitError):
     """Bad input for extraction; the message names the file or flag."""
 
 

@@ -38,9 +38,10 @@ from utils.model import (DTYPES, LoadedModel, decode_tokens, load_model_config, 
 from utils.responses import list_response_files, load_responses  # noqa: E402
 from utils.storage import BackgroundWriter  # noqa: E402
 from utils.cli import Parser as _Parser  # noqa: E402
+from core.errors import TraitError
 
 
-class CaptureError(ValueError):
+class CaptureError(TraitError):
     """A bad argument, or a capture that cannot go on (out of memory on one prompt); the message names it."""
 
 

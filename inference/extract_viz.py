@@ -35,11 +35,12 @@ from utils.layers import parse_layers  # noqa: E402
 from utils.model import LoadedModel, decode_tokens, input_device, load_variant  # noqa: E402
 from utils.responses import ResponseError, load_responses  # noqa: E402
 from utils.storage import write_json  # noqa: E402
+from core.errors import TraitError
 
 KINDS = ("attention", "logit_lens")
 
 
-class VizError(ValueError):
+class VizError(TraitError):
     """A flag or input that extract_viz cannot work with; the message names it."""
 
 

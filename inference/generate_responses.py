@@ -38,11 +38,12 @@ from utils.model import (LoadedModel, decode_tokens, format_prompt, load_tokeniz
 from utils.prompts import Prompt, PromptSet, load_prompt_set  # noqa: E402
 from utils.responses import build_response  # noqa: E402
 from utils.storage import StorageError, read_json, write_json  # noqa: E402
+from core.errors import TraitError
 
 SERVER_BATCH_SIZE = 32  # prompts per request (and per write) when talking to a server without --batch-size
 
 
-class GenerateError(ValueError):
+class GenerateError(TraitError):
     """Bad arguments or input files for generate_responses; the message names the flag or file."""
 
 

@@ -54,6 +54,7 @@ import modal  # noqa: E402
 
 from utils import paths  # noqa: E402  (no torch: importing this module stays light)
 from utils.cli import Parser as _Parser  # noqa: E402
+from core.errors import TraitError
 
 # ---------------------------------------------------------------------------------------------------
 # Deploy-time settings
@@ -82,7 +83,7 @@ GPU_BY_SIZE: tuple[tuple[float, str], ...] = (
 DEFAULT_GPU = "A10G"        # a model id without a size in its name
 
 
-class ChatError(ValueError):
+class ChatError(TraitError):
     """A request or a deploy setting the chat cannot serve; the message names the field or flag."""
 
 

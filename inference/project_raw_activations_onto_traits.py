@@ -43,13 +43,14 @@ from utils.layers import LayerSpecError, parse_projection_layers  # noqa: E402
 from utils.model import load_model_config  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json  # noqa: E402
 from utils.vectors import (SelectedVector, check_trait_name, discover_traits,  # noqa: E402
+from core.errors import TraitError
                            parse_position, select_vectors)
 
 SIDES = ("prompt", "response")
 CALIBRATION_TOP_K = 5
 
 
-class ProjectError(ValueError):
+class ProjectError(TraitError):
     """Bad input for the projection stage; the message names the file or flag."""
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from utils import paths
 from utils.storage import StorageError, read_json
+from core.errors import TraitError
 
 
-class ConfigError(ValueError):
+class ConfigError(TraitError):
     """A user-facing configuration error; the message says what exists."""
 
 

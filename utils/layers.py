@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
+from core.errors import TraitError
 
 __all__ = [
     "LayerSpecError",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(TraitError):
     """A `--layers` spec that is malformed, empty, or names a layer the model (or capture) lacks."""
 
 

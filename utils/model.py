@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from core.hooks import input_device  # noqa: F401  (re-exported: callers load and place inputs here)
+from core.errors import TraitError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(TraitError):
     """A model could not be loaded as asked; the message says why."""
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from utils import paths
 from utils.storage import StorageError, read_json
+from core.errors import TraitError
 
 
-class PromptSetError(ValueError):
+class PromptSetError(TraitError):
     """A prompt set is unknown or malformed; the message names the file (and item) and what to do."""
 
 

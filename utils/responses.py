@@ -14,9 +14,10 @@ from pathlib import Path
 
 from utils import paths
 from utils.storage import StorageError, read_json
+from core.errors import TraitError
 
 
-class ResponseError(ValueError):
+class ResponseError(TraitError):
     """A response folder or file is missing or malformed; the message names it."""
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from core.errors import TraitError
 
 
-class StorageError(ValueError):
+class StorageError(TraitError):
     """A file could not be read or parsed; the message names the file."""
 
 

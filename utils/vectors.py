@@ -36,6 +36,7 @@ import torch
 from utils import paths
 from utils.layers import LayerSpecError, ProjectionLayer, parse_projection_layers, resolve_projection_layers
 from utils.storage import StorageError, load_pt, read_json
+from core.errors import TraitError
 
 __all__ = [
     "METHOD_ORDER", "DEFAULT_POSITION", "MIN_COHERENCE", "MIN_NATURALNESS",
@@ -54,7 +55,7 @@ _LAYER_FILE = re.compile(r"^layer(\d+)\.pt$")
 _POSITION = re.compile(r"^(prompt|response|all)\[(-?\d+|-?\d*:-?\d*)\]$")
 
 
-class VectorError(ValueError):
+class VectorError(TraitError):
     """A vector, its metadata or its evidence is missing or malformed; the message names the file or flag."""
 
 

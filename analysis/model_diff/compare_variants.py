@@ -43,6 +43,7 @@ from utils.cli import Parser as _Parser  # noqa: E402
 from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json, write_pt  # noqa: E402
 from utils.vectors import (VectorError, best_vector, check_trait_name, discover_traits, file_sha256,  # noqa: E402
+from core.errors import TraitError
                            list_vectors, load_vector, parse_position, sanitize_position)
 
 DIFF_FILE = "diff_vectors.pt"
@@ -60,7 +61,7 @@ STATISTICS = {
 }
 
 
-class CompareError(ValueError):
+class CompareError(TraitError):
     """Bad input for compare_variants; the message names the file, prompt or flag."""
 
 

@@ -38,11 +38,12 @@ from utils import paths  # noqa: E402
 from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json  # noqa: E402
 from utils.cli import Parser as _Parser  # noqa: E402
+from core.errors import TraitError
 
 PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as the original)
 
 
-class PerTokenDiffError(ValueError):
+class PerTokenDiffError(TraitError):
     """Bad input for per_token_diff; the message names the file, prompt or flag."""
 
 
