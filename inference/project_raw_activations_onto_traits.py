@@ -34,6 +34,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from core.errors import TraitError  # noqa: E402
 from core.hooks import COMPONENTS  # noqa: E402
 from core.projection import MassiveDimStats, project, token_norms  # noqa: E402
 from utils import paths  # noqa: E402
@@ -43,7 +44,6 @@ from utils.layers import LayerSpecError, parse_projection_layers  # noqa: E402
 from utils.model import load_model_config  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json  # noqa: E402
 from utils.vectors import (SelectedVector, check_trait_name, discover_traits,  # noqa: E402
-from core.errors import TraitError
                            parse_position, select_vectors)
 
 SIDES = ("prompt", "response")

@@ -36,6 +36,7 @@ from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
+from core.errors import TraitError  # noqa: E402
 from core import stats  # noqa: E402
 from core.hooks import COMPONENTS  # noqa: E402
 from utils import paths  # noqa: E402
@@ -43,7 +44,6 @@ from utils.cli import Parser as _Parser  # noqa: E402
 from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
 from utils.storage import StorageError, load_pt, read_json, write_json, write_pt  # noqa: E402
 from utils.vectors import (VectorError, best_vector, check_trait_name, discover_traits, file_sha256,  # noqa: E402
-from core.errors import TraitError
                            list_vectors, load_vector, parse_position, sanitize_position)
 
 DIFF_FILE = "diff_vectors.pt"
