@@ -12,7 +12,12 @@
     select_vectors(exp, trait, extraction_variant, steering_variant, layers="best", available_layers=, ...,
                    multi_vector=None) -> [SelectedVector]          the vectors a projection uses, one per layer
     SelectedVector   trait, layer, method, component, position, path, sha256, baseline, selection_source, vector, ...
-    VectorError / NoEvidenceError                                   ValueErrors whose message names the file or flag
+    resolve_vector_source(experiment, vectors_experiment=None, extraction_variant=None, steering_variant=None,
+                          traits=None, require_traits=True) -> VectorSource
+                                                 the experiment, variants and traits a run's vectors come from
+    VectorSource     experiment, vectors_experiment, extraction_variant, steering_variant, traits, discovered;
+                     .rank(trait, ...) / .best(trait, ...) / .select(trait, ...) / .describe()
+    VectorError / NoEvidenceError / VectorConfigError               TraitErrors whose message names the file or flag
 
 Selection (the original's rule with its bugs fixed): candidates are the vector files filtered by
 component / position / method / layer. Evidence is the steering results of ONE steering variant
@@ -29,11 +34,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from utils import paths
+from utils.config import ConfigError, load_config, resolve_variant
 from utils.layers import LayerSpecError, ProjectionLayer, parse_projection_layers, resolve_projection_layers
 from utils.storage import StorageError, load_pt, read_json
 from core.errors import TraitError
@@ -44,6 +51,7 @@ __all__ = [
     "SelectedVector", "sanitize_position", "desanitize_position", "parse_position", "discover_traits",
     "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
     "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
+    "VectorSource", "VectorConfigError", "resolve_vector_source", "split_traits",
 ]
 
 METHOD_ORDER = ("probe", "mean_diff", "gradient")
@@ -61,6 +69,10 @@ class VectorError(TraitError):
 
 class NoEvidenceError(VectorError):
     """Neither steering results nor held-out extraction metrics exist to pick a best vector."""
+
+
+class VectorConfigError(VectorError, ConfigError):
+    """A flag names a model variant the vectors' experiment does not have (both a VectorError and a ConfigError)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,6 +208,110 @@ def list_vectors(exp: str, trait: str, variant: str, component: str | None = Non
                         refs.append(VectorRef(trait, int(m.group(1)), meth, comp, pos_dir, f))
     refs.sort(key=lambda r: (_position_rank(r.position), _method_rank(r.method), r.component, r.layer))
     return refs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the vectors come from (one rule for the projection, the model diff and the chat)
+
+@dataclass(frozen=True)
+class VectorSource:
+    """The experiment, variants and traits every vector of a run comes from.
+
+    `vectors_experiment` holds extraction/ (the vector files) and steering/ (the evidence); it is
+    `experiment` unless another experiment's vectors were asked for. `discovered` is True when the
+    traits were found on disk rather than named by the caller.
+    """
+
+    experiment: str
+    vectors_experiment: str
+    extraction_variant: str
+    steering_variant: str
+    traits: tuple[str, ...]
+    discovered: bool
+
+    def describe(self) -> dict:
+        """JSON-ready: where the vectors and the evidence were read from."""
+        return {"vectors_experiment": self.vectors_experiment, "extraction_variant": self.extraction_variant,
+                "steering_variant": self.steering_variant}
+
+    def rank(self, trait: str, **kwargs) -> list[RankedVector]:
+        return rank_vectors(self.vectors_experiment, trait, self.extraction_variant, self.steering_variant, **kwargs)
+
+    def best(self, trait: str, **kwargs) -> SelectedVector:
+        return best_vector(self.vectors_experiment, trait, self.extraction_variant, self.steering_variant, **kwargs)
+
+    def select(self, trait: str, **kwargs) -> list[SelectedVector]:
+        return select_vectors(self.vectors_experiment, trait, self.extraction_variant, self.steering_variant,
+                              **kwargs)
+
+
+def split_traits(traits: str | Sequence[str] | None) -> list[str] | None:
+    """`--traits a/b,c/d` (or a list) -> unique checked names in the given order; None stays None."""
+    if traits is None:
+        return None
+    items = [t.strip() for t in traits.split(",")] if isinstance(traits, str) else [str(t).strip() for t in traits]
+    if not items or any(not t for t in items):
+        raise VectorError(f"--traits {traits!r}: empty item (expected category/name,category/name)")
+    return list(dict.fromkeys(check_trait_name(t) for t in items))
+
+
+def _variants_with_vectors(exp: str, trait: str | None = None) -> list[str]:
+    """Extraction variants that hold at least one vector file (of `trait`, or of any trait)."""
+    root = paths.extraction_dir(exp)
+    trait_dirs = [root / trait] if trait else [t for c in root.glob("*") if c.is_dir() for t in c.glob("*")]
+    return sorted({v.name for t in trait_dirs if t.is_dir() for v in t.iterdir() if _has_vector_file(v / "vectors")})
+
+
+def _missing_traits_error(exp: str, variant: str, missing: list[str], known: list[str]) -> VectorError:
+    elsewhere = [t for t in missing if _variants_with_vectors(exp, t)]
+    if elsewhere:
+        t = elsewhere[0]
+        return VectorError(f"trait {t!r} has no vectors for extraction variant {variant!r} of {exp!r} "
+                           f"(variants with vectors: {', '.join(_variants_with_vectors(exp, t))}; pass "
+                           f"--extraction-variant)")
+    names = ", ".join(repr(t) for t in missing)
+    return VectorError(f"unknown trait{'s' if len(missing) > 1 else ''} {names}: no vectors under "
+                       f"{paths.extraction_dir(exp)} (traits with vectors for extraction variant {variant!r} of "
+                       f"{exp!r}: {', '.join(known) or 'none'})")
+
+
+def resolve_vector_source(experiment: str, vectors_experiment: str | None = None,
+                          extraction_variant: str | None = None, steering_variant: str | None = None,
+                          traits: str | Sequence[str] | None = None, *, require_traits: bool = True) -> VectorSource:
+    """Which experiment, extraction variant, steering variant and traits the vectors come from.
+
+    Defaults: the vectors live in `experiment`; the extraction variant is the vectors experiment's
+    `defaults.extraction`, the steering variant (whose results.jsonl rank the vectors) its
+    `defaults.application` (each else its first model variant), so every variant projected or
+    compared is scored with the same vectors. `traits` (a comma list or a sequence) must all have
+    vectors for the extraction variant; None means every trait that has some (an error when there
+    are none, unless `require_traits=False`).
+
+    Raises VectorError (a TraitError): VectorConfigError for a steering variant the experiment does
+    not have; an unknown experiment stays the ConfigError utils.config raises.
+    """
+    vec_exp = vectors_experiment or experiment
+    cfg = load_config(vec_exp)
+    variants = cfg["model_variants"]
+    ext_variant = extraction_variant or resolve_variant(vec_exp, None, "extraction").name
+    if steering_variant is not None and steering_variant not in variants:
+        raise VectorConfigError(f"--steering-variant {steering_variant!r}: not a model variant of experiment "
+                                f"{vec_exp!r} (variants: {', '.join(variants)})")
+    steer_variant = steering_variant or resolve_variant(vec_exp, None, "application").name
+    known = discover_traits(vec_exp, ext_variant)
+    wanted = split_traits(traits)
+    if wanted is None:
+        if not known and require_traits:
+            others = _variants_with_vectors(vec_exp)
+            raise VectorError(
+                f"no trait vectors for extraction variant {ext_variant!r} in {paths.extraction_dir(vec_exp)}"
+                + (f" (extraction variants with vectors: {', '.join(others)}; pass --extraction-variant)" if others
+                   else f"; create some with: python extraction/extract_vectors.py --experiment {vec_exp}"))
+        return VectorSource(experiment, vec_exp, ext_variant, steer_variant, tuple(known), True)
+    missing = [t for t in wanted if t not in known]
+    if missing:
+        raise _missing_traits_error(vec_exp, ext_variant, missing, known)
+    return VectorSource(experiment, vec_exp, ext_variant, steer_variant, tuple(wanted), False)
 
 
 def file_sha256(path: str | Path) -> str:
