@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-import torch
+import sys
 
 
 class TraitError(ValueError):
@@ -15,6 +15,7 @@ class TraitError(ValueError):
 
 
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    torch = sys.modules.get("torch")   # not imported here: the Modal app and the CLIs import this module without torch
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
