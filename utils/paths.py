@@ -8,6 +8,7 @@
     set_dir(prompt_set, suffix)                 "{prompt_set}" or "{prompt_set}_{suffix}" (nested sets allowed)
     responses_dir / response_file               inference/{variant}/responses/{set}/{id}.json
     raw_dir / raw_file                          inference/{variant}/raw/residual/{set}/{id}.pt
+    means_dir / means_file                      inference/{variant}/raw/means/{set}/{id}.pt (model-diff means)
     projection_dir / projection_file            inference/{variant}/projections/{category}/{trait}/{set}/{id}.json
     calibration_file(exp, variant=None)         inference/{variant}/massive_activations/calibration.json (None: shared)
     vectors_dir / vector_file / vector_metadata extraction/{trait}/{variant}/vectors/{pos_dir}/{component}/{method}/...
@@ -133,3 +134,12 @@ def natural_key(stem: str) -> tuple:
     import re
 
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", stem) if p)
+
+
+def means_dir(exp: str, variant: str, prompt_set: str, suffix: str | None = None) -> Path:
+    """inference/{variant}/raw/means/{set}/: per-prompt mean activations for the model diff (utils/means.py)."""
+    return inference_dir(exp, variant) / "raw" / "means" / set_dir(prompt_set, suffix)
+
+
+def means_file(exp: str, variant: str, prompt_set: str, prompt_id: str | int, suffix: str | None = None) -> Path:
+    return means_dir(exp, variant, prompt_set, suffix) / f"{prompt_id}.pt"
