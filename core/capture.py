@@ -3,6 +3,10 @@
     capture_sequences(model, sequences, layers, components, pad_id, ...) -> Iterator[(index, {layer: {component: Tensor[n, H]}})]
                                            length-sorted batches, right padding, one GPU->CPU copy per batch,
                                            tensors that own their storage, halve-and-retry on out-of-memory
+    run_batches(lengths, forward, max_batch_tokens, ...) -> Iterator[(indices, result)]
+                                           the batching loop alone, for any per-batch forward (capture, fused scoring)
+    pad_batch(seqs, pad_id) -> PaddedBatch right-padded ids and mask, and the flat positions of the real tokens
+    to_host(tensor, staging) -> Tensor     one device-to-host copy, through a pinned buffer reused across batches
     plan_batch(lengths, order, start, max_batch_tokens, cap) -> int   how many sequences the next batch takes
     default_max_batch_tokens(model, n_captured, max_len) -> int       from free memory on CUDA, CPU_BATCH_TOKENS on CPU
     BatchReport                            what on_batch receives after every forward attempt
@@ -17,7 +21,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -28,6 +32,8 @@ from core.hooks import ActivationCapture, input_device, run_forward, text_config
 CPU_BATCH_TOKENS = 4096      # padded tokens per batch on CPU: large enough to amortise, small enough for RAM
 GROW_AFTER = 4               # successful batches after an OOM before the batch cap doubles again
 _CUDA_BUDGET_RANGE = (256, 1 << 18)
+
+T = TypeVar("T")
 
 
 class CaptureOOMError(RuntimeError):
@@ -81,23 +87,98 @@ def plan_batch(lengths: Sequence[int], order: Sequence[int], start: int, max_bat
     return max(1, min(take, len(order) - start))
 
 
-def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], components: list[str],
-                   pad_id: int, out_dtype: torch.dtype | None, staging: dict | None = None) -> torch.Tensor:
-    """One right-padded forward; returns a CPU tensor [layers x components, real tokens, H], copied from the device once.
+def run_batches(lengths: Sequence[int], forward: Callable[[list[int]], T], max_batch_tokens: int,
+                batch_size: int | None = None, on_batch: Callable[[BatchReport], None] | None = None,
+                ) -> Iterator[tuple[list[int], T]]:
+    """The batching loop: yields (indices of the batch's sequences, forward(indices)) after each successful forward.
 
-    Only real tokens are kept (sequence b's tokens are rows offset_b .. offset_b + len_b, in batch order), so
-    padding never crosses to the CPU. On CUDA the copy lands in a pinned buffer kept in `staging` and reused
-    across batches: pageable device-to-host copies are several times slower. The returned tensor may be that
-    reused buffer: callers copy out what they keep before the next batch.
+        for idx, out in run_batches([len(s) for s in seqs], lambda idx: my_forward([seqs[i] for i in idx]), 4096):
+            ...                           # idx is longest first; out is whatever my_forward returned
+
+    Sequences go longest first, under `max_batch_tokens` padded tokens and at most `batch_size` per batch.
+    On out-of-memory (core.errors.is_oom) the batch is halved and retried from the same sequence; after
+    GROW_AFTER successes the cap doubles again (never above `batch_size`). One sequence that does not fit
+    raises CaptureOOMError; any other error propagates. `on_batch` sees every attempt, failed ones included.
     """
-    device = input_device(model)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    cap, streak, start = batch_size, 0, 0
+    while start < len(order):
+        take = plan_batch(lengths, order, start, max_batch_tokens, cap)
+        idx = order[start:start + take]
+        t0 = time.perf_counter()
+        oom = False
+        try:
+            result = forward(idx)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            oom = True  # leave the except block first: the traceback holds the batch's device tensors
+        report = BatchReport(idx, sum(lengths[i] for i in idx), take * lengths[idx[0]], not oom,
+                             time.perf_counter() - t0)
+        if on_batch is not None:
+            on_batch(report)
+        if oom:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if take == 1:
+                raise CaptureOOMError(idx[0], lengths[idx[0]])
+            cap, streak = take // 2, 0
+            continue
+        yield idx, result
+        del result
+        start += take
+        if cap is not None and (batch_size is None or cap < batch_size):
+            streak += 1
+            if streak >= GROW_AFTER:
+                cap, streak = cap * 2 if batch_size is None else min(batch_size, cap * 2), 0
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    ids: torch.Tensor        # [B, S] long, right-padded with pad_id (CPU)
+    mask: torch.Tensor       # [B, S] long attention mask, 1 on real tokens
+    real: torch.Tensor       # [n real tokens] flat positions b * S + t of the real tokens, sequence by sequence
+    seq_len: int             # S
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> PaddedBatch:
+    """Right-pad a batch; `real` lists sequence b's tokens at rows offset_b .. offset_b + len_b, in batch order."""
     B, S = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[b, :len(s)] = 1
-    real = torch.cat([torch.arange(len(s)) + b * S for b, s in enumerate(seqs)])  # flat [B*S] positions kept
+    real = torch.cat([torch.arange(len(s)) + b * S for b, s in enumerate(seqs)])
+    return PaddedBatch(ids, mask, real, S)
+
+
+def to_host(out: torch.Tensor, staging: dict | None = None) -> torch.Tensor:
+    """`out` on the CPU in one copy. From CUDA the copy lands in a pinned buffer kept in `staging` and reused
+    across batches (pageable device-to-host copies are several times slower): the result may be that reused
+    buffer, so callers copy out what they keep before the next batch.
+    """
+    if out.device.type != "cuda":
+        return out if out.device.type == "cpu" else out.to("cpu")
+    staging = staging if staging is not None else {}
+    pinned = staging.get("pinned")
+    if pinned is None or pinned.dtype != out.dtype or pinned.numel() < out.numel():
+        staging["pinned"] = pinned = torch.empty(out.numel(), dtype=out.dtype, pin_memory=True)
+    host = pinned[:out.numel()].view(out.shape)
+    host.copy_(out)
+    return host
+
+
+def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], components: list[str],
+                   pad_id: int, out_dtype: torch.dtype | None, staging: dict | None = None) -> torch.Tensor:
+    """One right-padded forward; returns a CPU tensor [layers x components, real tokens, H], copied from the device once.
+
+    Only real tokens are kept (pad_batch's order), so padding never crosses to the CPU; see to_host for the copy.
+    """
+    device = input_device(model)
+    batch = pad_batch(seqs, pad_id)
+    B, S, real = len(seqs), batch.seq_len, batch.real
     real_on: dict[torch.device, torch.Tensor] = {}
     slots = {(layer, comp): k for k, (layer, comp) in enumerate((l, c) for l in layers for c in components)}
     buf: list[torch.Tensor] = []
@@ -115,20 +196,11 @@ def _forward_batch(model: nn.Module, seqs: list[list[int]], layers: list[int], c
         return None
 
     with ActivationCapture(model, layers, components, stop_after_last=True, on_capture=keep):
-        run_forward(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        run_forward(model, input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)
     if len(filled) != len(slots):
         missing = sorted(set(slots) - filled)
         raise RuntimeError(f"capture hooks did not run during the forward for {missing[:3]}")
-    out = buf[0]
-    if out.device.type != "cuda":
-        return out if out.device.type == "cpu" else out.to("cpu")
-    staging = staging if staging is not None else {}
-    pinned = staging.get("pinned")
-    if pinned is None or pinned.dtype != out.dtype or pinned.numel() < out.numel():
-        staging["pinned"] = pinned = torch.empty(out.numel(), dtype=out.dtype, pin_memory=True)
-    host = pinned[:out.numel()].view(out.shape)
-    host.copy_(out)
-    return host
+    return to_host(buf[0], staging)
 
 
 def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list[int], components: list[str],
@@ -141,10 +213,9 @@ def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list
         for i, acts in capture_sequences(model, [[1, 5, 9], [1, 7]], layers=[0, 3], components=["residual"], pad_id=0):
             acts[3]["residual"]          # Tensor[len(sequences[i]), hidden], on the CPU, owning its storage
 
-    Sequences are batched longest first under `max_batch_tokens` padded tokens (default:
-    default_max_batch_tokens) and at most `batch_size` sequences. A batch's sequences are yielded as soon as
-    its forward is done (so a caller can write them before the next batch runs). On out-of-memory the batch
-    is halved and retried from the same sequence; after GROW_AFTER successes the cap doubles again.
+    Sequences are batched by run_batches (longest first, under `max_batch_tokens` padded tokens, default
+    default_max_batch_tokens, at most `batch_size` sequences, halve-and-retry on out-of-memory). A batch's
+    sequences are yielded as soon as its forward is done (so a caller can write them before the next batch runs).
     `out_dtype` casts on the device before the copy (default: the model's activation dtype).
     """
     if not sequences:
@@ -154,33 +225,13 @@ def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list
     layers = sorted(set(int(l) for l in layers))
     components = list(dict.fromkeys(components))
     lengths = [len(s) for s in sequences]
-    order = sorted(range(len(sequences)), key=lambda i: (-lengths[i], i))
-    budget = max_batch_tokens or default_max_batch_tokens(model, len(layers) * len(components), lengths[order[0]])
-    cap, streak, start = batch_size, 0, 0
+    budget = max_batch_tokens or default_max_batch_tokens(model, len(layers) * len(components), max(lengths))
     staging: dict = {}  # the pinned host buffer, reused by every batch of this call
-    while start < len(order):
-        take = plan_batch(lengths, order, start, budget, cap)
-        idx = order[start:start + take]
-        t0 = time.perf_counter()
-        oom = False
-        try:
-            cpu = _forward_batch(model, [sequences[i] for i in idx], layers, components, pad_id, out_dtype, staging)
-        except RuntimeError as e:
-            if not is_oom(e):
-                raise
-            oom = True  # leave the except block first: the traceback holds the batch's device tensors
-        report = BatchReport(idx, sum(lengths[i] for i in idx), take * lengths[idx[0]], not oom,
-                             time.perf_counter() - t0)
-        if on_batch is not None:
-            on_batch(report)
-        if oom:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if take == 1:
-                raise CaptureOOMError(idx[0], lengths[idx[0]])
-            cap, streak = take // 2, 0
-            continue
+
+    def forward(idx: list[int]) -> torch.Tensor:
+        return _forward_batch(model, [sequences[i] for i in idx], layers, components, pad_id, out_dtype, staging)
+
+    for idx, cpu in run_batches(lengths, forward, budget, batch_size, on_batch):
         offset = 0
         for i in idx:
             n = lengths[i]
@@ -192,8 +243,3 @@ def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list
             offset += n
             yield i, acts
         del cpu
-        start += take
-        if cap is not None and (batch_size is None or cap < batch_size):
-            streak += 1
-            if streak >= GROW_AFTER:
-                cap, streak = cap * 2 if batch_size is None else min(batch_size, cap * 2), 0
