@@ -1,5 +1,6 @@
-"""inference/modal_inference.py: the Modal app's declarations (no network), its class run through Modal's
-`.local()` (enter once, then the methods), the SSE web app, and the `--local --json` CLI.
+"""inference/modal_inference.py (the Modal app), modal_common.py (GPU table, settings, image), chat_session.py and
+chat_web.py: the app's declarations (no network), its class run through Modal's `.local()` (enter once, then the
+methods), the SSE web app, and the `--local --json` CLI.
 
 Score oracles are HF's `output_hidden_states` projected on the unit vectors; generated ids are checked
 against HF greedy `generate`.
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import inference.chat_session as cs
+import inference.modal_common as mc
 import inference.modal_inference as mi
 from tests.test_streaming import TRAITS, write_vectors
 from utils import paths
@@ -82,24 +85,119 @@ def test_app_imports_and_declares_without_network():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"app": "trait-capture", "cls": "Cls", "gpu": mi.DEFAULT_GPU, "enter": ["load"],
+    assert got == {"app": "trait-capture", "cls": "Cls", "gpu": mc.DEFAULT_GPU, "enter": ["load"],
                    "methods": ["capture_activations_stream", "warmup"], "web": ["web"], "web_is_endpoint": True,
                    "stream_is_generator": True, "entrypoint": "LocalEntrypoint", "torch_imported": False}
 
 
 def test_gpu_table(monkeypatch):
     monkeypatch.delenv("TRAIT_GPU", raising=False)
-    assert mi.gpu_for_model("google/gemma-2-2b-it") == "A10G"
-    assert mi.gpu_for_model("google/gemma-2-9b-it") == "A100-40GB"
-    assert mi.gpu_for_model("meta-llama/Llama-3.1-8B-Instruct") == "A100-40GB"
-    assert mi.gpu_for_model("google/gemma-2-27b-it") == "A100-80GB"
-    assert mi.gpu_for_model("meta-llama/Llama-3.3-70B-Instruct") == "H100:2"
-    assert mi.gpu_for_model("meta-llama/Llama-3.3-70B-Instruct", "4bit") == "A100-80GB"
-    assert mi.model_size_billions("mistralai/Mixtral-8x7B-Instruct-v0.1") == 56.0
-    assert mi.model_size_billions("Qwen/Qwen3-1.7B") == 1.7
-    assert mi.gpu_for_model("models/base") == mi.DEFAULT_GPU and mi.gpu_for_model(None) == mi.DEFAULT_GPU
+    assert mc.gpu_for_model("google/gemma-2-2b-it") == "A10G"
+    assert mc.gpu_for_model("google/gemma-2-9b-it") == "A100-40GB"
+    assert mc.gpu_for_model("meta-llama/Llama-3.1-8B-Instruct") == "A100-40GB"
+    assert mc.gpu_for_model("google/gemma-2-27b-it") == "A100-80GB"
+    assert mc.gpu_for_model("meta-llama/Llama-3.3-70B-Instruct") == "H100:2"
+    assert mc.gpu_for_model("meta-llama/Llama-3.3-70B-Instruct", "4bit") == "A100-80GB"
+    assert mc.model_size_billions("mistralai/Mixtral-8x7B-Instruct-v0.1") == 56.0
+    assert mc.model_size_billions("Qwen/Qwen3-1.7B") == 1.7
+    assert mc.gpu_for_model("models/base") == mc.DEFAULT_GPU and mc.gpu_for_model(None) == mc.DEFAULT_GPU
     monkeypatch.setenv("TRAIT_GPU", "L40S")
-    assert mi.gpu_for_model("meta-llama/Llama-3.3-70B-Instruct") == "L40S"
+    assert mc.gpu_for_model("meta-llama/Llama-3.3-70B-Instruct") == "L40S"
+
+
+def test_settings_are_checked_when_the_app_is_built_not_at_import(monkeypatch):
+    """Malformed TRAIT_* values: a plain import works (CLIs, tests, other stages); the modal CLI refuses them."""
+    bad = dict(os.environ, PYTHONPATH=str(REPO), TRAIT_SCALEDOWN_WINDOW="5min", TRAIT_WEB_AUTH="public",
+               TRAIT_QUANTIZATION="3bit", HF_HUB_OFFLINE="1")
+    plain = subprocess.run([sys.executable, "-c", "import inference.modal_inference as mi; "
+                            "print(mi.SETTINGS.scaledown_seconds, mi.SETTINGS.web_auth)"],
+                           cwd=REPO, env=bad, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split() == ["300", "public"]     # the default window until check() names the variable
+    built = subprocess.run([sys.executable, "-c", "import modal.cli.entry_point; import inference.modal_inference"],
+                           cwd=REPO, env=bad, capture_output=True, text=True, timeout=120)
+    assert built.returncode != 0 and "SettingsError: $TRAIT_SCALEDOWN_WINDOW" in built.stderr
+
+    ok = mc.ModalSettings.from_env({})
+    assert ok == mc.ModalSettings() and ok.check() is ok and ok.scaledown_seconds == 300
+    for var, value in (("TRAIT_SCALEDOWN_WINDOW", "-1"), ("TRAIT_WEB_AUTH", "public"), ("TRAIT_QUANTIZATION", "3bit")):
+        with pytest.raises(mc.SettingsError, match=r"\$" + var):
+            mc.ModalSettings.from_env({var: value}).check()
+    custom = mc.ModalSettings.from_env({"TRAIT_EXPERIMENT": "e", "TRAIT_MODEL_VARIANT": "v", "TRAIT_QUANTIZATION": "4bit",
+                                        "TRAIT_SCALEDOWN_WINDOW": "60", "TRAIT_WEB_AUTH": "none"})
+    assert mc.ModalSettings.from_env(custom.image_env("L4")) == mc.ModalSettings("e", "v", "4bit", "L4", "60", "none")
+    assert custom.check().scaledown_seconds == 60
+
+    # a container (or a --local run) starting with a malformed setting stops before loading anything
+    monkeypatch.setattr(mi, "SETTINGS", mc.ModalSettings(quantization="3bit"))
+    n0 = len(cs.LOADS)
+    with pytest.raises(mc.SettingsError, match="TRAIT_QUANTIZATION"):
+        mi.TraitChat(experiment="nowhere").warmup.local()
+    assert len(cs.LOADS) == n0
+
+
+def test_session_and_web_modules_import_without_modal():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["modal"] = None          # any `import modal` now fails
+        import inference.chat_session, inference.chat_web, inference.modal_common
+        print("torch" in sys.modules, "fastapi" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+class FakeSession:
+    """A ChatSession-like object: what create_web_app needs, with scripted streams."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def info(self) -> dict:
+        return {"status": "ready", "variant": "fake"}
+
+    def stream(self, **kwargs):
+        self.calls.append(kwargs)
+        if kwargs.get("prompt") == "bad":
+            raise cs.ChatError("prompt: bad")
+        if kwargs.get("prompt") == "bug":
+            raise RuntimeError("a bug, not bad input")
+        yield {"type": "prompt", "token_ids": [1, 2], "scores": {"a/b": {"3": [0.5, None]}}}
+        yield {"type": "token", "token": " x", "token_id": 7, "step": 0, "scores": {"a/b": {"3": -1.25}}}
+        if kwargs.get("prompt") == "dies":
+            raise RuntimeError("the GPU fell over")
+        yield {"type": "done", "stop_reason": "length", "n_tokens": 1}
+
+
+def sse_events(resp) -> list[dict]:
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in resp.text.split("\n\n") if b.strip()]
+    assert all(b.startswith("data: ") and "\n" not in b for b in blocks)
+    return [json.loads(b[len("data: "):]) for b in blocks]
+
+
+def test_web_app_from_any_session_object():
+    from fastapi.testclient import TestClient
+
+    from inference.chat_web import create_web_app
+
+    session = FakeSession()
+    client = TestClient(create_web_app(session), raise_server_exceptions=False)
+    assert client.get("/info").json() == {"status": "ready", "variant": "fake"}
+    got = sse_events(client.get("/stream", params={"prompt": "hi", "traits": "a/b", "max_new_tokens": 3}))
+    assert got == list(FakeSession().stream(prompt="hi"))
+    assert session.calls[-1] == {"prompt": "hi", "traits": "a/b", "layers": None, "max_new_tokens": 3,
+                                 "temperature": 0.0, "top_p": 1.0, "seed": None, "system_prompt": None}
+    assert sse_events(client.post("/stream", json={"prompt": "hi", "steering": []})) == got
+    assert session.calls[-1] == {"prompt": "hi", "steering": []}
+    resp = client.post("/stream", json={"prompt": "bad"})
+    assert resp.status_code == 400 and resp.json()["detail"] == "prompt: bad"
+    assert client.post("/stream", json=["prompt"]).status_code == 400
+    assert client.get("/stream", params={"prompt": "bug"}).status_code == 500     # a bug is not a 400
+    died = sse_events(client.get("/stream", params={"prompt": "dies"}))
+    assert [m["type"] for m in died] == ["prompt", "token", "error"] and "GPU fell over" in died[-1]["message"]
 
 
 def test_image_adds_code_vectors_evidence_and_local_models(experiments, tmp_path):
@@ -114,10 +212,11 @@ def test_image_adds_code_vectors_evidence_and_local_models(experiments, tmp_path
     (results.parent / "responses.json").write_text("[]")
     (exp / "models/base").mkdir(parents=True)
     (exp / "inference").mkdir()
-    mounts = {remote: (local, ignore) for local, remote, ignore in mi.image_mounts("dep", "base")}
-    assert set(mounts) == {"/root/core", "/root/utils", "/root/experiments/dep/extraction",
-                           "/root/experiments/dep/steering", "/root/experiments/dep/models/base"}
-    assert mounts["/root/core"][0] == REPO / "core"
+    mounts = {remote: (local, ignore) for local, remote, ignore in mc.image_mounts("dep", "base")}
+    assets = {"/root/analysis/assets"} if (REPO / "analysis/assets").is_dir() else set()
+    assert set(mounts) == {"/root/core", "/root/utils", "/root/inference", "/root/experiments/dep/extraction",
+                           "/root/experiments/dep/steering", "/root/experiments/dep/models/base"} | assets
+    assert mounts["/root/core"][0] == REPO / "core" and mounts["/root/inference"][0] == REPO / "inference"
 
     def kept(remote: str) -> set[str]:
         local, ignore = mounts[remote]
@@ -127,15 +226,15 @@ def test_image_adds_code_vectors_evidence_and_local_models(experiments, tmp_path
     assert ext and all("/vectors/" in p and p.endswith((".pt", ".json")) for p in ext)
     assert len([p for p in ext if p.endswith(".pt")]) == 6
     assert kept("/root/experiments/dep/steering") == {str(results.relative_to(paths.experiment_dir("dep") / "steering"))}
-    assert not any(r.endswith("inference") for r in mounts)            # outputs never go into the image
-    assert "/root/experiments/dep/models/base" not in {r for _, r, _ in mi.image_mounts("dep", "hub")}
+    assert not any(r.startswith("/root/experiments/dep/inference") for r in mounts)   # outputs never go into the image
+    assert "/root/experiments/dep/models/base" not in {r for _, r, _ in mc.image_mounts("dep", "hub")}
 
 
 # ---------------------------------------------------------------------------------------------------
 # The class through Modal's .local(): enter once, then the methods
 
 def test_class_local_streams_best_vectors_and_never_reloads(chat_exp):
-    n0 = len(mi.LOADS)
+    n0 = len(cs.LOADS)
     chat = mi.TraitChat(experiment="live", model_variant="lora")
     info = chat.warmup.local()
     assert info["status"] == "ready" and info["variant"] == "lora" and info["lora"]
@@ -143,7 +242,7 @@ def test_class_local_streams_best_vectors_and_never_reloads(chat_exp):
     assert all(v["selection_source"] == "extraction" and len(v["sha256"]) == 64 for v in info["traits"].values())
     msgs = list(chat.capture_activations_stream.local(prompt="hello world", max_new_tokens=6))
     again = list(chat.capture_activations_stream.local(prompt="hello world", max_new_tokens=6))
-    assert chat.warmup.local()["loads_in_process"] == len(mi.LOADS) == n0 + 1    # a warm container never reloads
+    assert chat.warmup.local()["loads_in_process"] == len(cs.LOADS) == n0 + 1    # a warm container never reloads
 
     prompt, tokens, done = msgs[0], msgs[1:-1], msgs[-1]
     assert [m["token_id"] for m in again[1:-1]] == [m["token_id"] for m in tokens]
@@ -169,7 +268,7 @@ def test_class_local_streams_best_vectors_and_never_reloads(chat_exp):
 
     other = mi.TraitChat(experiment="live", model_variant="base")     # another container: its own load
     other.warmup.local()
-    assert len(mi.LOADS) == n0 + 2
+    assert len(cs.LOADS) == n0 + 2
 
 
 def test_class_local_traits_layers_messages_steering(chat_exp):

@@ -1,0 +1,330 @@
+"""The live chat in plain Python: a loaded model variant and its best trait vectors, streaming chat turns.
+
+    s = ChatSession("demo", "lora")                   # the variant (with its LoRA) and the vectors, loaded once
+    for msg in s.stream(prompt="Hello", traits=["behavioral/refusal"], max_new_tokens=32):
+        print(format_message(msg))
+
+    ChatSession(experiment, model_variant, quantization)
+        .info() -> dict                    ready + what is loaded (model, variant, traits, loads in this process)
+        .plan(**request) -> ChatPlan       every request field checked, vectors chosen, prompt tokenized
+        .run(plan) -> Iterator[dict]       the stream of one planned turn
+        .stream(**request)                 plan + run (bad input: ChatError on the first next())
+    ChatError                              a request the chat cannot serve; the message names the field
+    STREAM_ARGS, MAX_NEW_TOKENS            the request fields; the per-request token limit
+    LOADS                                  one entry per model load in this process (a warm container never reloads)
+    format_message(msg) -> str             one human-readable line per streamed dict
+
+No Modal here: inference/modal_inference.py wraps a ChatSession in a Modal class, inference/chat_web.py
+serves one over HTTP.
+
+Streamed dicts (JSON-ready: layer keys are strings, as they are in JSON and SSE):
+    {"type": "prompt", "text", "prompt_note", "tokens", "token_ids", "scores": {trait: {layer: [per token]}},
+     "model", "variant", "vectors": {trait: [{layer, method, position, path, sha256, selection_source, ...}]},
+     "steering": [...]}
+    {"type": "token", "token", "token_id", "step", "scores": {trait: {layer: float}}}     one per generated token
+    {"type": "done", "stop_reason": "eos" | "length", "n_tokens", "n_prompt_tokens", "stop_token_id",
+     "stop_token", "response", "token_ids", "seconds"}
+A score is the fp32 scalar projection <residual at the token's own position, unit vector>, the number
+the offline capture + projection scripts give for the same ids (core/streaming.py). A score that is not
+finite is null (JSON has no NaN).
+"""
+# No `from __future__ import annotations`: Modal and FastAPI callers read this module's signatures at runtime.
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from core.errors import TraitError
+from utils import paths
+
+MAX_NEW_TOKENS = 4096                   # per request, so one web call cannot hold a GPU for hours
+STREAM_ARGS = ("messages", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt",
+               "steering", "traits", "layers", "return_activations")
+STEERING_KEYS = ("trait", "vector", "layer", "coefficient", "positions", "component")
+
+LOADS: list[dict] = []   # one entry per model load in this process: a warm container never adds a second
+
+
+class ChatError(TraitError):
+    """A request or a setting the chat cannot serve; the message names the field or flag."""
+
+
+def split_list(value, what: str) -> Optional[list[str]]:
+    """A comma-separated string or a list of strings -> stripped names; None / "" / [] -> None."""
+    if value is None or value == "" or value == []:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ChatError(f"{what}: expected a comma-separated string or a list of strings, got {value!r}")
+    return [i.strip().strip("/") for i in items if i.strip()]
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None   # JSON has no NaN: a diverged score is null
+
+
+def _layer_keys(scores: dict, per_token: bool) -> dict:
+    conv = (lambda v: [_finite(x) for x in v]) if per_token else _finite
+    return {t: {str(layer): conv(v) for layer, v in per.items()} for t, per in scores.items()}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """One checked request: the formatted prompt and its ids, the chosen vectors, the steering specs."""
+
+    text: str
+    prompt_note: Optional[str]
+    ids: list
+    selected: dict                   # {trait: [SelectedVector]} in the request's order
+    steering: list                   # [core.hooks.SteeringSpec]
+    steering_echo: list              # JSON-ready description of each steer (sent with the prompt message)
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: Optional[int]
+    return_activations: bool
+
+
+class ChatSession:
+    """An experiment's model variant (with its LoRA) and best trait vectors, loaded once; streams chats.
+
+        s = ChatSession("demo", "lora")
+        for msg in s.stream(prompt="Hello", traits=["behavioral/refusal"], max_new_tokens=32):
+            print(msg)
+    """
+
+    def __init__(self, experiment: str, model_variant: Optional[str] = None, quantization: str = ""):
+        from core.hooks import num_layers
+        from utils.config import resolve_variant, use_chat_template
+        from utils.model import load_variant, stop_token_ids
+
+        if quantization not in ("", "8bit", "4bit"):
+            raise ChatError(f"quantization {quantization!r}: choose 8bit, 4bit or nothing")
+        t0 = time.perf_counter()
+        self.experiment = experiment
+        variant = resolve_variant(experiment, model_variant or None, "application")
+        self.lm = load_variant(experiment, variant.name, load_in_8bit=quantization == "8bit",
+                               load_in_4bit=quantization == "4bit")
+        self.variant = variant.name
+        self.use_chat_template = use_chat_template(experiment)
+        self.stop_ids = stop_token_ids(self.lm.tokenizer, self.lm.model)
+        self.n_layers = num_layers(self.lm.model)
+        self.hidden_size = int(self.lm.model.get_input_embeddings().weight.shape[-1])
+        self._load_vectors()
+        self._selected: dict[tuple[str, str], list] = {}
+        self._lock = threading.Lock()   # one stream at a time on this model
+        self.load_seconds = time.perf_counter() - t0
+        LOADS.append({"experiment": experiment, "variant": self.variant, "model": self.lm.info.get("model"),
+                      "seconds": self.load_seconds})
+
+    def _load_vectors(self) -> None:
+        """Each trait's best vector (the projection script's defaults: the extraction variant's vectors,
+        ranked by the application variant's evidence); a trait without evidence stays usable with layers."""
+        from utils.config import resolve_variant
+        from utils.vectors import NoEvidenceError, VectorError, best_vector, discover_traits
+
+        self.extraction_variant = resolve_variant(self.experiment, None, "extraction").name
+        self.steering_variant = resolve_variant(self.experiment, None, "application").name
+        self.best: dict[str, Any] = {}
+        self.unavailable: dict[str, str] = {}
+        for trait in discover_traits(self.experiment, self.extraction_variant):
+            try:
+                self.best[trait] = best_vector(self.experiment, trait, self.extraction_variant, self.steering_variant,
+                                               hidden_size=self.hidden_size)
+            except (NoEvidenceError, VectorError) as e:
+                self.unavailable[trait] = str(e)
+
+    # --- what is loaded --------------------------------------------------------------------------
+    def info(self) -> dict:
+        root = paths.experiment_dir(self.experiment)
+        return {"status": "ready", "experiment": self.experiment, "variant": self.variant,
+                "model": self.lm.info.get("model"), "lora": self.lm.info.get("lora"),
+                "dtype": self.lm.info.get("dtype"), "device": self.lm.info.get("device"),
+                "quantization": self.lm.info.get("quantization"), "num_layers": self.n_layers,
+                "load_time": round(self.load_seconds, 2), "loads_in_process": len(LOADS),
+                "traits": {t: v.describe(root) for t, v in self.best.items()},
+                "unavailable_traits": dict(self.unavailable), "stop_ids": list(self.stop_ids)}
+
+    # --- request checks --------------------------------------------------------------------------
+    def _vectors_for(self, trait: str, layers: Optional[str]) -> list:
+        from utils.vectors import select_vectors
+
+        if layers is None:
+            if trait not in self.best:
+                raise ChatError(f"traits: {trait!r} has no best vector ({self.unavailable[trait]}); "
+                                f"ask for explicit layers")
+            return [self.best[trait]]
+        key = (trait, layers)
+        if key not in self._selected:
+            self._selected[key] = select_vectors(
+                self.experiment, trait, self.extraction_variant, self.steering_variant, layers=layers,
+                hidden_size=self.hidden_size, n_layers=self.n_layers)
+        return self._selected[key]
+
+    def _known(self, trait: str, what: str) -> str:
+        known = sorted(set(self.best) | set(self.unavailable))
+        if trait not in known:
+            raise ChatError(f"{what}: unknown trait {trait!r} (traits with vectors in {self.experiment!r}: "
+                            f"{', '.join(known) or 'none'})")
+        return trait
+
+    def _steer(self, c, where: str):
+        """One steering config -> (SteeringSpec, its JSON echo)."""
+        import torch
+
+        from core.hooks import COMPONENTS, SteeringSpec
+
+        if not isinstance(c, dict):
+            raise ChatError(f"{where}: expected an object")
+        extra = set(c) - set(STEERING_KEYS)
+        if extra:
+            raise ChatError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+        layer, coef = c.get("layer"), c.get("coefficient", 1.0)
+        if not _is_int(layer) or not 0 <= layer < self.n_layers:
+            raise ChatError(f"{where}.layer: an integer in 0-{self.n_layers - 1} is required, got {layer!r}")
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+            raise ChatError(f"{where}.coefficient: a finite number is required, got {coef!r}")
+        positions = c.get("positions", "all")
+        if positions not in ("all", "prompt", "response"):
+            raise ChatError(f"{where}.positions: all, prompt or response, got {positions!r}")
+        component = c.get("component", "residual")
+        if component not in COMPONENTS:
+            raise ChatError(f"{where}.component: choose from {', '.join(COMPONENTS)}, got {component!r}")
+        if ("trait" in c) == ("vector" in c):
+            raise ChatError(f"{where}: give exactly one of trait or vector")
+        echo = {"layer": layer, "coefficient": float(coef), "positions": positions, "component": component}
+        if "trait" in c:
+            trait = self._known(str(c["trait"]).strip("/"), f"{where}.trait")
+            vector = self._vectors_for(trait, str(layer))[0].vector
+            echo = {"trait": trait, **echo}
+        else:
+            v = c["vector"]
+            if not isinstance(v, list) or len(v) != self.hidden_size or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+                raise ChatError(f"{where}.vector: {self.hidden_size} finite numbers are required")
+            vector = torch.tensor(v, dtype=torch.float32)   # used as given: coefficient x vector is added
+            echo = {"vector_norm": float(vector.norm()), **echo}
+        spec = SteeringSpec(vector=vector, layer=layer, coefficient=float(coef), component=component,
+                            positions=positions)
+        return spec, echo
+
+    def _steering(self, configs) -> tuple[list, list[dict]]:
+        if configs is None:
+            return [], []
+        if not isinstance(configs, list):
+            raise ChatError("steering: expected a list of {trait | vector, layer, coefficient, positions}")
+        pairs = [self._steer(c, f"steering[{i}]") for i, c in enumerate(configs)]
+        return [s for s, _ in pairs], [e for _, e in pairs]
+
+    def _prompt_ids(self, messages, prompt, system_prompt) -> tuple[str, Optional[str], list[int]]:
+        from utils.model import format_messages, format_prompt, tokenize_prompt
+
+        if (messages is None) == (prompt is None):
+            raise ChatError("give exactly one of messages or prompt")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ChatError("prompt: a non-empty string is required")
+            text, note = format_prompt(self.lm.tokenizer, prompt, system_prompt, self.use_chat_template)
+        else:
+            text, note = format_messages(self.lm.tokenizer, messages, system_prompt, self.use_chat_template)
+        return text, note, tokenize_prompt(self.lm.tokenizer, text)   # exactly one BOS
+
+    def _selection(self, traits, layers) -> dict:
+        if _is_int(layers):
+            layers = str(layers)
+        elif isinstance(layers, list):
+            layers = ",".join(str(x) for x in layers)
+        elif layers is not None and not isinstance(layers, str):
+            raise ChatError(f"layers: a spec such as 'best,best+2' or '6,12', or a list of layers, got {layers!r}")
+        wanted = split_list(traits, "traits")
+        if wanted is None:
+            wanted = sorted(self.best) if layers is None else sorted(set(self.best) | set(self.unavailable))
+        return {self._known(t, "traits"): self._vectors_for(t, layers) for t in wanted}
+
+    def plan(self, messages: Optional[list] = None, prompt: Optional[str] = None, max_new_tokens: int = 200,
+             temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+             system_prompt: Optional[str] = None, steering: Optional[list] = None, traits=None, layers=None,
+             return_activations: bool = False) -> ChatPlan:
+        """Check every field of one request (ChatError naming the field); nothing is generated."""
+        if not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ChatError(f"max_new_tokens: an integer in 1-{MAX_NEW_TOKENS} is required, got {max_new_tokens!r}")
+        if seed is not None and not _is_int(seed):
+            raise ChatError(f"seed: an integer is required, got {seed!r}")
+        for name, x in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise ChatError(f"{name}: a number is required, got {x!r}")
+        selected = self._selection(traits, layers)
+        specs, echo = self._steering(steering)
+        text, note, ids = self._prompt_ids(messages, prompt, system_prompt)
+        return ChatPlan(text, note, ids, selected, specs, echo, max_new_tokens, float(temperature), float(top_p),
+                        seed, bool(return_activations))
+
+    # --- streaming -------------------------------------------------------------------------------
+    def stream(self, messages: Optional[list] = None, prompt: Optional[str] = None, max_new_tokens: int = 200,
+               temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+               system_prompt: Optional[str] = None, steering: Optional[list] = None, traits=None, layers=None,
+               return_activations: bool = False) -> Iterator[dict]:
+        """Stream one chat turn as JSON-ready dicts (see the module docstring). Bad input: ChatError at the start."""
+        yield from self.run(self.plan(messages=messages, prompt=prompt, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, seed=seed, system_prompt=system_prompt,
+                                      steering=steering, traits=traits, layers=layers,
+                                      return_activations=return_activations))
+
+    def run(self, plan: ChatPlan) -> Iterator[dict]:
+        """The stream of one planned turn: the prompt message, one message per token, done."""
+        from core.streaming import stream_with_scores
+
+        vectors = {t: {v.layer: v.vector for v in vs} for t, vs in plan.selected.items()}
+        with self._lock:
+            for msg in stream_with_scores(self.lm.model, plan.ids, vectors, plan.max_new_tokens,
+                                          temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
+                                          stop_ids=self.stop_ids, steering=plan.steering,
+                                          return_activations=plan.return_activations, tokenizer=self.lm.tokenizer):
+                out = self._done_message(msg) if msg["type"] == "done" else self._scored_message(msg, plan)
+                if plan.return_activations and "activations" in msg:
+                    out["activations"] = {str(layer): a.tolist() for layer, a in msg["activations"].items()}
+                yield out
+
+    def _scored_message(self, msg: dict, plan: ChatPlan) -> dict:
+        ordered = {t: msg["scores"][t] for t in plan.selected if t in msg["scores"]}   # the request's order
+        scores = _layer_keys(ordered, per_token=msg["type"] == "prompt")
+        if msg["type"] == "token":
+            return {"type": "token", "token": msg["token"], "token_id": msg["token_id"], "step": msg["step"],
+                    "scores": scores}
+        root = paths.experiment_dir(self.experiment)
+        return {"type": "prompt", "text": plan.text, "prompt_note": plan.prompt_note, "tokens": msg["tokens"],
+                "token_ids": msg["token_ids"], "scores": scores, "model": self.lm.info.get("model"),
+                "variant": self.variant, "steering": plan.steering_echo,
+                "vectors": {t: [v.describe(root) for v in vs] for t, vs in plan.selected.items()}}
+
+    def _done_message(self, msg: dict) -> dict:
+        tok, stop = self.lm.tokenizer, msg["stop_token_id"]
+        return {"type": "done", "stop_reason": msg["stop_reason"], "n_tokens": msg["n_tokens"],
+                "n_prompt_tokens": msg["n_prompt_tokens"], "stop_token_id": stop,
+                "stop_token": tok.decode([stop]) if stop is not None else None,
+                "response": tok.decode(msg["token_ids"], skip_special_tokens=True),
+                "token_ids": msg["token_ids"], "seconds": msg["seconds"]}
+
+
+def format_message(msg: dict) -> str:
+    """One human-readable line per streamed dict."""
+    kind = msg.get("type")
+    if kind == "prompt":
+        vecs = ", ".join(f"{t}@L{v['layer']} ({v['method']}, {v['selection_source']})"
+                         for t, vs in msg["vectors"].items() for v in vs)
+        return (f"prompt: {len(msg['token_ids'])} tokens; {msg['model']} ({msg['variant']}); "
+                f"vectors: {vecs or 'none'}")
+    if kind == "token":
+        scores = "  ".join(f"{t}@L{layer}={v:+.3f}" if v is not None else f"{t}@L{layer}=nan"
+                           for t, per in msg["scores"].items() for layer, v in per.items())
+        return f"{msg['step']:>4} {json.dumps(msg['token'], ensure_ascii=False):<16} {scores}"
+    if kind == "done":
+        return (f"done: {msg['n_tokens']} tokens, stop {msg['stop_reason']}"
+                f"{' (' + msg['stop_token'] + ')' if msg.get('stop_token') else ''}, {msg['seconds']:.2f} s")
+    return json.dumps(msg, ensure_ascii=False)
