@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny-model zoo, built once per test session (seconds), and a scratch experiments root."""
+"""Shared fixtures: the tiny-model zoo, built once per test session (seconds), a scratch experiments root, and
+the two real trained models (marker `real`: SmolLM2-135M-Instruct and Gemma-3-270m, fetched once per machine by
+utils/real_models.py and skipped with the reason only when they cannot be fetched)."""
 from __future__ import annotations
 
 import os
@@ -60,6 +62,37 @@ def experiments(tmp_path, monkeypatch):
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         return d
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real: uses a real trained model (utils/real_models.py; fetched once, then offline)")
+
+
+def _real_model(name: str) -> Path:
+    from utils.real_models import RealModelError, ensure_model
+
+    try:
+        return ensure_model(name)
+    except RealModelError as e:
+        pytest.skip(f"real model {name} unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The HF folder of SmolLM2-135M-Instruct (Llama architecture, 30 layers, chat template)."""
+    return _real_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The HF folder of Gemma-3-270m base (Gemma-3 architecture with post-norms, 18 layers)."""
+    return _real_model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(smollm2_dir) -> Path:
+    """The default real model (SmolLM2-135M-Instruct)."""
+    return smollm2_dir
 
 
 ALL_ARCHS = ARCHS
