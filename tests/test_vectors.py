@@ -19,9 +19,10 @@ import torch
 
 from utils import paths
 from utils.layers import LayerSpecError
-from utils.vectors import (NoEvidenceError, VectorError, best_vector, desanitize_position, discover_traits,
-                           list_vectors, load_vector, parse_position, rank_vectors, read_steering_results,
-                           sanitize_position, select_vectors)
+from utils.vectors import (ACCURACY_FLOOR_FRACTION, NoEvidenceError, VectorError, VectorRef, best_vector,
+                           desanitize_position, discover_traits, list_vectors, load_vector, parse_position,
+                           rank_by_extraction_metrics, rank_vectors, read_steering_results, sanitize_position,
+                           select_vectors)
 
 H = 8
 
@@ -224,7 +225,11 @@ def test_extraction_fallback_and_no_evidence(vec_exp):
         write_vector("v", "cat/t", "base", "response[:5]", "mean_diff", layer, rand(10 * layer + 1),
                      baseline=0.0, val_accuracy=acc, val_separation=sep)
     best = best_vector("v", "cat/t", "base", "instruct")
-    assert (best.layer, best.method, best.selection_source, best.score) == (5, "mean_diff", "extraction", 0.95)
+    # layer 1 has the largest separation but 0.8 < 0.9 x 0.95: the floor keeps it out; 5 beats 4 on separation
+    assert (best.layer, best.method, best.selection_source, best.score) == (5, "mean_diff", "extraction", 2.0)
+    assert (best.accuracy, best.separation) == (0.95, 2.0)
+    assert best.selection_reason == "held-out separation 2.00, accuracy 0.95 (accuracy floor 0.855), best of 3"
+    assert best.describe()["selection_reason"] == best.selection_reason
     # steering evidence, when there is any, wins over extraction metrics
     write_steering("v", "cat/t", "instruct", "response[:5]", [(1, "probe", 51.0, 80.0)])
     assert best_vector("v", "cat/t", "base", "instruct").selection_source == "steering"
@@ -286,3 +291,82 @@ def test_run_defaults_and_unscored_runs(vec_exp):
         (4, "probe", "residual", "response[:5]"), (5, "probe", "residual", "response[:5]")]
     ranked = rank_vectors("v", "cat/t", "base", "instruct")
     assert [(r.ref.layer, r.ref.method, r.score) for r in ranked] == [(4, "probe", 20.0)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fallback ranking on hand-made held-out metrics (no steering evidence)
+
+def _ref(layer: int, method: str = "probe", position: str = "response[:5]") -> VectorRef:
+    return VectorRef("cat/t", layer, method, "residual", sanitize_position(position), Path(f"layer{layer}.pt"))
+
+
+def _order(metrics) -> list[tuple]:
+    return [(r.ref.layer, r.ref.method, r.ref.position) for r in rank_by_extraction_metrics(metrics)]
+
+
+def test_fallback_ties_at_full_accuracy_go_to_separation():
+    """A trained model: every layer at accuracy 1.00; the lexical layer 1 must not win the tie."""
+    seps = {0: 0.4, 1: 1.1, 2: 2.9, 3: 3.4, 4: 2.2, 5: 1.5}
+    ranked = rank_by_extraction_metrics([(_ref(L), 1.0, sep) for L, sep in seps.items()])
+    assert [r.ref.layer for r in ranked] == [3, 2, 4, 5, 1, 0]
+    assert ranked[0].score == ranked[0].separation == 3.4 and ranked[0].accuracy == 1.0
+    assert ranked[0].reason == "held-out separation 3.40, accuracy 1.00 (accuracy floor 0.9), best of 6"
+    assert ranked[1].reason == "held-out separation 2.90, accuracy 1.00 (accuracy floor 0.9)"
+
+
+def test_fallback_accuracy_floor():
+    assert ACCURACY_FLOOR_FRACTION == 0.9
+    # floor 0.9 x 0.95 = 0.855: layer 1 (0.85, separation 9) is below it and ranks after every eligible vector
+    ranked = rank_by_extraction_metrics([(_ref(1), 0.85, 9.0), (_ref(2), 0.95, 1.0), (_ref(3), 0.90, 2.0)])
+    assert [r.ref.layer for r in ranked] == [3, 2, 1]
+    assert ranked[2].reason == "held-out separation 9.00, accuracy 0.85, below the accuracy floor 0.855"
+    # exactly at the floor competes; a relative floor keeps a hard trait's best layers in play
+    assert [r.ref.layer for r in rank_by_extraction_metrics([(_ref(1), 0.9, 5.0), (_ref(2), 1.0, 1.0)])] == [1, 2]
+    assert [r.ref.layer for r in rank_by_extraction_metrics([(_ref(1), 0.64, 0.5), (_ref(2), 0.70, 0.3)])] == [1, 2]
+    assert rank_by_extraction_metrics([(_ref(1), 0.8, 9.0), (_ref(2), 1.0, 1.0)], floor_fraction=0.5)[0].ref.layer == 1
+
+
+def test_fallback_exact_ties_are_deterministic():
+    """Equal separation: accuracy decides; then position, method, component, layer (lowest first)."""
+    metrics = [(_ref(4, "mean_diff"), 1.0, 2.0), (_ref(2, "zeta"), 1.0, 2.0), (_ref(3, "probe", "all[:]"), 1.0, 2.0),
+               (_ref(5, "probe"), 1.0, 2.0), (_ref(1, "probe"), 1.0, 2.0), (_ref(0, "probe", "response[:]"), 1.0, 2.0),
+               (_ref(6, "probe", "prompt[-1]"), 1.0, 2.0), (_ref(7, "gradient"), 0.98, 2.0)]
+    expected = [(1, "probe", "response[:5]"), (5, "probe", "response[:5]"), (4, "mean_diff", "response[:5]"),
+                (2, "zeta", "response[:5]"), (0, "probe", "response[:]"), (3, "probe", "all[:]"),
+                (6, "probe", "prompt[-1]"), (7, "gradient", "response[:5]")]
+    assert _order(metrics) == expected
+    assert _order(list(reversed(metrics))) == expected
+
+
+def test_fallback_missing_metrics():
+    metrics = [(_ref(0), None, None),        # no evidence: left out
+               (_ref(1), 1.0, None),         # eligible, no separation: after those with one, by accuracy
+               (_ref(2), 0.95, None),
+               (_ref(3), None, 8.0),         # separation without accuracy: the floor cannot be checked
+               (_ref(4), 0.91, 0.5),
+               (_ref(5), 0.5, 4.0)]          # below the floor
+    ranked = rank_by_extraction_metrics(metrics)
+    assert [r.ref.layer for r in ranked] == [4, 1, 2, 3, 5]
+    assert ranked[1].score is None and ranked[1].reason == "held-out accuracy 1.00 (accuracy floor 0.9)"
+    assert ranked[3].reason == "held-out separation 8.00 (no accuracy recorded, floor not checked)"
+    assert _order([(_ref(3), None, 1.0), (_ref(2), None, 2.0)]) == [(2, "probe", "response[:5]"), (3, "probe", "response[:5]")]
+    assert rank_by_extraction_metrics([(_ref(0), None, None)]) == []
+
+
+def test_fallback_reads_metadata_and_explains(vec_exp):
+    """Through the files: metadata.json entries (val_accuracy / val_separation; val_effect_size as an alias)."""
+    for layer, sep in enumerate((0.5, 1.0, 3.0, 2.5, 1.0, 0.1)):
+        write_vector("v", "cat/t", "base", "response[:5]", "probe", layer, rand(10 * layer), baseline=0.0,
+                     val_accuracy=1.0, val_separation=sep)
+    write_vector("v", "cat/t", "base", "response[:]", "probe", 2, rand(77), val_accuracy=1.0, val_effect_size=3.5)
+    write_vector("v", "cat/t", "base", "response[:5]", "mean_diff", 2, rand(78), val_accuracy=1.0,
+                 val_separation=float("nan"))   # a non-finite metric counts as missing
+    best = best_vector("v", "cat/t", "base", "instruct")
+    assert (best.layer, best.position, best.separation) == (2, "response[:]", 3.5)
+    ranked = rank_vectors("v", "cat/t", "base", "instruct", position="response[:5]")
+    assert [(r.ref.layer, r.ref.method) for r in ranked][:3] == [(2, "probe"), (3, "probe"), (1, "probe")]
+    assert ranked[-1].ref.method == "mean_diff" and ranked[-1].separation is None
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="best,best+1", position="response[:5]")
+    assert [(s.layer, s.selection_source) for s in sel] == [(2, "extraction"), (3, "layers_arg")]
+    assert sel[0].selection_reason.startswith("held-out separation 3.00, accuracy 1.00")
+    assert sel[1].selection_reason == "layer 3 requested; probe at response[:5] first in the method/position order"

@@ -8,6 +8,7 @@
                                                  -> (fp32 unit Tensor[H], metadata.json dict)
     read_steering_results(path) -> SteeringResults                  header / baseline / runs; malformed line named
     rank_vectors(exp, trait, extraction_variant, steering_variant, ...) -> [RankedVector]   best first
+    rank_by_extraction_metrics([(VectorRef, accuracy, separation)]) -> [RankedVector]   the no-steering fallback
     best_vector(exp, trait, extraction_variant, steering_variant, ...)  -> SelectedVector
     select_vectors(exp, trait, extraction_variant, steering_variant, layers="best", available_layers=, ...,
                    multi_vector=None) -> [SelectedVector]          the vectors a projection uses, one per layer
@@ -19,19 +20,22 @@
                      .rank(trait, ...) / .best(trait, ...) / .select(trait, ...) / .describe()
     VectorError / NoEvidenceError / VectorConfigError               TraitErrors whose message names the file or flag
 
-Selection (the original's rule with its bugs fixed): candidates are the vector files filtered by
-component / position / method / layer. Evidence is the steering results of ONE steering variant
-(the same for every projected variant); runs count when coherence >= 77; candidates whose naturalness
-is < 50 drop out; the best is the largest delta from the baseline in the trait's direction
-(selection_source "steering"). Without steering evidence, held-out accuracy then separation from the
-vectors' metadata (written by extraction/extract_vectors.py) rank them (selection_source "extraction").
-Ties and fallbacks are deterministic: methods probe, mean_diff, gradient, then the rest sorted;
-positions the best's, then response[:5], then the rest sorted; then layer.
+Selection: candidates are the vector files filtered by component / position / method / layer.
+Evidence is the steering results of ONE steering variant (the same for every projected variant); runs
+count when coherence >= 77; candidates whose naturalness is < 50 drop out; the best is the largest delta
+from the baseline in the trait's direction (selection_source "steering"). Without steering evidence the
+held-out metrics in the vectors' metadata.json (written by extraction/extract_vectors.py) rank them
+(rank_by_extraction_metrics): held-out separation, among the vectors whose held-out accuracy reaches
+ACCURACY_FLOOR_FRACTION of the best one. Every pick carries a one-line `selection_reason`.
+Ties and fallbacks are deterministic: positions the best's, then POSITION_ORDER (response[:5],
+response[:], all[:]), then the rest sorted; methods probe, mean_diff, gradient, then the rest sorted;
+then component; then layer.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from collections.abc import Sequence
@@ -46,18 +50,27 @@ from utils.storage import StorageError, load_pt, read_json
 from core.errors import TraitError
 
 __all__ = [
-    "METHOD_ORDER", "DEFAULT_POSITION", "MIN_COHERENCE", "MIN_NATURALNESS",
+    "METHOD_ORDER", "DEFAULT_POSITION", "MIN_COHERENCE", "MIN_NATURALNESS", "ACCURACY_FLOOR_FRACTION",
+    "POSITION_ORDER",
     "VectorError", "NoEvidenceError", "VectorRef", "SteeringRun", "SteeringResults", "RankedVector",
     "SelectedVector", "sanitize_position", "desanitize_position", "parse_position", "discover_traits",
     "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
     "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
-    "VectorSource", "VectorConfigError", "resolve_vector_source", "split_traits",
+    "VectorSource", "VectorConfigError", "resolve_vector_source", "split_traits", "rank_by_extraction_metrics",
 ]
 
 METHOD_ORDER = ("probe", "mean_diff", "gradient")
 DEFAULT_POSITION = "response[:5]"   # trait-interp's extraction default
 MIN_COHERENCE = 77.0
 MIN_NATURALNESS = 50.0
+# Fallback ranking (no steering evidence): a vector must reach this fraction of the best held-out accuracy
+# among the candidates to compete on separation. Relative, so a hard trait whose best layer reaches 0.70
+# still has candidates; 0.9, so that when every layer reaches 1.00 a layer that misclassifies more than one
+# held-out line in ten cannot win on separation alone (a mean gap can be large with lines on the wrong side).
+ACCURACY_FLOOR_FRACTION = 0.9
+# Positions in preference order when evidence ties or is absent: trait-interp's extraction default, its
+# readers' default, our extractor's plain-text default; any other position after these, sorted.
+POSITION_ORDER = ("response[:5]", "response[:]", "all[:]")
 
 _LAYER_FILE = re.compile(r"^layer(\d+)\.pt$")
 _POSITION = re.compile(r"^(prompt|response|all)\[(-?\d+|-?\d*:-?\d*)\]$")
@@ -124,9 +137,14 @@ def _method_rank(method: str) -> tuple[int, str]:
 def _position_rank(position: str, preferred: str | None = None) -> tuple[int, str]:
     if preferred is not None and position == preferred:
         return (0, "")
-    if position == DEFAULT_POSITION:
-        return (1, "")
-    return (2, position)
+    if position in POSITION_ORDER:
+        return (1 + POSITION_ORDER.index(position), "")
+    return (1 + len(POSITION_ORDER), position)
+
+
+def _tie_rank(ref: VectorRef, preferred: str | None = None) -> tuple:
+    """The deterministic order among equally good candidates: position, method, component, layer."""
+    return (_position_rank(ref.position, preferred), _method_rank(ref.method), ref.component, ref.layer)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,11 +512,13 @@ class RankedVector:
 
     ref: VectorRef
     source: str                        # "steering" | "extraction"
-    score: float                       # steering: delta from baseline; extraction: held-out accuracy
+    score: float | None                # steering: delta from baseline; extraction: held-out separation
     coefficient: float | None = None   # steering weight of the winning run
     direction: str | None = None
     naturalness: float | None = None
-    separation: float | None = None    # extraction: held-out separation
+    separation: float | None = None    # extraction: held-out separation (val_separation)
+    accuracy: float | None = None      # extraction: held-out accuracy (val_accuracy)
+    reason: str = ""                   # why it ranks where it does, one short line
 
 
 @dataclass
@@ -519,6 +539,9 @@ class SelectedVector:
     coefficient: float | None = None
     direction: str | None = None
     metadata: dict = field(default_factory=dict, repr=False)
+    selection_reason: str = ""         # one short line: the evidence that made it win (for summaries)
+    accuracy: float | None = None      # held-out accuracy from metadata.json, when the fallback ranked it
+    separation: float | None = None    # held-out separation from metadata.json, when the fallback ranked it
 
     @property
     def pos_dir(self) -> str:
@@ -534,8 +557,8 @@ class SelectedVector:
                 pass
         out = {"layer": self.layer, "method": self.method, "component": self.component, "position": self.position,
                "path": str(path), "sha256": self.sha256, "selection_source": self.selection_source,
-               "baseline": self.baseline}
-        for key in ("score", "coefficient", "direction"):
+               "baseline": self.baseline, "selection_reason": self.selection_reason}
+        for key in ("score", "coefficient", "direction", "accuracy", "separation"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -560,7 +583,7 @@ def _steering_evidence(exp: str, trait: str, steering_variant: str, refs: list[V
         seen_files += 1
         results = read_steering_results(results_path, default_position=_position_of(pos_dir))
         sign = 1.0 if results.direction == "positive" else -1.0
-        best: dict[VectorRef, tuple[float, float | None]] = {}
+        best: dict[VectorRef, tuple[float, float | None, float]] = {}
         index = {(r.layer, r.method, r.component, r.pos_dir): r for r in group}
         for run in results.runs:
             r = index.get((run.layer, run.method, run.component, sanitize_position(run.position)))
@@ -572,11 +595,14 @@ def _steering_evidence(exp: str, trait: str, steering_variant: str, refs: list[V
                 continue
             delta = run.trait_mean - results.baseline
             if r not in best or sign * delta > sign * best[r][0]:
-                best[r] = (delta, run.weight)
-        for r, (delta, weight) in best.items():
+                best[r] = (delta, run.weight, run.coherence_mean)
+        for r, (delta, weight, coherence) in best.items():
             if r not in dropped:
+                coef = "" if weight is None else f" at coefficient {weight:g}"
+                reason = (f"steering delta {delta:+.1f}{coef} (coherence {coherence:.0f}, {results.direction}, "
+                          f"variant {steering_variant})")
                 ranked.append(RankedVector(r, "steering", delta, weight, results.direction,
-                                           naturalness.get((r.layer, r.method, r.component))))
+                                           naturalness.get((r.layer, r.method, r.component)), reason=reason))
     note = (f"{seen_files} steering results file(s) under variant {steering_variant!r} with {seen_runs} matching "
             f"run(s), {low_coherence} below coherence {min_coherence:g}, {len(dropped)} vector(s) dropped for "
             f"naturalness < {min_naturalness:g}")
@@ -602,36 +628,83 @@ def rank_vectors(exp: str, trait: str, extraction_variant: str, steering_variant
     ranked, dropped, note = _steering_evidence(exp, trait, steering_variant, refs, min_coherence, min_naturalness)
     if ranked:
         # direction-aware: a negative trait's best run lowers the trait score the most
-        ranked.sort(key=lambda c: (-(1.0 if c.direction == "positive" else -1.0) * c.score,
-                                   _position_rank(c.ref.position), _method_rank(c.ref.method), c.ref.layer))
+        ranked.sort(key=lambda c: (-(1.0 if c.direction == "positive" else -1.0) * c.score, _tie_rank(c.ref)))
         return ranked
+    ranked = rank_by_extraction_metrics(_extraction_metrics(exp, trait, extraction_variant, refs, dropped))
+    if not ranked:
+        raise NoEvidenceError(
+            f"trait {trait!r}: cannot pick a best vector: no steering evidence "
+            f"({paths.steering_dir(exp, trait, steering_variant, '{pos_dir}')}: {note}) and no held-out metrics "
+            f"(val_accuracy / val_separation) in the vectors' metadata.json; pass --layer N (and --method / "
+            f"--position) to choose a vector, or create vectors with python extraction/extract_vectors.py"
+        )
+    return ranked
+
+
+def _metric(entry: dict, *keys: str) -> float | None:
+    for key in keys:
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def _extraction_metrics(exp: str, trait: str, variant: str, refs: list[VectorRef],
+                        dropped: set[VectorRef]) -> list[tuple[VectorRef, float | None, float | None]]:
+    """(ref, held-out accuracy, held-out separation) from the metadata.json entries; None where not recorded.
+
+    Separation is our extractor's `val_separation`, else `val_effect_size` (trait-interp's evaluation name).
+    """
     metas: dict[tuple[str, str, str], dict] = {}
+    out = []
     for r in refs:
         if r in dropped:
             continue
         key = (r.pos_dir, r.component, r.method)
         if key not in metas:
-            metas[key] = load_vector_metadata(exp, trait, extraction_variant, *key)
+            metas[key] = load_vector_metadata(exp, trait, variant, *key)
         entry = _layer_meta(metas[key], r.layer)
-        acc = entry.get("val_accuracy")
-        if isinstance(acc, (int, float)) and not isinstance(acc, bool):
-            sep = entry.get("val_separation")
-            sep = float(sep) if isinstance(sep, (int, float)) and not isinstance(sep, bool) else None
-            ranked.append(RankedVector(r, "extraction", float(acc), separation=sep))
-    if not ranked:
-        raise NoEvidenceError(
-            f"trait {trait!r}: cannot pick a best vector: no steering evidence "
-            f"({paths.steering_dir(exp, trait, steering_variant, '{pos_dir}')}: {note}) and no held-out accuracy "
-            f"(val_accuracy) in the vectors' metadata.json; pass --layer N (and --method / --position) to choose "
-            f"a vector, or create vectors with python extraction/extract_vectors.py"
-        )
-    ranked.sort(key=lambda c: (-c.score, -(c.separation if c.separation is not None else float("-inf")),
-                               _position_rank(c.ref.position), _method_rank(c.ref.method), c.ref.layer))
-    return ranked
+        out.append((r, _metric(entry, "val_accuracy"), _metric(entry, "val_separation", "val_effect_size")))
+    return out
+
+
+def rank_by_extraction_metrics(metrics: list[tuple[VectorRef, float | None, float | None]],
+                               floor_fraction: float = ACCURACY_FLOOR_FRACTION) -> list[RankedVector]:
+    """Rank candidates by held-out metrics, best first; candidates with neither metric are left out.
+
+    The floor is `floor_fraction` x the best held-out accuracy. Order: (1) accuracy at or above the floor,
+    by separation, largest first; (2) at or above the floor without a separation, by accuracy; (3) a
+    separation but no accuracy (the floor cannot be checked), by separation; (4) below the floor, by
+    separation then accuracy. Equal values fall to accuracy, then the tie order: position (response[:5],
+    response[:], all[:], the rest sorted), method (probe, mean_diff, gradient, the rest sorted),
+    component, layer (lowest first).
+    """
+    accs = [a for _, a, _ in metrics if a is not None]
+    floor = floor_fraction * max(accs) if accs else None
+    ranked = []
+    for ref, acc, sep in metrics:
+        if acc is None and sep is None:
+            continue
+        shown = ", ".join(x for x in (None if sep is None else f"separation {sep:.2f}",
+                                      None if acc is None else f"accuracy {acc:.2f}") if x)
+        if acc is None:
+            group, why = 2, f"held-out {shown} (no accuracy recorded, floor not checked)"
+        elif acc < floor:
+            group, why = 3, f"held-out {shown}, below the accuracy floor {floor:.3g}"
+        else:
+            group = 0 if sep is not None else 1
+            why = f"held-out {shown} (accuracy floor {floor:.3g})"
+        ranked.append((group, ref, acc, sep, why))
+    ranked.sort(key=lambda g: (g[0], -(g[3] if g[3] is not None else 0.0), -(g[2] if g[2] is not None else 0.0),
+                               _tie_rank(g[1])))
+    best_of = f", best of {len(ranked)}" if ranked else ""
+    return [RankedVector(ref, "extraction", sep, separation=sep, accuracy=acc,
+                         reason=why + (best_of if k == 0 else ""))
+            for k, (group, ref, acc, sep, why) in enumerate(ranked)]
 
 
 def _load_selected(exp: str, extraction_variant: str, ref: VectorRef, source: str, hidden_size: int | None,
-                   ranked: RankedVector | None = None) -> SelectedVector:
+                   ranked: RankedVector | None = None, reason: str = "") -> SelectedVector:
     vector, meta = load_vector(exp, ref.trait, extraction_variant, ref.pos_dir, ref.component, ref.method, ref.layer,
                                hidden_size=hidden_size)
     baseline = _layer_meta(meta, ref.layer).get("baseline", 0.0)
@@ -643,6 +716,8 @@ def _load_selected(exp: str, extraction_variant: str, ref: VectorRef, source: st
         path=ref.path, sha256=file_sha256(ref.path), baseline=float(baseline), selection_source=source,
         vector=vector, score=ranked.score if ranked else None, coefficient=ranked.coefficient if ranked else None,
         direction=ranked.direction if ranked else None, metadata=meta,
+        selection_reason=ranked.reason if ranked else reason,
+        accuracy=ranked.accuracy if ranked else None, separation=ranked.separation if ranked else None,
     )
 
 
@@ -711,6 +786,9 @@ def select_vectors(exp: str, trait: str, extraction_variant: str, steering_varia
                 f"{paths.vectors_dir(exp, trait, extraction_variant)}; vectors exist at layers {_format(have)}"
             )
         preferred = best.ref.position if best else None
-        at_layer.sort(key=lambda r: (_position_rank(r.position, preferred), _method_rank(r.method)))
-        out.append(_load_selected(exp, extraction_variant, at_layer[0], "layers_arg", hidden_size))
+        at_layer.sort(key=lambda r: _tie_rank(r, preferred))
+        pick = at_layer[0]
+        how = "as given" if method and position else "first in the method/position order"
+        out.append(_load_selected(exp, extraction_variant, pick, "layers_arg", hidden_size,
+                                  reason=f"layer {layer} requested; {pick.method} at {pick.position} {how}"))
     return out
