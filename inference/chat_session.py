@@ -124,19 +124,16 @@ class ChatSession:
                       "seconds": self.load_seconds})
 
     def _load_vectors(self) -> None:
-        """Each trait's best vector (the projection script's defaults: the extraction variant's vectors,
-        ranked by the application variant's evidence); a trait without evidence stays usable with layers."""
-        from utils.config import resolve_variant
-        from utils.vectors import NoEvidenceError, VectorError, best_vector, discover_traits
+        """Each trait's best vector, from the same source the projection script uses by default
+        (utils.vectors.resolve_vector_source); a trait without evidence stays usable with explicit layers."""
+        from utils.vectors import NoEvidenceError, VectorError, resolve_vector_source
 
-        self.extraction_variant = resolve_variant(self.experiment, None, "extraction").name
-        self.steering_variant = resolve_variant(self.experiment, None, "application").name
+        self.source = resolve_vector_source(self.experiment, require_traits=False)
         self.best: dict[str, Any] = {}
         self.unavailable: dict[str, str] = {}
-        for trait in discover_traits(self.experiment, self.extraction_variant):
+        for trait in self.source.traits:
             try:
-                self.best[trait] = best_vector(self.experiment, trait, self.extraction_variant, self.steering_variant,
-                                               hidden_size=self.hidden_size)
+                self.best[trait] = self.source.best(trait, hidden_size=self.hidden_size)
             except (NoEvidenceError, VectorError) as e:
                 self.unavailable[trait] = str(e)
 
@@ -148,13 +145,11 @@ class ChatSession:
                 "dtype": self.lm.info.get("dtype"), "device": self.lm.info.get("device"),
                 "quantization": self.lm.info.get("quantization"), "num_layers": self.n_layers,
                 "load_time": round(self.load_seconds, 2), "loads_in_process": len(LOADS),
-                "traits": {t: v.describe(root) for t, v in self.best.items()},
+                "vector_source": self.source.describe(), "traits": {t: v.describe(root) for t, v in self.best.items()},
                 "unavailable_traits": dict(self.unavailable), "stop_ids": list(self.stop_ids)}
 
     # --- request checks --------------------------------------------------------------------------
     def _vectors_for(self, trait: str, layers: Optional[str]) -> list:
-        from utils.vectors import select_vectors
-
         if layers is None:
             if trait not in self.best:
                 raise ChatError(f"traits: {trait!r} has no best vector ({self.unavailable[trait]}); "
@@ -162,9 +157,8 @@ class ChatSession:
             return [self.best[trait]]
         key = (trait, layers)
         if key not in self._selected:
-            self._selected[key] = select_vectors(
-                self.experiment, trait, self.extraction_variant, self.steering_variant, layers=layers,
-                hidden_size=self.hidden_size, n_layers=self.n_layers)
+            self._selected[key] = self.source.select(trait, layers=layers, hidden_size=self.hidden_size,
+                                                     n_layers=self.n_layers)
         return self._selected[key]
 
     def _known(self, trait: str, what: str) -> str:

@@ -134,18 +134,15 @@ class ChatRun:
 
 
 def check_local_args(args: argparse.Namespace) -> None:
-    """What can be checked before the model loads: the mode, the variant, the traits, the --steer specs."""
+    """What can be checked before the model loads: the mode, the variant, the traits."""
     from utils.config import resolve_variant
-    from utils.vectors import check_trait_name, discover_traits
+    from utils.vectors import resolve_vector_source
 
     if not args.local:
         raise ChatError("without --local this file is a Modal app: run `modal run inference/modal_inference.py "
                         "--prompt ...` or `modal deploy inference/modal_inference.py`; add --local to run it here")
     resolve_variant(args.experiment, args.model_variant, "application")
-    for t in split_list(args.traits, "--traits") or []:
-        if check_trait_name(t) not in discover_traits(args.experiment):
-            raise ChatError(f"--traits: unknown trait {t!r} (traits with vectors in {args.experiment!r}: "
-                            f"{', '.join(discover_traits(args.experiment)) or 'none'})")
+    resolve_vector_source(args.experiment, traits=split_list(args.traits, "--traits"), require_traits=False)
 
 
 def chat_local(args: argparse.Namespace) -> ChatRun:

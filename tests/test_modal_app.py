@@ -24,6 +24,7 @@ from tests.test_streaming import TRAITS, write_vectors
 from utils import paths
 from utils.config import resolve_variant
 from utils.model import format_messages, format_prompt, load_model, stop_token_ids, tokenize_prompt
+from utils.vectors import resolve_vector_source
 
 REPO = Path(__file__).resolve().parents[1]
 BEST = {t: max(accs, key=accs.get) for t, accs in TRAITS.items()}   # best layer by val_accuracy
@@ -238,6 +239,7 @@ def test_class_local_streams_best_vectors_and_never_reloads(chat_exp):
     chat = mi.TraitChat(experiment="live", model_variant="lora")
     info = chat.warmup.local()
     assert info["status"] == "ready" and info["variant"] == "lora" and info["lora"]
+    assert info["vector_source"] == resolve_vector_source("live").describe()   # the projection script's default
     assert {t: v["layer"] for t, v in info["traits"].items()} == BEST
     assert all(v["selection_source"] == "extraction" and len(v["sha256"]) == 64 for v in info["traits"].values())
     msgs = list(chat.capture_activations_stream.local(prompt="hello world", max_new_tokens=6))
