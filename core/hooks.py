@@ -2,8 +2,9 @@
 
     HookManager(model)                     context manager owning hooks; all removed on exit, exceptions included
     ActivationCapture(model, layers, components, stop_after_last=True)
-                                           capture residual / attn_contribution / mlp_contribution per layer
-    run_forward(model, **inputs)           run a forward that an ActivationCapture may stop early
+                                           capture residual / attn_contribution / mlp_contribution per layer;
+                                           `with ActivationCapture(model, [3]) as cap: model(**inputs)` just works
+    run_forward(model, **inputs)           model(**inputs) under no_grad, use_cache=False; None when a capture stopped it
     SteeringHook(model, vector, layer, coefficient, component="residual", positions="all")
                                            add coefficient * vector where the block writes into the residual stream
     steer(model, specs)                    several SteeringHooks at once (one context)
@@ -149,7 +150,15 @@ def block_sites(model: nn.Module) -> BlockSites:
 
 
 class _StopForward(Exception):
-    """Raised by a hook after the last needed layer, so a capture-only pass skips the rest of the network."""
+    """Raised by a hook after the last needed layer, so a capture-only pass skips the rest of the network.
+
+    `owner` is the ActivationCapture that raised it: only that capture's `__exit__` swallows it, so a stop
+    from an outer capture still ends the outer block.
+    """
+
+    def __init__(self, owner: object = None):
+        super().__init__("forward stopped after the last captured layer")
+        self.owner = owner
 
 
 def _identity_error(model: nn.Module, sites: BlockSites) -> str | None:
@@ -293,11 +302,14 @@ class ActivationCapture(HookManager):
     """Capture components at chosen layers during a forward; optionally stop right after the last one.
 
         with ActivationCapture(model, layers=[2, 5], components=["residual", "attn_contribution"]) as cap:
-            run_forward(model, input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask)
         cap.activations[5]["residual"]        # Tensor[batch, seq, hidden], on the model's device
 
-    With `stop_after_last`, the forward raises a private exception after the last requested block,
-    so later layers, the final norm and the LM head never run (run_forward catches it).
+    With `stop_after_last` (the default), a hook raises a private exception right after the last requested
+    block, so later layers, the final norm and the LM head never run. The context swallows its own stop
+    exception on exit (as baukit's Trace does), so a plain `model(...)` inside it just returns to the end
+    of the `with` block; `run_forward(model, ...)` inside the block catches it at the call instead
+    (returning None) and adds no_grad and use_cache=False. Any other exception propagates, hooks removed.
     `capture_embedding=True` also keeps the input of block 0 (the embedding output) as `cap.embedding`.
     """
 
@@ -334,9 +346,14 @@ class ActivationCapture(HookManager):
                 self.add_forward_hook(component_module(self.model, layer, comp), self._grab(layer, comp))
         if self.stop_after_last:
             def stop(_m, _i, _o):
-                raise _StopForward
+                raise _StopForward(self)
             self.add_forward_hook(layers[self.layers[-1]], stop)  # registered last: runs after the captures
         return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.remove_all()
+        # our own early stop is how the forward is meant to end; anything else (another capture's stop too) propagates
+        return isinstance(exc, _StopForward) and exc.owner is self
 
     def _grab(self, layer: int, comp: str):
         def fn(_m, _i, out):

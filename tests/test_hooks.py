@@ -170,6 +170,46 @@ def test_capture_stops_after_last_layer(loaded):
     assert set(cap.activations) == {1} and set(cap.activations[1]) == set(COMPONENTS)
 
 
+def test_plain_forward_inside_a_stopping_capture_returns_normally(loaded):
+    """`with ActivationCapture(model, [1]): model(**inputs)` ends the block normally, like baukit's Trace."""
+    lm = loaded("llama")
+    model = lm.model
+    ids = ids_of(lm)
+    before = hook_count(model)
+    ran = {"layer2": 0}
+    h = decoder_layers(model)[2].register_forward_pre_hook(lambda *_: ran.__setitem__("layer2", ran["layer2"] + 1))
+    reached = []
+    try:
+        with ActivationCapture(model, [1], COMPONENTS) as cap:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            reached.append("after the forward")  # not reached: the stop ends the forward and the block
+        reached.append("after the block")
+    finally:
+        h.remove()
+    assert reached == ["after the block"] and ran["layer2"] == 0
+    assert hook_count(model) == before
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cap.activations[1]["residual"], hs[2], rtol=1e-6, atol=1e-7)
+    a = cap.activations[1]
+    assert rel(a["residual"] - hs[1], a["attn_contribution"] + a["mlp_contribution"]) < 1e-5
+    # a capture swallows only its own stop: an outer capture's stop passes through an inner one
+    with ActivationCapture(model, [1]) as outer:
+        with ActivationCapture(model, [0], stop_after_last=False) as inner:
+            model(input_ids=ids)
+        reached.append("after the inner block")
+    assert reached == ["after the block"]
+    torch.testing.assert_close(inner.activations[0]["residual"], hs[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(outer.activations[1]["residual"], hs[2], rtol=1e-6, atol=1e-7)
+    assert hook_count(model) == before
+    # any other exception still propagates
+    with pytest.raises(ZeroDivisionError):
+        with ActivationCapture(model, [1]):
+            1 / 0
+    assert hook_count(model) == before
+
+
 def test_capture_rejects_bad_requests(loaded):
     model = loaded("llama").model
     with pytest.raises(HookError, match="out of range.*4 layers"):
