@@ -1,50 +1,52 @@
-"""Project captured activations onto trait vectors: one projection JSON per trait per prompt.
+"""Project activations onto trait vectors: one projection JSON per trait per prompt.
 
-    project_raw_activations_onto_traits(experiment, prompt_set=None, ...) -> dict   the stage, importable
-    find_prompt_sets(exp, variant) -> [set]        every (nested) folder of raw/residual/ holding .pt files
+    project_raw_activations_onto_traits(experiment, prompt_set=..., ...) -> dict   the stage, importable (keywords
+                                                  are the fields of ProjectOptions)
+    ProjectOptions                                every flag, frozen; ProjectOptions.from_args(namespace)
+    plan_projection(opts) -> ProjectPlan          every input checked (sets, files, vectors, layers, calibration);
+                                                  nothing loaded but small headers, nothing written
+    run_projection(plan) -> dict                  read each raw .pt, score it, write its JSONs; the summary
+    find_prompt_sets(exp, variant) -> [set]       every (nested) folder of raw/residual/ holding .pt files
     load_calibration(exp, variant) -> Calibration | None   the variant's file, else the experiment-wide one
-    compute_calibration(exp, variant, files) -> Calibration  from captured residuals; written to the variant path
-    format_summary(summary) -> str                 the one-line summary main() prints
-    main(argv=None) -> int                         the CLI: python inference/project_raw_activations_onto_traits.py --help
-    ProjectError                                   bad input; the message names the file or flag
+    compute_calibration(exp, variant, files, prompt_sets) -> Calibration | None   from captured residuals, written
+    projection_record(plan, prompt_set, prompt_id, trait, scores) -> dict   one projection JSON (docs/formats.md)
+    format_summary(summary) -> str                the one-line summary main() prints
+    main(argv=None) -> int                        the CLI: python inference/project_raw_activations_onto_traits.py --help
+    ProjectError                                  bad input; the message names the file or flag
 
 Reads  experiments/{exp}/inference/{variant}/raw/residual/{set}/{id}.pt  (memory-mapped; only the layers
        the chosen vectors need are touched)
 Writes experiments/{exp}/inference/{variant}/projections/{category}/{trait}/{set}/{id}.json
-       (the multi-vector format of DESIGN.md §4), atomically.
+       (the multi-vector projection format of docs/formats.md), atomically.
 
-Vectors are chosen once per prompt set by utils.vectors.select_vectors (steering evidence of one
---steering-variant for every projected variant, else held-out extraction metrics, else an explicit
---layer). Every trait's vectors at a layer are stacked, so each (prompt, layer) costs one matmul.
-Everything is checked (layers captured, component captured, hidden size) before the first file is written.
+Vectors are chosen once per prompt set by utils.vectors (steering evidence of one --steering-variant for
+every projected variant, else held-out extraction metrics, else an explicit --layer). Every trait's vectors
+at a layer are stacked, so each (prompt, layer) costs one matmul. Everything is checked (layers captured,
+component captured, hidden size) before the first file is written.
 """
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
+import re
 import sys
+import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from core.errors import TraitError  # noqa: E402
-from core.hooks import COMPONENTS  # noqa: E402
-from core.projection import MassiveDimStats, project, token_norms  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.cli import Parser as _Parser  # noqa: E402
-from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
-from utils.layers import LayerSpecError, parse_projection_layers  # noqa: E402
-from utils.model import load_model_config  # noqa: E402
-from utils.storage import StorageError, load_pt, read_json, write_json  # noqa: E402
-from utils.vectors import (SelectedVector, check_trait_name, discover_traits,  # noqa: E402
-                           parse_position, select_vectors)
+from core.errors import TraitError
+from core.hooks import COMPONENTS
+from core.projection import MassiveDimStats, project, token_norms
+from utils import cli, paths
+from utils.config import Variant, resolve_variant
+from utils.layers import LayerSpecError, parse_projection_layers
+from utils.model import load_model_config
+from utils.storage import StorageError, load_pt, read_json, write_json
+from utils.vectors import SelectedVector, VectorSource, parse_position, resolve_vector_source
 
 SIDES = ("prompt", "response")
 CALIBRATION_TOP_K = 5
@@ -52,6 +54,79 @@ CALIBRATION_TOP_K = 5
 
 class ProjectError(TraitError):
     """Bad input for the projection stage; the message names the file or flag."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options and plan
+
+@dataclass(frozen=True)
+class ProjectOptions:
+    """Every flag of the stage. `layers`: projection grammar (best, best+K, best-K, N; an int is one layer),
+    ignored with `multi_vector`. `traits`: a comma list or a sequence of category/name (None: every trait)."""
+
+    experiment: str
+    prompt_set: str | None = None
+    all_prompt_sets: bool = False
+    model_variant: str | None = None
+    traits: str | Sequence[str] | None = None
+    layers: str | int | None = "best"
+    method: str | None = None
+    component: str = "residual"
+    position: str | None = None
+    extraction_variant: str | None = None
+    vectors_experiment: str | None = None
+    steering_variant: str | None = None
+    multi_vector: int | None = None
+    centered: bool = False
+    skip_existing: bool = False
+    no_calibration: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "ProjectOptions":
+        if ns.multi_vector is not None and (ns.layer is not None or ns.layers is not None):
+            raise ProjectError("--multi-vector picks its own layers; drop --layer / --layers")
+        layers = ns.layer if ns.layer is not None else (ns.layers or "best")
+        names = {f.name for f in fields(cls)} - {"layers", "progress"}
+        return cls(layers=layers, progress=not ns.quiet, **{k: getattr(ns, k) for k in names})
+
+    @property
+    def layer_spec(self) -> str:
+        return "best" if self.layers is None else str(self.layers)
+
+
+@dataclass(frozen=True)
+class SetPlan:
+    """One prompt set: its files, what is left to write, and the vectors every prompt of it is scored on."""
+
+    prompt_set: str
+    files: Mapping[str, Path]                        # prompt id -> raw .pt
+    todo: tuple[tuple[str, tuple[str, ...]], ...]    # (prompt id, traits still to write)
+    vectors: Mapping[str, tuple[SelectedVector, ...]]  # trait -> its vectors, in projection order
+    hidden_size: int
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({v.layer for vs in self.vectors.values() for v in vs})
+
+
+@dataclass(frozen=True)
+class ProjectPlan:
+    opts: ProjectOptions
+    variant: Variant
+    source: VectorSource
+    sets: tuple[SetPlan, ...]
+    skipped: int                                     # (prompt, trait) outputs skipped by --skip-existing
+    calibration: "Calibration | None"                # a calibration file found (None: compute one, or off)
+
+    @property
+    def has_work(self) -> bool:
+        return any(s.todo for s in self.sets)
+
+    @property
+    def wants_calibration(self) -> bool:
+        """No calibration file was found, one is needed, and --no-calibration is not set."""
+        return self.calibration is None and not self.opts.no_calibration and self.has_work
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,17 +141,15 @@ def find_prompt_sets(exp: str, variant: str) -> list[str]:
     return sorted(found)
 
 
-def _raw_files(exp: str, variant: str, prompt_set: str) -> list[Path]:
-    folder = paths.raw_dir(exp, variant, prompt_set)
-    files = sorted((p for p in folder.glob("*.pt") if not p.name.startswith(".")),
-                   key=lambda p: paths.natural_key(p.stem)) if folder.is_dir() else []
+def _raw_files(exp: str, variant: str, prompt_set: str) -> dict[str, Path]:
+    files = paths.raw_files(exp, variant, prompt_set)
     if not files:
         sets = ", ".join(find_prompt_sets(exp, variant)) or "none"
         raise ProjectError(
-            f"--prompt-set {prompt_set!r}: no .pt files in {folder} (captured sets of variant {variant!r}: {sets}; "
-            f"create them with: python inference/capture_raw_activations.py --experiment {exp} "
-            f"--prompt-set {prompt_set} --model-variant {variant})"
-        )
+            f"--prompt-set {prompt_set!r}: no .pt files in {paths.raw_dir(exp, variant, prompt_set)} (captured sets "
+            f"of variant {variant!r}: {sets}; create them with: python inference/capture_raw_activations.py "
+            f"--experiment {exp} --prompt-set {prompt_set} --model-variant {variant}, or project without raw "
+            f"files with --fused)")
     return files
 
 
@@ -145,7 +218,7 @@ def _parse_calibration(path: Path, source: str) -> Calibration:
     try:
         data = read_json(path)
     except StorageError as e:
-        raise ProjectError(str(e)) from None
+        raise ProjectError(str(e)) from e
     agg = data.get("aggregate", data) if isinstance(data, dict) else None
     top = agg.get("top_dims_by_layer") if isinstance(agg, dict) else None
     if not isinstance(top, dict) or not all(
@@ -155,52 +228,217 @@ def _parse_calibration(path: Path, source: str) -> Calibration:
 
 
 def load_calibration(exp: str, variant: str) -> Calibration | None:
-    """The variant's calibration.json, else the experiment-wide one (where the original looked), else None."""
+    """The variant's calibration.json, else the experiment-wide one (where trait-interp looked), else None."""
     for path, source in ((paths.calibration_file(exp, variant), "variant"), (paths.calibration_file(exp), "experiment")):
         if path.exists():
             return _parse_calibration(path, source)
     return None
 
 
-def compute_calibration(exp: str, variant: str, files: Sequence[Path], prompt_sets: Sequence[str],
-                        top_k: int = CALIBRATION_TOP_K, progress: bool = False) -> Calibration | None:
-    """Per layer, the top-k dims by |mean| of the residual over response tokens (prompt tokens when a
-    response has none), plus dim magnitudes and mean norms; written to the variant's calibration path.
-    None when no file holds residual activations.
-    """
-    from tqdm.auto import tqdm
-
-    stats = MassiveDimStats(top_k)
-    n_prompts = 0
-    for path in tqdm(files, desc="calibration", unit="prompt", file=sys.stderr, disable=not progress):
-        data = load_pt(path)
-        used = False
-        for side in ("response", "prompt"):
-            acts = data[side].get("activations") or {}
-            by_layer = {l: c["residual"] for l, c in acts.items() if "residual" in c and c["residual"].shape[0] > 0}
-            if by_layer:
-                for layer, t in by_layer.items():
-                    stats.add(layer, t)
-                used = True
-                break
-        n_prompts += used
-    if not stats.layers:
-        return None
+def write_calibration(exp: str, variant: str, stats: MassiveDimStats, n_prompts: int, prompt_sets: Sequence[str],
+                      computed_by: str) -> Calibration:
+    """calibration.json from accumulated statistics (docs/formats.md), written to the variant's path."""
     agg = stats.aggregate()
     out = {
-        "experiment": exp, "model_variant": variant, "prompt_set": "calibration", "is_calibration": True,
-        "computed_by": "project_raw_activations_onto_traits.py (no calibration file was found)",
+        "experiment": exp, "model_variant": variant, "model": resolve_variant(exp, variant).model,
+        "prompt_set": "calibration", "is_calibration": True, "computed_by": computed_by,
         "computed_from": {"prompt_sets": list(prompt_sets), "component": "residual",
                           "tokens": "response (prompt when a response is empty)"},
         "date": _dt.datetime.now().isoformat(),
-        "aggregate": {"n_prompts": n_prompts, "top_k": top_k, **agg},
+        "aggregate": {"n_prompts": n_prompts, "top_k": stats.top_k, **agg},
     }
     path = paths.calibration_file(exp, variant)
     write_json(path, out, indent=1)
     return Calibration(path, "computed", agg["top_dims_by_layer"])
 
 
-def _massive_dim_data(cal: Calibration, sel: SelectedVector, side_acts: dict[str, torch.Tensor | None]) -> dict:
+def compute_calibration(exp: str, variant: str, files: Sequence[Path], prompt_sets: Sequence[str],
+                        top_k: int = CALIBRATION_TOP_K, progress: bool = False) -> Calibration | None:
+    """Per layer, the top-k dims by |mean| of the residual over response tokens (prompt tokens when a
+    response has none), plus dim magnitudes, mean norms and mean alignment; written to the variant's
+    calibration path. None when no file holds residual activations.
+    """
+    stats = MassiveDimStats(top_k)
+    n_prompts = 0
+    for path in tqdm(files, desc="calibration", unit="prompt", file=sys.stderr, disable=not progress):
+        data = load_pt(path)
+        for side in ("response", "prompt"):
+            acts = data[side].get("activations") or {}
+            by_layer = {l: c["residual"] for l, c in acts.items() if "residual" in c and c["residual"].shape[0] > 0}
+            if by_layer:
+                for layer, t in by_layer.items():
+                    stats.add(layer, t)
+                n_prompts += 1
+                break
+    if not stats.layers:
+        return None
+    return write_calibration(exp, variant, stats, n_prompts, prompt_sets,
+                             "project_raw_activations_onto_traits.py (no calibration file was found)")
+
+
+def _calibrate_from_raw(plan: ProjectPlan) -> Calibration | None:
+    """Compute the calibration from every raw file of the run's sets and say so on stderr."""
+    exp, variant = plan.opts.experiment, plan.variant.name
+    files = [f for s in plan.sets for f in s.files.values()]
+    calibration = compute_calibration(exp, variant, files, [s.prompt_set for s in plan.sets],
+                                      progress=plan.opts.progress)
+    if calibration is None:
+        print("calibration: none found and none computable (no residual activations captured); "
+              "massive_dim_data omitted", file=sys.stderr)
+    else:
+        print(f"calibration: none found at {paths.calibration_file(exp, variant)} or {paths.calibration_file(exp)}; "
+              f"computed from {len(files)} captured prompts and written to {calibration.path}", file=sys.stderr)
+    return calibration
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning: every input checked before anything is written
+
+def _check_options(opts: ProjectOptions) -> None:
+    if bool(opts.prompt_set) == bool(opts.all_prompt_sets):
+        raise ProjectError("give exactly one of --prompt-set or --all-prompt-sets")
+    if opts.component not in COMPONENTS:
+        raise ProjectError(f"--component {opts.component!r}: choose from {', '.join(COMPONENTS)}")
+    if opts.position is not None:
+        parse_position(opts.position)
+    if opts.multi_vector is not None and opts.multi_vector < 1:
+        raise ProjectError(f"--multi-vector must be >= 1, got {opts.multi_vector}")
+
+
+def _check_layer_spec(opts: ProjectOptions, variant: Variant) -> int | None:
+    """Syntax errors in --layers before anything is read; the model's depth when a layer counts from the end."""
+    if opts.multi_vector is not None:
+        return None
+    n_layers = None
+    if re.search(r"(^|,)\s*-\d", opts.layer_spec):
+        n_layers = int(load_model_config(variant.model_path(opts.experiment)).num_hidden_layers)
+    parse_projection_layers(opts.layer_spec, n_layers)
+    return n_layers
+
+
+def _pending(opts: ProjectOptions, variant: str, prompt_set: str, ids: Sequence[str],
+             traits: Sequence[str]) -> tuple[list[tuple[str, tuple[str, ...]]], int]:
+    """(prompt id, traits still to write) per prompt, and how many outputs --skip-existing skips."""
+    todo, skipped = [], 0
+    for pid in ids:
+        pending = tuple(t for t in traits if not (
+            opts.skip_existing and paths.projection_file(opts.experiment, variant, t, prompt_set, pid).exists()))
+        skipped += len(traits) - len(pending)
+        if pending:
+            todo.append((pid, pending))
+    return todo, skipped
+
+
+def select_set_vectors(opts: ProjectOptions, source: VectorSource, traits: Sequence[str], available: Sequence[int],
+                       hidden_size: int, n_layers: int | None, where: str) -> dict[str, tuple[SelectedVector, ...]]:
+    """Each trait's vectors for a set; a layer outside `available` is an error that says `where` they come from."""
+    out = {}
+    for trait in traits:
+        try:
+            out[trait] = tuple(source.select(
+                trait, layers=opts.layer_spec, available_layers=list(available), component=opts.component,
+                position=opts.position, method=opts.method, multi_vector=opts.multi_vector,
+                hidden_size=hidden_size, n_layers=n_layers))
+        except LayerSpecError as e:
+            raise LayerSpecError(f"trait {trait!r}: {e} ({where})") from e
+    return out
+
+
+def _plan_raw_set(opts: ProjectOptions, variant: str, source: VectorSource, prompt_set: str,
+                  n_layers: int | None) -> tuple[SetPlan, int]:
+    """The set's files and pending outputs; vectors checked against its first pending file (no other file opened)."""
+    files = _raw_files(opts.experiment, variant, prompt_set)
+    todo, skipped = _pending(opts, variant, prompt_set, list(files), source.traits)
+    if not todo:
+        return SetPlan(prompt_set, files, (), {}, 0), skipped
+    first = files[todo[0][0]]
+    info = _raw_info(first, load_pt(first))
+    captured = set().union(*info.components.values())
+    if opts.component not in captured:  # before vector selection: the clearer message
+        raise ProjectError(f"{first}: component {opts.component!r} was not captured (captured: "
+                           f"{', '.join(sorted(captured))}); capture it with --components {opts.component}")
+    traits = list(dict.fromkeys(t for _, ts in todo for t in ts))
+    vectors = select_set_vectors(opts, source, traits, info.layers, info.hidden_size, info.n_layers or n_layers,
+                                 f"captured in {first}")
+    plan = SetPlan(prompt_set, files, tuple(todo), vectors, info.hidden_size)
+    _check_captured(info, plan.layers, opts.component)
+    return plan, skipped
+
+
+def plan_projection(opts: ProjectOptions) -> ProjectPlan:
+    """Check every input of the two-stage path (raw files) and decide what is left to write."""
+    _check_options(opts)
+    variant = resolve_variant(opts.experiment, opts.model_variant, "application")
+    n_layers = _check_layer_spec(opts, variant)
+    source = resolve_vector_source(opts.experiment, opts.vectors_experiment, opts.extraction_variant,
+                                   opts.steering_variant, opts.traits)
+    sets = find_prompt_sets(opts.experiment, variant.name) if opts.all_prompt_sets else [opts.prompt_set.strip("/")]
+    if not sets:
+        raise ProjectError(f"--all-prompt-sets: no .pt files under "
+                           f"{paths.inference_dir(opts.experiment, variant.name) / 'raw' / 'residual'}")
+    planned = [_plan_raw_set(opts, variant.name, source, s, n_layers) for s in sets]
+    set_plans = tuple(p for p, _ in planned)
+    calibration = None
+    if not opts.no_calibration and any(s.todo for s in set_plans):
+        calibration = load_calibration(opts.experiment, variant.name)
+    return ProjectPlan(opts, variant, source, set_plans, sum(n for _, n in planned), calibration)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores of one prompt, and its JSONs
+
+@dataclass
+class PromptScores:
+    """One prompt's numbers for its projection JSONs, from a raw file or from a fused forward."""
+
+    n_tokens: dict[str, int]                                   # side -> tokens
+    scores: dict[tuple[str, int], dict[str, list[float]]]      # (trait, k-th vector of it) -> side -> per token
+    norms: dict[int, dict[str, list[float]]]                   # layer -> side -> |h| per token
+    captured: dict[int, dict[str, bool]]                       # layer -> side -> activations were there
+    dim_values: dict[int, dict[str, dict[str, list[float]]]]   # layer -> side -> {dim: per token}, calibration dims
+    norms_component: str = "residual"
+    model: str | None = None
+
+
+def calibration_dims(calibration: "Calibration | None", hidden_size: int) -> list[int]:
+    return [d for d in calibration.dims if d < hidden_size] if calibration is not None else []
+
+
+def scores_from_raw(plan: ProjectPlan, set_plan: SetPlan, path: Path, pending: Sequence[str]) -> PromptScores:
+    """Score one raw .pt on the pending traits' vectors: per layer one matmul of both sides on all its vectors."""
+    component = plan.opts.component
+    data = load_pt(path)
+    info = _raw_info(path, data)
+    needed = sorted({v.layer for t in pending for v in set_plan.vectors[t]})
+    _check_captured(info, needed, component)
+    if info.hidden_size != set_plan.hidden_size:
+        raise ProjectError(f"{path}: hidden size {info.hidden_size} differs from the set's first file "
+                           f"({set_plan.hidden_size}); were these captured from different models?")
+    dims = calibration_dims(plan.calibration, info.hidden_size)
+    first_layers = {set_plan.vectors[t][0].layer for t in pending}
+    out = PromptScores({s: len(data[s].get("token_ids") or data[s].get("tokens") or []) for s in SIDES}, {}, {}, {},
+                       {}, model=(data.get("metadata") or {}).get("model"))
+    for layer in needed:
+        acts = {s: (data[s].get("activations") or {}).get(layer, {}).get(component) for s in SIDES}
+        present = [s for s in SIDES if acts[s] is not None]
+        stacked = [(t, k) for t in pending for k, v in enumerate(set_plan.vectors[t]) if v.layer == layer]
+        matrix = torch.stack([set_plan.vectors[t][k].vector for t, k in stacked])
+        all_scores = project(torch.cat([acts[s] for s in present]), matrix)            # [n_tokens, K]
+        split = dict(zip(present, torch.split(all_scores, [acts[s].shape[0] for s in present])))
+        for j, key in enumerate(stacked):
+            out.scores[key] = {s: (split[s][:, j].tolist() if s in split else []) for s in SIDES}
+        resid = {s: (data[s].get("activations") or {}).get(layer, {}).get("residual") for s in SIDES}
+        if all(resid[s] is None for s in present):      # residual not captured: norms of the component itself
+            resid, out.norms_component = acts, component
+        out.norms[layer] = {s: (token_norms(resid[s]).tolist() if resid[s] is not None else []) for s in SIDES}
+        out.captured[layer] = {s: acts[s] is not None for s in SIDES}
+        if layer in first_layers:
+            out.dim_values[layer] = {s: ({str(d): acts[s][:, d].float().tolist() for d in dims}
+                                         if acts[s] is not None else {}) for s in SIDES}
+    return out
+
+
+def _massive_dim_data(cal: Calibration, sel: SelectedVector, values: dict[str, dict[str, list[float]]]) -> dict:
     """The viewer's contract: dims, top_dims_by_layer, vec_norm, vec_components, activation_values per side."""
     dims = [d for d in cal.dims if d < sel.vector.shape[0]]
     return {
@@ -209,260 +447,129 @@ def _massive_dim_data(cal: Calibration, sel: SelectedVector, side_acts: dict[str
         "top_dims_by_layer": cal.top_dims_by_layer,
         "vec_norm": float(sel.vector.norm()),
         "vec_components": {str(d): float(sel.vector[d]) for d in dims},
-        "activation_values": {
-            side: ({str(d): t[:, d].float().tolist() for d in dims} if t is not None else {})
-            for side, t in side_acts.items()
-        },
+        "activation_values": values,
     }
-
-
-# ---------------------------------------------------------------------------------------------------
-# The stage
-
-@dataclass
-class _SetPlan:
-    prompt_set: str
-    files: list[Path]
-    todo: list[tuple[Path, list[str]]]             # (.pt, traits still to write)
-    vectors: dict[str, list[SelectedVector]] = field(default_factory=dict)
-    layers: list[int] = field(default_factory=list)
-    hidden_size: int = 0
-
-
-def _split_traits(traits: str | Sequence[str] | None) -> list[str] | None:
-    if traits is None:
-        return None
-    items = [t.strip() for t in traits.split(",")] if isinstance(traits, str) else [str(t).strip() for t in traits]
-    if not items or any(not t for t in items):
-        raise ProjectError(f"--traits {traits!r}: empty item (expected category/name,category/name)")
-    return list(dict.fromkeys(check_trait_name(t) for t in items))
-
-
-def project_raw_activations_onto_traits(
-        experiment: str, prompt_set: str | None = None, all_prompt_sets: bool = False,
-        model_variant: str | None = None, traits: str | Sequence[str] | None = None,
-        layers: str | int | None = "best", method: str | None = None, component: str = "residual",
-        position: str | None = None, extraction_variant: str | None = None, vectors_experiment: str | None = None,
-        steering_variant: str | None = None, multi_vector: int | None = None, centered: bool = False,
-        skip_existing: bool = False, no_calibration: bool = False, progress: bool = True) -> dict:
-    """Project every captured prompt of the set(s) onto each trait's vectors and write the projection JSONs.
-
-    `layers`: projection grammar (best, best+K, best-K, N; an int is one layer); ignored with `multi_vector`.
-    Returns a summary: experiment, model_variant, prompt_sets, traits, written, skipped, prompts, files,
-    vectors (per set and trait), calibration (path and source, or None), seconds.
-    """
-    t0 = time.perf_counter()
-    # --- arguments -------------------------------------------------------------------------------
-    if bool(prompt_set) == bool(all_prompt_sets):
-        raise ProjectError("give exactly one of --prompt-set or --all-prompt-sets")
-    if component not in COMPONENTS:
-        raise ProjectError(f"--component {component!r}: choose from {', '.join(COMPONENTS)}")
-    if position is not None:
-        parse_position(position)
-    if multi_vector is not None and multi_vector < 1:
-        raise ProjectError(f"--multi-vector must be >= 1, got {multi_vector}")
-    layer_spec = "best" if layers is None else str(layers)
-    variant_cfg = resolve_variant(experiment, model_variant, "application")
-    variant = variant_cfg.name
-    n_layers = None
-    if multi_vector is None:
-        if re.search(r"(^|,)\s*-\d", layer_spec):  # a layer counted from the end needs the model's depth
-            n_layers = int(load_model_config(variant_cfg.model_path(experiment)).num_hidden_layers)
-        parse_projection_layers(layer_spec, n_layers)  # syntax errors before anything is read
-    vec_exp = vectors_experiment or experiment
-    load_config(vec_exp)
-    ext_variant = extraction_variant or resolve_variant(vec_exp, None, "extraction").name
-    if steering_variant is not None:
-        known = load_config(vec_exp)["model_variants"]
-        if steering_variant not in known:
-            raise ConfigError(f"--steering-variant {steering_variant!r}: not a model variant of experiment "
-                              f"{vec_exp!r} (variants: {', '.join(known)})")
-        steer_variant = steering_variant
-    else:
-        steer_variant = resolve_variant(vec_exp, None, "application").name
-    trait_list = _split_traits(traits)
-    if trait_list is None:
-        trait_list = discover_traits(vec_exp, ext_variant)
-        if not trait_list:
-            raise ProjectError(f"no trait vectors for extraction variant {ext_variant!r} in "
-                               f"{paths.extraction_dir(vec_exp)}; create some with: python extraction/extract_vectors.py "
-                               f"--experiment {vec_exp}")
-    sets = find_prompt_sets(experiment, variant) if all_prompt_sets else [prompt_set.strip("/")]
-    if not sets:
-        raise ProjectError(f"--all-prompt-sets: no .pt files under {paths.inference_dir(experiment, variant) / 'raw' / 'residual'}")
-
-    # --- plan: what is left to write (no .pt opened for this) --------------------------------------
-    plans: list[_SetPlan] = []
-    skipped = 0
-    for s in sets:
-        files = _raw_files(experiment, variant, s)
-        todo = []
-        for f in files:
-            pending = [t for t in trait_list
-                       if not (skip_existing and paths.projection_file(experiment, variant, t, s, f.stem).exists())]
-            skipped += len(trait_list) - len(pending)
-            if pending:
-                todo.append((f, pending))
-        plans.append(_SetPlan(s, files, todo))
-
-    # --- vectors, checked against the first pending file of each set before anything is written ---
-    for plan in plans:
-        if not plan.todo:
-            continue
-        first = plan.todo[0][0]
-        info = _raw_info(first, load_pt(first))
-        captured = set().union(*info.components.values())
-        if component not in captured:  # before vector selection: the clearer message
-            raise ProjectError(f"{first}: component {component!r} was not captured (captured: "
-                               f"{', '.join(sorted(captured))}); capture it with --components {component}")
-        pending_traits = list(dict.fromkeys(t for _, ts in plan.todo for t in ts))
-        for trait in pending_traits:
-            try:
-                plan.vectors[trait] = select_vectors(
-                    vec_exp, trait, ext_variant, steer_variant, layers=layer_spec, available_layers=info.layers,
-                    component=component, position=position, method=method, multi_vector=multi_vector,
-                    hidden_size=info.hidden_size, n_layers=info.n_layers or n_layers)
-            except LayerSpecError as e:
-                raise LayerSpecError(f"trait {trait!r}: {e} (captured in {first})") from None
-        plan.layers = sorted({v.layer for vs in plan.vectors.values() for v in vs})
-        plan.hidden_size = info.hidden_size
-        _check_captured(info, plan.layers, component)
-
-    # --- calibration -------------------------------------------------------------------------------
-    calibration: Calibration | None = None
-    calibration_note = "off (--no-calibration)" if no_calibration else "none"
-    if not no_calibration and any(p.todo for p in plans):
-        calibration = load_calibration(experiment, variant)
-        if calibration is None:
-            files = [f for p in plans for f in p.files]
-            calibration = compute_calibration(experiment, variant, files, [p.prompt_set for p in plans],
-                                              progress=progress)
-            if calibration is None:
-                print("calibration: none found and none computable (no residual activations captured); "
-                      "massive_dim_data omitted", file=sys.stderr)
-            else:
-                print(f"calibration: none found at {paths.calibration_file(experiment, variant)} or "
-                      f"{paths.calibration_file(experiment)}; computed from {len(files)} captured prompts and "
-                      f"written to {calibration.path}", file=sys.stderr)
-        if calibration is not None:
-            calibration_note = f"{calibration.source} ({calibration.path})"
-
-    # --- project ----------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    summary: dict[str, Any] = {
-        "experiment": experiment, "model_variant": variant, "vectors_experiment": vec_exp,
-        "extraction_variant": ext_variant, "steering_variant": steer_variant, "prompt_sets": sets,
-        "traits": trait_list, "written": 0, "skipped": skipped, "prompts": 0, "files": [],
-        "vectors": {p.prompt_set: {t: [v.describe(paths.experiment_dir(vec_exp)) for v in vs]
-                                   for t, vs in p.vectors.items()} for p in plans},
-        "calibration": None if calibration is None else {"path": str(calibration.path), "source": calibration.source},
-        "calibration_note": calibration_note, "seconds": 0.0,
-    }
-    total = sum(len(p.todo) for p in plans)
-    bar = tqdm(total=total, unit="prompt", desc="project", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    try:
-        for plan in plans:
-            for path, pending in plan.todo:
-                written = _project_file(plan, path, pending, experiment, variant, vec_exp, ext_variant, steer_variant,
-                                        component, position, layer_spec, multi_vector, centered, calibration)
-                summary["files"].extend(str(p) for p in written)
-                summary["written"] += len(written)
-                summary["prompts"] += 1
-                bar.update(1)
-    finally:
-        bar.close()
-    summary["seconds"] = time.perf_counter() - t0
-    return summary
-
-
-def _project_file(plan: _SetPlan, path: Path, pending: list[str], experiment: str, variant: str, vec_exp: str,
-                  ext_variant: str, steer_variant: str, component: str, position: str | None, layer_spec: str,
-                  multi_vector: int | None, centered: bool, calibration: Calibration | None) -> list[Path]:
-    data = load_pt(path)
-    info = _raw_info(path, data)
-    needed = sorted({v.layer for t in pending for v in plan.vectors[t]})
-    _check_captured(info, needed, component)
-    if info.hidden_size != plan.hidden_size:
-        raise ProjectError(f"{path}: hidden size {info.hidden_size} differs from the set's first file "
-                           f"({plan.hidden_size}); were these captured from different models?")
-    n_tokens = {s: len(data[s].get("token_ids") or data[s].get("tokens") or []) for s in SIDES}
-
-    # Per layer: the projected component and the residual of both sides, scored in one matmul.
-    scores: dict[tuple[int, int], dict[str, list[float]]] = {}     # (layer, id(vector)) -> side -> scores
-    norms: dict[int, dict[str, list[float]]] = {}
-    side_acts: dict[int, dict[str, torch.Tensor | None]] = {}
-    norms_component = "residual"
-    for layer in needed:
-        acts = {s: (data[s].get("activations") or {}).get(layer, {}).get(component) for s in SIDES}
-        side_acts[layer] = acts
-        present = [s for s in SIDES if acts[s] is not None]
-        stacked = [v for t in pending for v in plan.vectors[t] if v.layer == layer]
-        matrix = torch.stack([v.vector for v in stacked])
-        all_scores = project(torch.cat([acts[s] for s in present]), matrix)            # [n_tokens, K]
-        split = dict(zip(present, torch.split(all_scores, [acts[s].shape[0] for s in present])))
-        for k, v in enumerate(stacked):
-            scores[(layer, id(v))] = {s: (split[s][:, k].tolist() if s in split else []) for s in SIDES}
-        resid = {s: (data[s].get("activations") or {}).get(layer, {}).get("residual") for s in SIDES}
-        if all(resid[s] is None for s in present):      # residual not captured: norms of the component itself
-            resid, norms_component = acts, component
-        norms[layer] = {s: (token_norms(resid[s]).tolist() if resid[s] is not None else []) for s in SIDES}
-
-    written = []
-    date = _dt.datetime.now().isoformat()
-    for trait in pending:
-        vectors = plan.vectors[trait]
-        entries = []
-        for v in vectors:
-            sc = scores[(v.layer, id(v))]
-            shift = v.baseline if centered else 0.0
-            entries.append({
-                "method": v.method, "layer": v.layer, "position": v.position, "component": v.component,
-                "selection_source": v.selection_source, "baseline": v.baseline,
-                "prompt": [x - shift for x in sc["prompt"]], "response": [x - shift for x in sc["response"]],
-                "token_norms": norms[v.layer],
-            })
-        trait_layers = sorted({v.layer for v in vectors})
-        out: dict[str, Any] = {
-            "metadata": {
-                "prompt_id": path.stem, "prompt_set": plan.prompt_set,
-                "n_prompt_tokens": n_tokens["prompt"], "n_response_tokens": n_tokens["response"],
-                "multi_vector": True, "n_vectors": len(entries), "component": component,
-                "position": vectors[0].position, "centered": centered, "projection_date": date,
-                "trait": trait, "experiment": experiment, "model_variant": variant,
-                "model": (data.get("metadata") or {}).get("model"),
-                "vectors_experiment": vec_exp, "extraction_variant": ext_variant, "steering_variant": steer_variant,
-                "layers_spec": None if multi_vector else layer_spec, "multi_vector_n": multi_vector,
-                "position_arg": position, "token_norms_component": norms_component,
-                "vectors": [v.describe(paths.experiment_dir(vec_exp)) for v in vectors],
-                "calibration": None if calibration is None else str(calibration.path),
-            },
-            "projections": entries,
-            "activation_norms": {
-                "layers": trait_layers, "component": norms_component, "statistic": "mean token norm",
-                **{s: ([_mean(norms[l][s]) for l in trait_layers] if any(side_acts[l][s] is not None
-                                                                         for l in trait_layers) else [])
-                   for s in SIDES},
-            },
-        }
-        if calibration is not None:
-            first = vectors[0]
-            out["massive_dim_data"] = _massive_dim_data(calibration, first, side_acts[first.layer])
-        target = paths.projection_file(experiment, variant, trait, plan.prompt_set, path.stem)
-        write_json(target, out)
-        written.append(target)
-    return written
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait: str, vectors: Sequence[SelectedVector],
+                      sc: PromptScores, date: str) -> dict:
+    """The projection JSON of one trait for one prompt (docs/formats.md); the same for both paths."""
+    opts, vec_root = plan.opts, paths.experiment_dir(plan.source.vectors_experiment)
+    entries = []
+    for k, v in enumerate(vectors):
+        got, shift = sc.scores[(trait, k)], (v.baseline if opts.centered else 0.0)
+        entries.append({
+            "method": v.method, "layer": v.layer, "position": v.position, "component": v.component,
+            "selection_source": v.selection_source, "baseline": v.baseline,
+            "prompt": [x - shift for x in got["prompt"]], "response": [x - shift for x in got["response"]],
+            "token_norms": sc.norms[v.layer],
+        })
+    trait_layers = sorted({v.layer for v in vectors})
+    out: dict[str, Any] = {
+        "metadata": {
+            "prompt_id": prompt_id, "prompt_set": prompt_set,
+            "n_prompt_tokens": sc.n_tokens["prompt"], "n_response_tokens": sc.n_tokens["response"],
+            "multi_vector": True, "n_vectors": len(entries), "component": opts.component,
+            "position": vectors[0].position, "centered": opts.centered, "projection_date": date,
+            "trait": trait, "experiment": opts.experiment, "model_variant": plan.variant.name, "model": sc.model,
+            **plan.source.describe(), "vector_source": plan.source.describe(),
+            "layers_spec": None if opts.multi_vector else opts.layer_spec, "multi_vector_n": opts.multi_vector,
+            "position_arg": opts.position, "token_norms_component": sc.norms_component,
+            "vectors": [v.describe(vec_root) for v in vectors],
+            "calibration": None if plan.calibration is None else str(plan.calibration.path),
+        },
+        "projections": entries,
+        "activation_norms": {
+            "layers": trait_layers, "component": sc.norms_component, "statistic": "mean token norm",
+            **{s: ([_mean(sc.norms[l][s]) for l in trait_layers] if any(sc.captured[l][s] for l in trait_layers)
+                   else []) for s in SIDES},
+        },
+    }
+    if plan.calibration is not None:
+        out["massive_dim_data"] = _massive_dim_data(plan.calibration, vectors[0], sc.dim_values[vectors[0].layer])
+    return out
+
+
+def write_prompt(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, pending: Sequence[str],
+                 sc: PromptScores) -> list[tuple[Path, int]]:
+    """Write the pending traits' JSONs of one prompt, each atomically; returns (path, bytes) per file."""
+    date = _dt.datetime.now().isoformat()
+    written = []
+    for trait in pending:
+        record = projection_record(plan, set_plan.prompt_set, prompt_id, trait, set_plan.vectors[trait], sc, date)
+        target = paths.projection_file(plan.opts.experiment, plan.variant.name, trait, set_plan.prompt_set, prompt_id)
+        written.append((target, write_json(target, record)))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+def new_summary(plan: ProjectPlan) -> dict[str, Any]:
+    opts = plan.opts
+    return {
+        "experiment": opts.experiment, "model_variant": plan.variant.name, **plan.source.describe(),
+        "prompt_sets": [s.prompt_set for s in plan.sets], "traits": list(plan.source.traits), "written": 0,
+        "skipped": plan.skipped, "prompts": 0, "files": [], "bytes": 0, "fused": False,
+        "vectors": {s.prompt_set: {t: [v.describe(paths.experiment_dir(plan.source.vectors_experiment)) for v in vs]
+                                   for t, vs in s.vectors.items()} for s in plan.sets},
+        "calibration": None, "calibration_note": "off (--no-calibration)" if opts.no_calibration else "none",
+        "seconds": 0.0,
+    }
+
+
+def note_calibration(summary: dict, calibration: Calibration | None) -> None:
+    if calibration is not None:
+        summary["calibration"] = {"path": str(calibration.path), "source": calibration.source}
+        summary["calibration_note"] = f"{calibration.source} ({calibration.path})"
+
+
+def count_written(summary: dict, written: list[tuple[Path, int]]) -> None:
+    summary["files"].extend(str(p) for p, _ in written)
+    summary["written"] += len(written)
+    summary["bytes"] += sum(n for _, n in written)
+    summary["prompts"] += 1
+
+
+def run_projection(plan: ProjectPlan) -> dict:
+    """The two-stage path: compute the calibration when none exists, then score and write every pending prompt."""
+    t0 = time.perf_counter()
+    if plan.wants_calibration:
+        plan = replace(plan, calibration=_calibrate_from_raw(plan))
+    summary = new_summary(plan)
+    note_calibration(summary, plan.calibration)
+    bar = tqdm(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project", file=sys.stderr,
+               disable=not plan.opts.progress, dynamic_ncols=True)
+    with bar:
+        for set_plan in plan.sets:
+            for pid, pending in set_plan.todo:
+                sc = scores_from_raw(plan, set_plan, set_plan.files[pid], pending)
+                count_written(summary, write_prompt(plan, set_plan, pid, pending, sc))
+                bar.update(1)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def project_raw_activations_onto_traits(experiment: str, **options) -> dict:
+    """Project every pending prompt of the set(s) onto each trait's vectors and write the projection JSONs.
+
+    Keywords are ProjectOptions' fields. Returns a summary: experiment, model_variant, prompt_sets, traits,
+    written, skipped, prompts, files, bytes, vectors (per set and trait), calibration (path and source, or
+    None), seconds.
+    """
+    return run_projection(plan_projection(ProjectOptions(experiment, **options)))
+
+
 def format_summary(s: dict) -> str:
     sets = ", ".join(s["prompt_sets"])
+    per_prompt = s["bytes"] / s["prompts"] if s["prompts"] else 0.0
     return (f"projected {s['prompts']} prompts of {sets} onto {len(s['traits'])} traits: {s['written']} files written, "
-            f"{s['skipped']} existing skipped, in {s['seconds']:.1f} s "
-            f"({paths.inference_dir(s['experiment'], s['model_variant']) / 'projections'}); "
+            f"{s['skipped']} existing skipped, {s['bytes']:,} bytes ({per_prompt:,.0f} per prompt) in "
+            f"{s['seconds']:.1f} s ({paths.inference_dir(s['experiment'], s['model_variant']) / 'projections'}); "
             f"calibration: {s['calibration_note']}")
 
 
@@ -485,11 +592,11 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.Parser(
         prog="project_raw_activations_onto_traits.py",
         description="Project captured activations (raw/residual/{set}/*.pt) onto trait vectors and write one "
                     "projection JSON per trait per prompt (per-token scalar projections <h, v/|v|>).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG)
     p.add_argument("--experiment", required=True, help="experiment folder under experiments/")
     sets = p.add_mutually_exclusive_group(required=True)
     sets.add_argument("--prompt-set", help="prompt set (may be nested, e.g. rm_syco/train_100)")
@@ -518,24 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.multi_vector is not None and (args.layer is not None or args.layers is not None):
-        print("error: --multi-vector picks its own layers; drop --layer / --layers", file=sys.stderr)
-        return 2
-    layers = args.layer if args.layer is not None else (args.layers or "best")
-    try:
-        summary = project_raw_activations_onto_traits(
-            args.experiment, prompt_set=args.prompt_set, all_prompt_sets=args.all_prompt_sets,
-            model_variant=args.model_variant, traits=args.traits, layers=layers, method=args.method,
-            component=args.component, position=args.position, extraction_variant=args.extraction_variant,
-            vectors_experiment=args.vectors_experiment, steering_variant=args.steering_variant,
-            multi_vector=args.multi_vector, centered=args.centered, skip_existing=args.skip_existing,
-            no_calibration=args.no_calibration, progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return cli.run(build_parser(), lambda ns: run_projection(plan_projection(ProjectOptions.from_args(ns))),
+                   format_summary, argv)
 
 
 if __name__ == "__main__":
