@@ -9,12 +9,14 @@
     responses_dir / response_file               inference/{variant}/responses/{set}/{id}.json
     raw_dir / raw_file                          inference/{variant}/raw/residual/{set}/{id}.pt
     means_dir / means_file                      inference/{variant}/raw/means/{set}/{id}.pt (model-diff means)
+    files_by_id(folder, ext) / raw_files / means_files   {id: path} of a folder's files, natural id order
     projection_dir / projection_file            inference/{variant}/projections/{category}/{trait}/{set}/{id}.json
     calibration_file(exp, variant=None)         inference/{variant}/massive_activations/calibration.json (None: shared)
     vectors_dir / vector_file / vector_metadata extraction/{trait}/{variant}/vectors/{pos_dir}/{component}/{method}/...
     steering_results(exp, trait, variant, pos_dir)   steering/{trait}/{variant}/{pos_dir}/steering/results.jsonl
     per_token_dir(exp, set)                     analysis/per_token/{set}/
     model_diff_dir(exp, a, b)                   model_diff/{a}_vs_{b}/
+    report_file(exp, set, compare=None)         analysis/report/{set}.html | {set}_{a}_vs_{b}.html
     traits_data_dir(trait)                      datasets/traits/{category}/{trait}/
 """
 from __future__ import annotations
@@ -143,3 +145,30 @@ def means_dir(exp: str, variant: str, prompt_set: str, suffix: str | None = None
 
 def means_file(exp: str, variant: str, prompt_set: str, prompt_id: str | int, suffix: str | None = None) -> Path:
     return means_dir(exp, variant, prompt_set, suffix) / f"{prompt_id}.pt"
+
+
+def report_file(exp: str, prompt_set: str, compare: tuple[str, str] | None = None) -> Path:
+    """analysis/report/{set}.html, or {set}_{A}_vs_{B}.html for a model diff (analysis/report.py)."""
+    name = prompt_set.strip("/") + (f"_{compare[0]}_vs_{compare[1]}" if compare else "")
+    return experiment_dir(exp) / "analysis" / "report" / f"{name}.html"
+
+
+def files_by_id(folder: Path, ext: str = ".pt") -> dict[str, Path]:
+    """{id: path} of the `*{ext}` files directly in `folder`, in natural id order ({} when it does not exist).
+
+    Hidden files (a write in progress is `.{name}.tmp`) are not results and are left out.
+    """
+    if not folder.is_dir():
+        return {}
+    found = [p for p in folder.glob(f"*{ext}") if not p.name.startswith(".")]
+    return {p.stem: p for p in sorted(found, key=lambda p: natural_key(p.stem))}
+
+
+def raw_files(exp: str, variant: str, prompt_set: str, suffix: str | None = None) -> dict[str, Path]:
+    """{id: raw .pt} of a captured prompt set."""
+    return files_by_id(raw_dir(exp, variant, prompt_set, suffix))
+
+
+def means_files(exp: str, variant: str, prompt_set: str, suffix: str | None = None) -> dict[str, Path]:
+    """{id: means .pt} of a prompt set (utils/means.py)."""
+    return files_by_id(means_dir(exp, variant, prompt_set, suffix))

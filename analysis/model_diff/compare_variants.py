@@ -1,6 +1,9 @@
 """Compare two model variants on identical tokens: mean activation difference and trait effect sizes per layer.
 
     compare_variants(experiment, variant_a, variant_b, prompt_set, ...) -> dict   the stage, importable
+    CompareOptions(...) / CompareOptions.from_args(ns)        every option of one run (frozen)
+    plan_compare(opts) -> ComparePlan                         every input checked; nothing loaded or written
+    run_compare(plan) -> dict                                 means, diff, one trait at a time into results.json
     scan_pairs(exp, variant_a, variant_b, prompt_set, component) -> PairScan       ids, tokens and layers checked
     prompt_means(scan, progress) -> (means_a, means_b)       fp32 [prompts, layers, hidden], one file at a time
     trait_statistics(means_a, means_b, diff, layers, vectors) -> dict              the per-layer numbers of one trait
@@ -23,28 +26,26 @@ p_B. Every std is the sample std (ddof = 1); an undefined value (N = 1, zero var
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from core.errors import TraitError  # noqa: E402
-from core import stats  # noqa: E402
-from core.hooks import COMPONENTS  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.cli import Parser as _Parser  # noqa: E402
-from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
-from utils.storage import StorageError, load_pt, read_json, write_json, write_pt  # noqa: E402
-from utils.vectors import (VectorError, best_vector, check_trait_name, discover_traits, file_sha256,  # noqa: E402
-                           list_vectors, load_vector, parse_position, sanitize_position)
+from core import stats
+from core.errors import TraitError
+from core.hooks import COMPONENTS
+from utils import cli, paths
+from utils.config import ConfigError, load_config
+from utils.means import fp32_mean
+from utils.storage import StorageError, load_pt, read_json, write_json, write_pt
+from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
+                           resolve_vector_source, sanitize_position)
 
 DIFF_FILE = "diff_vectors.pt"
 MEANS_FILE = "prompt_means.pt"
@@ -59,14 +60,78 @@ STATISTICS = {
     "std_a/std_b": "sample std of the per-prompt projections",
     "peak": "layer of the largest |effect_size|; peak_paired_effect_size is d_z at that layer",
 }
+EFFECT_KEYS = ("per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_std_a", "per_layer_std_b",
+               "per_layer_mean_projection_diff")
 
 
 class CompareError(TraitError):
     """Bad input for compare_variants; the message names the file, prompt or flag."""
 
 
+def _fmt(layers) -> str:
+    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Pairing the raw files
+# Options
+
+@dataclass(frozen=True)
+class CompareOptions:
+    experiment: str
+    variant_a: str
+    variant_b: str
+    prompt_set: str
+    traits: str | tuple[str, ...] | None = None
+    use_best_vector: bool = False
+    method: str | None = None
+    position: str | None = None
+    component: str = "residual"
+    vector_experiment: str | None = None
+    extraction_variant: str | None = None
+    steering_variant: str | None = None
+    use_existing_diff: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "CompareOptions":
+        return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, traits=ns.traits,
+                   use_best_vector=ns.use_best_vector, method=ns.method, position=ns.position,
+                   component=ns.component, vector_experiment=ns.vector_experiment,
+                   extraction_variant=ns.extraction_variant, steering_variant=ns.steering_variant,
+                   use_existing_diff=ns.use_existing_diff, progress=not ns.quiet)
+
+    def check_flags(self) -> None:
+        """The flag combinations, before any file is read."""
+        if self.use_best_vector and (self.method or self.position):
+            raise CompareError("give either --use-best-vector or --method and --position, not both")
+        if not self.use_best_vector and not (self.method and self.position):
+            if self.method or self.position:
+                raise CompareError(f"--{'position' if self.method else 'method'} is missing: explicit vectors need "
+                                   f"both --method and --position (or use --use-best-vector)")
+            raise CompareError("choose the vectors: --use-best-vector, or --method M --position P")
+        if self.component not in COMPONENTS:
+            raise CompareError(f"--component {self.component!r}: choose from {', '.join(COMPONENTS)}")
+        if self.position is not None:
+            try:
+                parse_position(self.position)
+            except VectorError as e:
+                raise CompareError(str(e)) from e
+        if self.variant_a == self.variant_b:
+            raise CompareError(f"--variant-a and --variant-b are both {self.variant_a!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairing the per-prompt files
+
+@dataclass(frozen=True)
+class PromptFile:
+    """What one variant's file of one prompt holds, read without its activations."""
+    path: Path
+    prompt_ids: list[int] | None
+    response_ids: list[int]
+    layers: dict[int, int]               # layer -> hidden size of the component's response activations
+    components: list[str]                # every component captured (for error messages)
+
 
 @dataclass
 class PairScan:
@@ -82,35 +147,63 @@ class PairScan:
     token_digest: str = ""
 
 
-def _raw_files(exp: str, variant: str, prompt_set: str) -> dict[str, Path]:
-    folder = paths.raw_dir(exp, variant, prompt_set)
-    files = {p.stem: p for p in folder.glob("*.pt") if not p.name.startswith(".")} if folder.is_dir() else {}
-    if not files:
-        raise CompareError(f"no raw activations of variant {variant!r} for prompt set {prompt_set!r}: {folder} has no "
-                           f".pt files (capture them with: python inference/capture_raw_activations.py --experiment "
-                           f"{exp} --prompt-set {prompt_set} --model-variant {variant})")
-    return files
-
-
-def _load(path: Path) -> dict:
+def _load_raw(path: Path) -> dict:
     try:
         data = load_pt(path)
     except StorageError as e:
-        raise CompareError(str(e)) from None
+        raise CompareError(str(e)) from e
     if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
         raise CompareError(f"{path}: not a raw activation file (no 'response' dict)")
     return data
 
 
-def _response_layers(path: Path, data: dict, component: str) -> dict[int, int]:
-    """layer -> hidden size of the captured response activations of `component`."""
-    acts = data["response"].get("activations") or {}
-    out = {}
-    for layer, comps in acts.items():
-        t = comps.get(component) if isinstance(comps, dict) else None
-        if isinstance(t, torch.Tensor) and t.ndim == 2:
-            out[int(layer)] = int(t.shape[1])
-    return out
+def _read_raw(path: Path, component: str) -> PromptFile:
+    """Token ids and captured layers of a raw .pt (memory-mapped: the activations are not read)."""
+    data = _load_raw(path)
+    resp, prm = data["response"], data.get("prompt") or {}
+    if resp.get("token_ids") is None:
+        raise CompareError(f"{path}: no response.token_ids")
+    acts = resp.get("activations") or {}
+    layers = {int(layer): int(comps[component].shape[1]) for layer, comps in acts.items()
+              if isinstance(comps, dict) and isinstance(comps.get(component), torch.Tensor)
+              and comps[component].ndim == 2}
+    comps = sorted({c for v in acts.values() if isinstance(v, dict) for c in v})
+    pids = prm.get("token_ids")
+    return PromptFile(path, None if pids is None else list(pids), list(resp["token_ids"]), layers, comps)
+
+
+def _raw_means(path: Path, layers: list[int], component: str) -> list[torch.Tensor]:
+    acts = _load_raw(path)["response"]["activations"]
+    return [fp32_mean(acts[layer][component]) for layer in layers]
+
+
+def _check_layers(layer_sets: list[tuple[Path, set[int]]]) -> list[int]:
+    common = set.intersection(*(s for _, s in layer_sets))
+    union = set.union(*(s for _, s in layer_sets))
+    if common != union:  # a resumed capture with other --layers: say which file lacks what, never average unequal sets
+        path, have = next((p, s) for p, s in layer_sets if s != union)
+        raise CompareError(f"{path}: captured layers {_fmt(have)}, but other files of the pair have "
+                           f"{_fmt(union)}; recapture so that every prompt has the same layers")
+    return sorted(common)
+
+
+def _mismatch_error(mismatched: list[str], exp: str, variant_a: str, variant_b: str, prompt_set: str) -> CompareError:
+    shown = ", ".join(mismatched[:20]) + (" ..." if len(mismatched) > 20 else "")
+    return CompareError(
+        f"{len(mismatched)} prompt(s) of {prompt_set!r} have different token ids in {variant_a!r} and "
+        f"{variant_b!r}: {shown}. Compare variants on identical tokens: capture {variant_a} on {variant_b}'s "
+        f"responses with: python inference/capture_raw_activations.py --experiment {exp} --prompt-set "
+        f"{prompt_set} --model-variant {variant_a} --responses-from {variant_b}")
+
+
+def _files_of(exp: str, variant: str, prompt_set: str) -> dict[str, Path]:
+    files = paths.raw_files(exp, variant, prompt_set)
+    if not files:
+        raise CompareError(f"no raw activations of variant {variant!r} for prompt set {prompt_set!r}: "
+                           f"{paths.raw_dir(exp, variant, prompt_set)} has no .pt files (capture them with: python "
+                           f"inference/capture_raw_activations.py --experiment {exp} --prompt-set {prompt_set} "
+                           f"--model-variant {variant})")
+    return files
 
 
 def scan_pairs(exp: str, variant_a: str, variant_b: str, prompt_set: str, component: str) -> PairScan:
@@ -118,62 +211,40 @@ def scan_pairs(exp: str, variant_a: str, variant_b: str, prompt_set: str, compon
 
     Files are memory-mapped, so this reads only the small token lists. Errors list every bad prompt.
     """
-    files_a, files_b = _raw_files(exp, variant_a, prompt_set), _raw_files(exp, variant_b, prompt_set)
+    files_a, files_b = _files_of(exp, variant_a, prompt_set), _files_of(exp, variant_b, prompt_set)
     ids = sorted(set(files_a) & set(files_b), key=paths.natural_key)
     if not ids:
         raise CompareError(f"variants {variant_a!r} and {variant_b!r} share no prompt id in prompt set {prompt_set!r} "
                            f"({paths.raw_dir(exp, variant_a, prompt_set)}: {len(files_a)} files, "
                            f"{paths.raw_dir(exp, variant_b, prompt_set)}: {len(files_b)} files)")
     unpaired = {v: sorted(set(f) - set(ids), key=paths.natural_key) for v, f in ((variant_a, files_a), (variant_b, files_b))}
-    mismatched, excluded, layer_sets = [], {}, []
+    mismatched, excluded, layer_sets, hidden = [], {}, [], set()
     digest = hashlib.sha256()
-    hidden: int | None = None
     for pid in ids:
-        da, db = _load(files_a[pid]), _load(files_b[pid])
-        ra, rb = da["response"].get("token_ids"), db["response"].get("token_ids")
-        pa, pb = (da.get("prompt") or {}).get("token_ids"), (db.get("prompt") or {}).get("token_ids")
-        if ra is None or rb is None:
-            raise CompareError(f"{files_a[pid] if ra is None else files_b[pid]}: no response.token_ids")
-        if list(ra) != list(rb) or (pa is not None and pb is not None and list(pa) != list(pb)):
+        fa, fb = _read_raw(files_a[pid], component), _read_raw(files_b[pid], component)
+        if fa.response_ids != fb.response_ids or (fa.prompt_ids is not None and fb.prompt_ids is not None
+                                                  and fa.prompt_ids != fb.prompt_ids):
             mismatched.append(pid)
             continue
-        if not ra:
+        if not fa.response_ids:
             excluded[pid] = "no response tokens: the per-prompt mean is undefined"
             continue
-        digest.update(f"{pid}:{list(pa or [])}:{list(ra)};".encode())
-        for path, data in ((files_a[pid], da), (files_b[pid], db)):
-            have = _response_layers(path, data, component)
-            if not have:
-                comps = sorted({c for v in (data["response"].get("activations") or {}).values() for c in v})
-                raise CompareError(f"{path}: no response activations of component {component!r} (captured: "
-                                   f"{', '.join(comps) or 'none'}); capture with --components {component}")
-            for h in have.values():
-                if hidden is None:
-                    hidden = h
-                elif h != hidden:
-                    raise CompareError(f"{path}: hidden size {h} differs from {hidden} in other files (another model?)")
-            layer_sets.append((path, set(have)))
+        digest.update(f"{pid}:{fa.prompt_ids or []}:{fa.response_ids};".encode())
+        for f in (fa, fb):
+            if not f.layers:
+                raise CompareError(f"{f.path}: no response activations of component {component!r} (captured: "
+                                   f"{', '.join(f.components) or 'none'}); capture with --components {component}")
+            if hidden and set(f.layers.values()) != hidden:
+                raise CompareError(f"{f.path}: hidden size {_fmt(f.layers.values())} differs from "
+                                   f"{_fmt(hidden)} in other files (another model?)")
+            hidden |= set(f.layers.values())
+            layer_sets.append((f.path, set(f.layers)))
     if mismatched:
-        shown = ", ".join(mismatched[:20]) + (" ..." if len(mismatched) > 20 else "")
-        raise CompareError(
-            f"{len(mismatched)} prompt(s) of {prompt_set!r} have different token ids in {variant_a!r} and "
-            f"{variant_b!r}: {shown}. Compare variants on identical tokens: capture {variant_a} on {variant_b}'s "
-            f"responses with: python inference/capture_raw_activations.py --experiment {exp} --prompt-set "
-            f"{prompt_set} --model-variant {variant_a} --responses-from {variant_b}")
+        raise _mismatch_error(mismatched, exp, variant_a, variant_b, prompt_set)
     if not layer_sets:
         raise CompareError(f"every paired prompt of {prompt_set!r} has an empty response: nothing to compare")
-    common = set.intersection(*(s for _, s in layer_sets))
-    union = set.union(*(s for _, s in layer_sets))
-    if common != union:  # a resumed capture with other --layers: say which file lacks what, never average unequal sets
-        path, have = next((p, s) for p, s in layer_sets if s != union)
-        raise CompareError(f"{path}: captured layers {_fmt(have)}, but other files of the pair have "
-                           f"{_fmt(union)}; recapture so that every prompt has the same layers")
-    return PairScan(files_a, files_b, [p for p in ids if p not in excluded], sorted(common), component, int(hidden),
-                    {k: v for k, v in unpaired.items() if v}, excluded, digest.hexdigest())
-
-
-def _fmt(layers) -> str:
-    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
+    return PairScan(files_a, files_b, [p for p in ids if p not in excluded], _check_layers(layer_sets), component,
+                    hidden.pop(), {k: v for k, v in unpaired.items() if v}, excluded, digest.hexdigest())
 
 
 def prompt_means(scan: PairScan, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,21 +252,24 @@ def prompt_means(scan: PairScan, progress: bool = True) -> tuple[torch.Tensor, t
 
     Activations are cast to fp32 before averaging (a bf16 mean can be as coarse as a small LoRA's shift).
     """
-    from tqdm.auto import tqdm
-
     n, k = len(scan.ids), len(scan.layers)
     means_a = torch.empty(n, k, scan.hidden, dtype=torch.float32)
     means_b = torch.empty(n, k, scan.hidden, dtype=torch.float32)
     for i, pid in enumerate(tqdm(scan.ids, desc="prompt means", unit="prompt", file=sys.stderr, disable=not progress)):
         for files, out in ((scan.files_a, means_a), (scan.files_b, means_b)):
-            acts = _load(files[pid])["response"]["activations"]
-            for j, layer in enumerate(scan.layers):
-                out[i, j] = acts[layer][scan.component].to(torch.float32).mean(dim=0)
+            for j, mean in enumerate(_raw_means(files[pid], scan.layers, scan.component)):
+                out[i, j] = mean
     return means_a, means_b
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Statistics of one trait
+
+def _projection_stats(pa: torch.Tensor, pb: torch.Tensor) -> dict[str, stats.Stat]:
+    return {"per_layer_effect_size": stats.cohens_d(pb, pa), "per_layer_paired_effect_size": stats.paired_d(pb, pa),
+            "per_layer_std_a": stats.std(pa), "per_layer_std_b": stats.std(pb),
+            "per_layer_mean_projection_diff": stats.mean(pb - pa)}
+
 
 def trait_statistics(means_a: torch.Tensor | None, means_b: torch.Tensor | None, diff: torch.Tensor,
                      layers: Sequence[int], vectors: dict[int, torch.Tensor]) -> dict:
@@ -205,36 +279,25 @@ def trait_statistics(means_a: torch.Tensor | None, means_b: torch.Tensor | None,
     """
     sweep = sorted(vectors)
     row = {layer: i for i, layer in enumerate(layers)}
-    out: dict[str, Any] = {k: [] for k in (
-        "per_layer_cosine_sim", "per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_std_a",
-        "per_layer_std_b", "per_layer_mean_projection_diff", "per_layer_projections_a", "per_layer_projections_b")}
+    out: dict[str, list] = {k: [] for k in ("per_layer_cosine_sim", *EFFECT_KEYS)}
+    projections: dict[str, list] = {"per_layer_projections_a": [], "per_layer_projections_b": []}
     reasons: dict[str, dict[str, str]] = {}
-
-    def put(key: str, layer: int, s: stats.Stat) -> None:
-        out[key].append(s.value)
-        if s.value is None:
-            reasons.setdefault(key, {})[str(layer)] = s.reason
-
+    no_means = stats.Stat.undefined(f"no per-prompt means in {MEANS_FILE}: rerun without --use-existing-diff")
     for layer in sweep:
         v = vectors[layer].to(torch.float64)
-        put("per_layer_cosine_sim", layer, stats.cosine(diff[row[layer]], v))
+        numbers = {"per_layer_cosine_sim": stats.cosine(diff[row[layer]], v)}
         if means_a is None:
-            for key in ("per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_std_a", "per_layer_std_b",
-                        "per_layer_mean_projection_diff"):
-                put(key, layer, stats.Stat.undefined(f"no per-prompt means in {MEANS_FILE}: rerun without "
-                                                     f"--use-existing-diff"))
-            continue
-        pa = means_a[:, row[layer]].to(torch.float64) @ v
-        pb = means_b[:, row[layer]].to(torch.float64) @ v
-        put("per_layer_effect_size", layer, stats.cohens_d(pb, pa))
-        put("per_layer_paired_effect_size", layer, stats.paired_d(pb, pa))
-        put("per_layer_std_a", layer, stats.std(pa))
-        put("per_layer_std_b", layer, stats.std(pb))
-        put("per_layer_mean_projection_diff", layer, stats.mean(pb - pa))
-        out["per_layer_projections_a"].append(pa.tolist())
-        out["per_layer_projections_b"].append(pb.tolist())
-    if means_a is None:
-        del out["per_layer_projections_a"], out["per_layer_projections_b"]
+            numbers.update({k: no_means for k in EFFECT_KEYS})
+        else:
+            pa = means_a[:, row[layer]].to(torch.float64) @ v
+            pb = means_b[:, row[layer]].to(torch.float64) @ v
+            numbers.update(_projection_stats(pa, pb))
+            projections["per_layer_projections_a"].append(pa.tolist())
+            projections["per_layer_projections_b"].append(pb.tolist())
+        for key, s in numbers.items():
+            out[key].append(s.value)
+            if s.value is None:
+                reasons.setdefault(key, {})[str(layer)] = s.reason
     peak = stats.peak_index(out["per_layer_effect_size"])
     result = {
         "layers": sweep,
@@ -244,15 +307,12 @@ def trait_statistics(means_a: torch.Tensor | None, means_b: torch.Tensor | None,
         "peak_layer": None if peak is None else sweep[peak],
         "peak_effect_size": None if peak is None else out["per_layer_effect_size"][peak],
         "peak_paired_effect_size": None if peak is None else out["per_layer_paired_effect_size"][peak],
-        "per_layer_std_a": out["per_layer_std_a"],
-        "per_layer_std_b": out["per_layer_std_b"],
-        "per_layer_mean_projection_diff": out["per_layer_mean_projection_diff"],
+        **{k: out[k] for k in EFFECT_KEYS[2:]},
     }
     if peak is None:
         reasons["peak_layer"] = {"all": "no layer has a defined effect size"}
-    if "per_layer_projections_a" in out:
-        result["per_layer_projections_a"] = out["per_layer_projections_a"]
-        result["per_layer_projections_b"] = out["per_layer_projections_b"]
+    if means_a is not None:
+        result.update(projections)
     if reasons:
         result["null_reasons"] = reasons
     return result
@@ -261,39 +321,174 @@ def trait_statistics(means_a: torch.Tensor | None, means_b: torch.Tensor | None,
 # ---------------------------------------------------------------------------------------------------------
 # Vector choice per trait
 
-@dataclass
+@dataclass(frozen=True)
 class TraitSpec:
     trait: str
     method: str
     position: str
     component: str
-    available: list[int]                  # layers with a vector file
+    available: tuple[int, ...]            # layers with a vector file
     selection: dict                       # how the spec was chosen
 
 
-def _trait_spec(vec_exp: str, trait: str, ext_variant: str, steer_variant: str, use_best: bool, method: str | None,
-                position: str | None, component: str) -> TraitSpec | str:
-    """The vector spec of a trait, or the reason it has none (a str)."""
-    try:
-        if use_best:
-            # Restricted to the activation component: a vector is only meaningful on the stream it came from.
-            best = best_vector(vec_exp, trait, ext_variant, steer_variant, component=component)
-            method, position = best.method, best.position
-            selection = {"mode": "best", "source": best.selection_source, "best_layer": best.layer,
-                         "score": best.score, "steering_variant": steer_variant}
-        else:
-            selection = {"mode": "explicit"}
-        refs = list_vectors(vec_exp, trait, ext_variant, component=component, position=position, method=method)
-    except VectorError as e:
-        return str(e)
+def trait_spec(source: VectorSource, trait: str, opts: CompareOptions) -> TraitSpec:
+    """The vector spec of a trait (no vector loaded); VectorError when it has none."""
+    method, position = opts.method, opts.position
+    if opts.use_best_vector:
+        # restricted to the activation component: a vector is only meaningful on the stream it came from
+        top = source.rank(trait, component=opts.component)[0]
+        method, position = top.ref.method, top.ref.position
+        selection = {"mode": "best", "source": top.source, "best_layer": top.ref.layer, "score": top.score,
+                     "steering_variant": source.steering_variant}
+    else:
+        selection = {"mode": "explicit"}
+    refs = list_vectors(source.vectors_experiment, trait, source.extraction_variant, component=opts.component,
+                        position=position, method=method)
     if not refs:
-        return (f"no vector files for method {method}, position {position}, component {component} under "
-                f"{paths.vectors_dir(vec_exp, trait, ext_variant)}")
-    return TraitSpec(trait, method, position, component, sorted({r.layer for r in refs}), selection)
+        raise VectorError(f"no vector files for method {method}, position {position}, component {opts.component} "
+                          f"under {paths.vectors_dir(source.vectors_experiment, trait, source.extraction_variant)}")
+    return TraitSpec(trait, method, position, opts.component, tuple(sorted({r.layer for r in refs})), selection)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The stage
+# An earlier run's diff (--use-existing-diff)
+
+@dataclass(frozen=True)
+class ExistingDiff:
+    """diff_vectors.pt (and prompt_means.pt when it belongs to it) of an earlier run."""
+    path: Path
+    diff: torch.Tensor                    # fp32 [len(layers), hidden]
+    layers: list[int]
+    n_prompts: int | None
+    prompt_ids: list[str] | None
+    fingerprint: str
+    means_path: Path | None               # prompt_means.pt with the same fingerprint, else None
+
+
+def _load_small(path: Path) -> Any:
+    try:
+        return load_pt(path, mmap=False)
+    except StorageError as e:
+        raise CompareError(str(e)) from e
+
+
+def load_existing_diff(out_dir: Path, opts: CompareOptions, warn: Callable[[str], None]) -> ExistingDiff:
+    path = out_dir / DIFF_FILE
+    if not path.exists():
+        raise CompareError(f"--use-existing-diff: {path} not found (run once without --use-existing-diff)")
+    obj = _load_small(path)
+    if isinstance(obj, torch.Tensor):  # the original's bare [max layer + 1, hidden] tensor, zero rows not captured
+        layers = [i for i in range(obj.shape[0]) if bool(obj[i].abs().sum() > 0)]
+        warn(f"{path}: a bare tensor from the original tool: layers {_fmt(layers)} taken from its non-zero rows, "
+             f"component assumed {opts.component!r}")
+        old = read_json(out_dir / RESULTS_FILE) if (out_dir / RESULTS_FILE).exists() else {}
+        return ExistingDiff(path, obj[layers].to(torch.float32), layers, old.get("n_prompts"), None, "", None)
+    if not isinstance(obj, dict) or not isinstance(obj.get("diff"), torch.Tensor):
+        raise CompareError(f"{path}: expected a dict with a 'diff' tensor")
+    for key, want in (("variant_a", opts.variant_a), ("variant_b", opts.variant_b), ("component", opts.component)):
+        if obj.get(key) != want:
+            raise CompareError(f"--use-existing-diff: {path} was made with {key} {obj.get(key)!r}, not {want!r}")
+    mpath: Path | None = out_dir / MEANS_FILE
+    if not mpath.exists():
+        mpath = None
+    elif _load_small(mpath).get("fingerprint") != obj.get("fingerprint"):
+        warn(f"{mpath} does not belong to {path} (fingerprints differ): effect sizes will be null")
+        mpath = None
+    return ExistingDiff(path, obj["diff"].to(torch.float32), [int(x) for x in obj["layers"]], obj.get("n_prompts"),
+                        obj.get("prompt_ids"), obj.get("fingerprint", ""), mpath)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan: every input checked, nothing loaded or written
+
+@dataclass
+class ComparePlan:
+    opts: CompareOptions
+    prompt_set: str
+    source: VectorSource
+    out_dir: Path
+    scan: PairScan | None                 # the per-prompt files (full run)
+    existing: ExistingDiff | None         # an earlier diff (--use-existing-diff)
+    specs: dict[str, TraitSpec]
+    skipped: dict[str, str]
+    warnings: list[str]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.scan.layers if self.scan is not None else self.existing.layers
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / RESULTS_FILE
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        print(f"warning: {msg}", file=sys.stderr)
+
+
+def _check_variants(opts: CompareOptions) -> None:
+    cfg = load_config(opts.experiment)
+    for flag, name in (("--variant-a", opts.variant_a), ("--variant-b", opts.variant_b)):
+        if name not in cfg["model_variants"]:
+            raise ConfigError(f"{flag} {name!r}: not a model variant of experiment {opts.experiment!r} "
+                              f"(variants: {', '.join(cfg['model_variants'])})")
+
+
+def _choose_specs(plan: ComparePlan) -> None:
+    for t in plan.source.traits:
+        try:
+            spec = trait_spec(plan.source, t, plan.opts)
+        except VectorError as e:
+            plan.skipped[t] = str(e)
+            continue
+        if not set(spec.available) & set(plan.layers):
+            plan.skipped[t] = (f"no overlapping layers: vectors ({spec.method}, {spec.position}, {spec.component}) "
+                               f"at layers {_fmt(spec.available)}, activations captured at layers {_fmt(plan.layers)}")
+        else:
+            plan.specs[t] = spec
+    for t, why in plan.skipped.items():
+        plan.warn(f"trait {t} skipped: {why}")
+    if not plan.specs:
+        raise CompareError(f"no trait can be compared: {'; '.join(f'{t}: {w}' for t, w in plan.skipped.items())}")
+
+
+def plan_compare(opts: CompareOptions) -> ComparePlan:
+    """Check flags, variants, vectors and every per-prompt file (token ids, layers) before anything is written."""
+    opts.check_flags()
+    _check_variants(opts)
+    source = resolve_vector_source(opts.experiment, opts.vector_experiment, opts.extraction_variant,
+                                   opts.steering_variant, opts.traits)
+    prompt_set = opts.prompt_set.strip("/")
+    out_dir = paths.model_diff_dir(opts.experiment, opts.variant_a, opts.variant_b) / prompt_set
+    plan = ComparePlan(opts, prompt_set, source, out_dir, None, None, {}, {}, [])
+    if opts.use_existing_diff:
+        plan.existing = load_existing_diff(out_dir, opts, plan.warn)
+    else:
+        plan.scan = scan_pairs(opts.experiment, opts.variant_a, opts.variant_b, prompt_set, opts.component)
+        for v, ids in plan.scan.unpaired.items():
+            plan.warn(f"{len(ids)} prompt(s) captured for {v!r} only, left out: {', '.join(ids[:10])}"
+                      f"{' ...' if len(ids) > 10 else ''}")
+        for pid, why in plan.scan.excluded.items():
+            plan.warn(f"prompt {pid} left out: {why}")
+    _choose_specs(plan)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running: the numbers, and the writers
+
+@dataclass(frozen=True)
+class DiffData:
+    """The numbers every trait is computed from."""
+    diff: torch.Tensor                    # fp32 [len(layers), hidden]
+    layers: list[int]
+    hidden: int
+    n_prompts: int | None
+    prompt_ids: list[str] | None
+    fingerprint: str
+    means_a: torch.Tensor | None          # fp32 [prompts, layers, hidden]
+    means_b: torch.Tensor | None
+
 
 def _fingerprint(diff: torch.Tensor, means_a: torch.Tensor | None, means_b: torch.Tensor | None, meta: dict) -> str:
     h = hashlib.sha256(repr(sorted(meta.items())).encode())
@@ -303,227 +498,141 @@ def _fingerprint(diff: torch.Tensor, means_a: torch.Tensor | None, means_b: torc
     return h.hexdigest()[:16]
 
 
-def _load_existing_diff(out_dir: Path, variant_a: str, variant_b: str, component: str, results_path: Path,
-                        warn) -> tuple[torch.Tensor, list[int], int | None, list[str] | None, str, torch.Tensor | None,
-                                       torch.Tensor | None]:
-    path = out_dir / DIFF_FILE
-    if not path.exists():
-        raise CompareError(f"--use-existing-diff: {path} not found (run once without --use-existing-diff)")
-    try:
-        obj = load_pt(path, mmap=False)
-    except StorageError as e:
-        raise CompareError(str(e)) from None
-    old = read_json(results_path) if results_path.exists() else {}
-    if isinstance(obj, torch.Tensor):  # the original's bare [max layer + 1, hidden] tensor, zero rows not captured
-        layers = [i for i in range(obj.shape[0]) if bool(obj[i].abs().sum() > 0)]
-        warn(f"{path}: a bare tensor from the original tool: layers {_fmt(layers)} taken from its non-zero rows, "
-             f"component assumed {component!r}")
-        diff = obj[layers].to(torch.float32)
-        return diff, layers, old.get("n_prompts"), None, "", None, None
-    if not isinstance(obj, dict) or not isinstance(obj.get("diff"), torch.Tensor):
-        raise CompareError(f"{path}: expected a dict with a 'diff' tensor")
-    for key, want in (("variant_a", variant_a), ("variant_b", variant_b), ("component", component)):
-        if obj.get(key) != want:
-            raise CompareError(f"--use-existing-diff: {path} was made with {key} {obj.get(key)!r}, not {want!r}")
-    layers = [int(x) for x in obj["layers"]]
-    means_a = means_b = None
-    mpath = out_dir / MEANS_FILE
-    if mpath.exists():
-        try:
-            m = load_pt(mpath, mmap=False)
-        except StorageError as e:
-            raise CompareError(str(e)) from None
-        if m.get("fingerprint") == obj.get("fingerprint"):
+def compute_diff(plan: ComparePlan) -> DiffData:
+    """Per-prompt means and the mean difference (full run), or the earlier run's (--use-existing-diff)."""
+    if plan.existing is not None:
+        e = plan.existing
+        means_a = means_b = None
+        if e.means_path is not None:
+            m = _load_small(e.means_path)
             means_a, means_b = m["means_a"], m["means_b"]
-        else:
-            warn(f"{mpath} does not belong to {path} (fingerprints differ): effect sizes will be null")
-    return (obj["diff"].to(torch.float32), layers, obj.get("n_prompts"), obj.get("prompt_ids"),
-            obj.get("fingerprint", ""), means_a, means_b)
+        return DiffData(e.diff, e.layers, int(e.diff.shape[1]), e.n_prompts, e.prompt_ids, e.fingerprint,
+                        means_a, means_b)
+    scan, o = plan.scan, plan.opts
+    means_a, means_b = prompt_means(scan, o.progress)
+    diff = (means_b.to(torch.float64) - means_a.to(torch.float64)).mean(dim=0).to(torch.float32)
+    meta = {"experiment": o.experiment, "variant_a": o.variant_a, "variant_b": o.variant_b,
+            "prompt_set": plan.prompt_set, "component": o.component, "layers": scan.layers,
+            "n_prompts": len(scan.ids), "prompt_ids": scan.ids, "tokens": scan.token_digest}
+    return DiffData(diff, scan.layers, scan.hidden, len(scan.ids), scan.ids,
+                    _fingerprint(diff, means_a, means_b, meta), means_a, means_b)
 
 
-def compare_variants(experiment: str, variant_a: str, variant_b: str, prompt_set: str,
-                     traits: str | Sequence[str] | None = None, use_best_vector: bool = False,
-                     method: str | None = None, position: str | None = None, component: str = "residual",
-                     vector_experiment: str | None = None, extraction_variant: str | None = None,
-                     steering_variant: str | None = None, use_existing_diff: bool = False,
-                     progress: bool = True) -> dict:
-    """Write diff_vectors.pt, prompt_means.pt and results.json (merged trait by trait); returns a summary.
+def write_diff_files(plan: ComparePlan, data: DiffData) -> None:
+    """diff_vectors.pt and prompt_means.pt (full runs only)."""
+    o = plan.opts
+    write_pt(plan.out_dir / MEANS_FILE, {"means_a": data.means_a, "means_b": data.means_b,
+                                         "prompt_ids": data.prompt_ids, "layers": data.layers,
+                                         "component": o.component, "fingerprint": data.fingerprint})
+    write_pt(plan.out_dir / DIFF_FILE, {"diff": data.diff, "layers": data.layers, "component": o.component,
+                                        "n_prompts": data.n_prompts, "variant_a": o.variant_a,
+                                        "variant_b": o.variant_b, "prompt_set": plan.prompt_set,
+                                        "prompt_ids": data.prompt_ids, "experiment": o.experiment,
+                                        "fingerprint": data.fingerprint, "dtype": "float32",
+                                        "rows": "diff[i] is layer layers[i]: mean over prompts of (B - A)"})
 
-    Summary keys: out_dir, n_prompts, layers, traits ({trait: peak numbers}), skipped ({trait: reason}),
-    failed ({trait: reason}), warnings, seconds.
-    """
-    t0 = time.perf_counter()
-    # --- arguments (nothing read yet) -----------------------------------------------------------------
-    if use_best_vector and (method or position):
-        raise CompareError("give either --use-best-vector or --method and --position, not both")
-    if not use_best_vector and not (method and position):
-        if method or position:
-            raise CompareError(f"--{'position' if method else 'method'} is missing: explicit vectors need both "
-                               f"--method and --position (or use --use-best-vector)")
-        raise CompareError("choose the vectors: --use-best-vector, or --method M --position P")
-    if component not in COMPONENTS:
-        raise CompareError(f"--component {component!r}: choose from {', '.join(COMPONENTS)}")
-    if position is not None:
-        try:
-            parse_position(position)
-        except VectorError as e:
-            raise CompareError(str(e)) from None
-    if variant_a == variant_b:
-        raise CompareError(f"--variant-a and --variant-b are both {variant_a!r}")
-    cfg = load_config(experiment)
-    for flag, name in (("--variant-a", variant_a), ("--variant-b", variant_b)):
-        if name not in cfg["model_variants"]:
-            raise ConfigError(f"{flag} {name!r}: not a model variant of experiment {experiment!r} "
-                              f"(variants: {', '.join(cfg['model_variants'])})")
-    prompt_set = prompt_set.strip("/")
-    vec_exp = vector_experiment or experiment
-    vec_cfg = load_config(vec_exp)
-    ext_variant = extraction_variant or resolve_variant(vec_exp, None, "extraction").name
-    if steering_variant is not None and steering_variant not in vec_cfg["model_variants"]:
-        raise ConfigError(f"--steering-variant {steering_variant!r}: not a model variant of experiment {vec_exp!r} "
-                          f"(variants: {', '.join(vec_cfg['model_variants'])})")
-    # the same default as the projection script, so both pick the same best vector
-    steer_variant = steering_variant or resolve_variant(vec_exp, None, "application").name
-    known = discover_traits(vec_exp, ext_variant)
-    if traits is None:
-        trait_list = known
-        if not trait_list:
-            raise CompareError(f"no trait vectors for extraction variant {ext_variant!r} in "
-                               f"{paths.extraction_dir(vec_exp)} (pass --vector-experiment, or create vectors with "
-                               f"python extraction/extract_vectors.py --experiment {vec_exp})")
-    else:
-        items = traits.split(",") if isinstance(traits, str) else list(traits)
-        try:
-            trait_list = list(dict.fromkeys(check_trait_name(t) for t in items))
-        except VectorError as e:
-            raise CompareError(str(e)) from None
-        unknown = [t for t in trait_list if t not in known]
-        if unknown:
-            raise CompareError(f"--traits: no vectors for {', '.join(unknown)} (extraction variant {ext_variant!r} "
-                               f"of {vec_exp!r}; traits with vectors: {', '.join(known) or 'none'})")
 
-    warnings: list[str] = []
+def _old_results(plan: ComparePlan, data: DiffData) -> dict:
+    """results.json of an earlier run when it was computed from the same data, else {}."""
+    if not plan.results_path.exists():
+        return {}
+    try:
+        results = read_json(plan.results_path)
+    except StorageError as e:
+        plan.warn(f"{e}: starting a new results.json")
+        return {}
+    if results.get("fingerprint") != data.fingerprint and results.get("traits"):
+        plan.warn(f"{plan.results_path}: its {len(results['traits'])} trait(s) were computed from other data "
+                  f"(different prompts, tokens or activations) and are dropped")
+        return {}
+    return results
 
-    def warn(msg: str) -> None:
-        warnings.append(msg)
-        print(f"warning: {msg}", file=sys.stderr)
 
-    out_dir = paths.model_diff_dir(experiment, variant_a, variant_b) / prompt_set
-    results_path = out_dir / RESULTS_FILE
-
-    # --- the data: scanned and checked, or an earlier diff ------------------------------------------------
-    scan: PairScan | None = None
-    if use_existing_diff:
-        diff, layers, n_prompts, prompt_ids, fingerprint, means_a, means_b = _load_existing_diff(
-            out_dir, variant_a, variant_b, component, results_path, warn)
-        hidden = diff.shape[1]
-    else:
-        scan = scan_pairs(experiment, variant_a, variant_b, prompt_set, component)
-        layers, hidden, n_prompts, prompt_ids = scan.layers, scan.hidden, len(scan.ids), scan.ids
-        for v, ids in scan.unpaired.items():
-            warn(f"{len(ids)} prompt(s) captured for {v!r} only, left out: {', '.join(ids[:10])}"
-                 f"{' ...' if len(ids) > 10 else ''}")
-        for pid, why in scan.excluded.items():
-            warn(f"prompt {pid} left out: {why}")
-
-    # --- vectors per trait, and their overlap with the captured layers, before anything is written ----------
-    specs: dict[str, TraitSpec] = {}
-    skipped: dict[str, str] = {}
-    for t in trait_list:
-        spec = _trait_spec(vec_exp, t, ext_variant, steer_variant, use_best_vector, method, position, component)
-        if isinstance(spec, str):
-            skipped[t] = spec
-        elif not set(spec.available) & set(layers):
-            skipped[t] = (f"no overlapping layers: vectors ({spec.method}, {spec.position}, {spec.component}) at "
-                          f"layers {_fmt(spec.available)}, activations captured at layers {_fmt(layers)}")
-        else:
-            specs[t] = spec
-    for t, why in skipped.items():
-        warn(f"trait {t} skipped: {why}")
-    if not specs:
-        raise CompareError(f"no trait can be compared: {'; '.join(f'{t}: {w}' for t, w in skipped.items())}")
-
-    # --- means and the diff ----------------------------------------------------------------------------
-    if scan is not None:
-        means_a, means_b = prompt_means(scan, progress)
-        diff = (means_b.to(torch.float64) - means_a.to(torch.float64)).mean(dim=0).to(torch.float32)
-        meta = {"experiment": experiment, "variant_a": variant_a, "variant_b": variant_b, "prompt_set": prompt_set,
-                "component": component, "layers": layers, "n_prompts": n_prompts, "prompt_ids": prompt_ids,
-                "tokens": scan.token_digest}
-        fingerprint = _fingerprint(diff, means_a, means_b, meta)
-        write_pt(out_dir / MEANS_FILE, {"means_a": means_a, "means_b": means_b, "prompt_ids": prompt_ids,
-                                        "layers": layers, "component": component, "fingerprint": fingerprint})
-        write_pt(out_dir / DIFF_FILE, {"diff": diff, "layers": layers, "component": component,
-                                       "n_prompts": n_prompts, "variant_a": variant_a, "variant_b": variant_b,
-                                       "prompt_set": prompt_set, "prompt_ids": prompt_ids, "experiment": experiment,
-                                       "fingerprint": fingerprint, "dtype": "float32",
-                                       "rows": "diff[i] is layer layers[i]: mean over prompts of (B - A)"})
-
-    # --- results.json, merged trait by trait --------------------------------------------------------------
-    results: dict[str, Any] = {}
-    if results_path.exists():
-        try:
-            results = read_json(results_path)
-        except StorageError as e:
-            warn(f"{e}: starting a new results.json")
-            results = {}
-        if results.get("fingerprint") != fingerprint and results.get("traits"):
-            warn(f"{results_path}: its {len(results['traits'])} trait(s) were computed from other data "
-                 f"(different prompts, tokens or activations) and are dropped")
-            results = {}
+def start_results(plan: ComparePlan, data: DiffData) -> dict:
+    """The results.json to merge into: the run's metadata over the earlier traits that still apply."""
+    o = plan.opts
+    results = _old_results(plan, data)
     results.update({
-        "experiment": experiment, "variant_a": variant_a, "variant_b": variant_b, "prompt_set": prompt_set,
-        "component": component, "n_prompts": n_prompts, "captured_layers": layers, "prompt_ids": prompt_ids,
-        "vector_experiment": vec_exp, "extraction_variant": ext_variant, "fingerprint": fingerprint,
-        "diff_file": str((out_dir / DIFF_FILE).relative_to(paths.experiment_dir(experiment))),
+        "experiment": o.experiment, "variant_a": o.variant_a, "variant_b": o.variant_b,
+        "prompt_set": plan.prompt_set, "component": o.component, "n_prompts": data.n_prompts,
+        "captured_layers": data.layers, "prompt_ids": data.prompt_ids,
+        "vector_experiment": plan.source.vectors_experiment, "extraction_variant": plan.source.extraction_variant,
+        "fingerprint": data.fingerprint,
+        "diff_file": str((plan.out_dir / DIFF_FILE).relative_to(paths.experiment_dir(o.experiment))),
         "statistics": STATISTICS,
     })
-    if scan is not None:
-        results["unpaired_prompt_ids"] = scan.unpaired
-        results["excluded_prompts"] = scan.excluded
+    if plan.scan is not None:
+        results["unpaired_prompt_ids"] = plan.scan.unpaired
+        results["excluded_prompts"] = plan.scan.excluded
     results.setdefault("traits", {})
     results["skipped_traits"] = {**{k: v for k, v in (results.get("skipped_traits") or {}).items()
-                                    if k not in specs}, **skipped}
-    for t in skipped:
+                                    if k not in plan.specs}, **plan.skipped}
+    for t in plan.skipped:
         results["traits"].pop(t, None)  # an entry for a spec that no longer applies would read as current
+    return results
 
-    from tqdm.auto import tqdm
 
+def trait_entry(plan: ComparePlan, data: DiffData, spec: TraitSpec) -> dict:
+    """The results.json entry of one trait: its vectors loaded, every number computed."""
+    src = plan.source
+    vroot = paths.experiment_dir(src.vectors_experiment)
+    vectors, files = {}, []
+    for layer in sorted(set(spec.available) & set(data.layers)):
+        vectors[layer], _ = load_vector(src.vectors_experiment, spec.trait, src.extraction_variant, spec.position,
+                                        spec.component, spec.method, layer, hidden_size=data.hidden)
+        vf = paths.vector_file(src.vectors_experiment, spec.trait, src.extraction_variant,
+                               sanitize_position(spec.position), spec.component, spec.method, layer)
+        files.append({"layer": layer, "path": str(vf.relative_to(vroot)), "sha256": file_sha256(vf)})
+    entry = {"method": spec.method, "position": spec.position,
+             **trait_statistics(data.means_a, data.means_b, data.diff, data.layers, vectors),
+             "vector_component": spec.component, "vector_experiment": src.vectors_experiment,
+             "extraction_variant": src.extraction_variant, "selection": spec.selection, "vector_files": files}
+    missing = sorted(set(spec.available) - set(data.layers))
+    if missing:
+        entry["vector_layers_not_captured"] = missing
+    return entry
+
+
+def run_compare(plan: ComparePlan) -> dict:
+    """Compute and write; results.json is rewritten after every trait, so an interrupted run keeps finished ones."""
+    t0 = time.perf_counter()
+    data = compute_diff(plan)
+    if plan.scan is not None:
+        write_diff_files(plan, data)
+    results = start_results(plan, data)
     done: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    vroot = paths.experiment_dir(vec_exp)
-    for t, spec in tqdm(specs.items(), desc="traits", unit="trait", file=sys.stderr, disable=not progress):
-        sweep = sorted(set(spec.available) & set(layers))
+    for t, spec in tqdm(plan.specs.items(), desc="traits", unit="trait", file=sys.stderr,
+                        disable=not plan.opts.progress):
         try:
-            vectors, files = {}, []
-            for layer in sweep:
-                v, _ = load_vector(vec_exp, t, ext_variant, spec.position, spec.component, spec.method, layer,
-                                   hidden_size=hidden)
-                vectors[layer] = v
-                vf = paths.vector_file(vec_exp, t, ext_variant, sanitize_position(spec.position), spec.component,
-                                       spec.method, layer)
-                files.append({"layer": layer, "path": str(vf.relative_to(vroot)), "sha256": file_sha256(vf)})
-            numbers = trait_statistics(means_a, means_b, diff, layers, vectors)
-        except (VectorError, ValueError) as e:  # one bad vector file: record it, keep the other traits
+            entry = trait_entry(plan, data, spec)
+        except VectorError as e:  # one bad vector file: record it, keep the other traits
             failed[t] = str(e)
             results["traits"].pop(t, None)
             results["skipped_traits"][t] = f"failed: {e}"
-            warn(f"trait {t} failed: {e}")
-            write_json(results_path, results, indent=1)
-            continue
-        missing = sorted(set(spec.available) - set(layers))
-        entry = {"method": spec.method, "position": spec.position, **numbers,
-                 "vector_component": spec.component, "vector_experiment": vec_exp,
-                 "extraction_variant": ext_variant, "selection": spec.selection, "vector_files": files}
-        if missing:
-            entry["vector_layers_not_captured"] = missing
-        results["traits"][t] = entry
-        results["skipped_traits"].pop(t, None)
-        write_json(results_path, results, indent=1)
-        done[t] = {k: entry[k] for k in ("peak_layer", "peak_effect_size", "peak_paired_effect_size")}
-    return {"out_dir": str(out_dir), "n_prompts": n_prompts, "layers": layers, "traits": done, "skipped": skipped,
-            "failed": failed, "warnings": warnings, "variant_a": variant_a, "variant_b": variant_b,
-            "prompt_set": prompt_set, "seconds": time.perf_counter() - t0}
+            plan.warn(f"trait {t} failed: {e}")
+        else:
+            results["traits"][t] = entry
+            results["skipped_traits"].pop(t, None)
+            done[t] = {k: entry[k] for k in ("peak_layer", "peak_effect_size", "peak_paired_effect_size")}
+        write_json(plan.results_path, results, indent=1)
+    o = plan.opts
+    return {"out_dir": str(plan.out_dir), "n_prompts": data.n_prompts, "layers": data.layers, "traits": done,
+            "skipped": plan.skipped, "failed": failed, "warnings": plan.warnings, "variant_a": o.variant_a,
+            "variant_b": o.variant_b, "prompt_set": plan.prompt_set, "seconds": time.perf_counter() - t0}
+
+
+def compare_variants(experiment: str, variant_a: str, variant_b: str, prompt_set: str,
+                     traits: str | Sequence[str] | None = None, **options) -> dict:
+    """Write diff_vectors.pt, prompt_means.pt and results.json (merged trait by trait); returns a summary.
+
+    `options` are the other CompareOptions fields (use_best_vector, method, position, component, ...).
+    Summary keys: out_dir, n_prompts, layers, traits ({trait: peak numbers}), skipped ({trait: reason}),
+    failed ({trait: reason}), warnings, seconds.
+    """
+    traits = tuple(traits) if traits is not None and not isinstance(traits, str) else traits
+    opts = CompareOptions(experiment, variant_a, variant_b, prompt_set, traits=traits, **options)
+    return run_compare(plan_compare(opts))
 
 
 def format_summary(s: dict) -> str:
@@ -559,10 +668,11 @@ Every delta is B - A; every std is the sample std (ddof=1); undefined values are
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="compare_variants.py",
-                description="Compare two model variants on identical tokens: per-layer mean activation difference, "
-                            "its cosine with each trait vector, and per-prompt effect sizes (Cohen's d, paired d_z).",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="compare_variants.py",
+                   description="Compare two model variants on identical tokens: per-layer mean activation "
+                               "difference, its cosine with each trait vector, and per-prompt effect sizes "
+                               "(Cohen's d, paired d_z).",
+                   epilog=EPILOG)
     p.add_argument("--experiment", required=True, help="raw activations, output, and (by default) vectors")
     p.add_argument("--variant-a", required=True, help="baseline variant")
     p.add_argument("--variant-b", required=True, help="comparison variant (every delta is B - A)")
@@ -586,19 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = compare_variants(
-            args.experiment, args.variant_a, args.variant_b, args.prompt_set, traits=args.traits,
-            use_best_vector=args.use_best_vector, method=args.method, position=args.position,
-            component=args.component, vector_experiment=args.vector_experiment,
-            extraction_variant=args.extraction_variant, steering_variant=args.steering_variant,
-            use_existing_diff=args.use_existing_diff, progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 1 if not summary["traits"] else 0
+    return cli.run(build_parser(), lambda ns: run_compare(plan_compare(CompareOptions.from_args(ns))),
+                   format_summary, argv, status=lambda s: 0 if s["traits"] else 1)
 
 
 if __name__ == "__main__":

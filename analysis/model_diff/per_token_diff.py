@@ -1,6 +1,9 @@
 """Per-token and per-clause difference of two variants' trait projections on the same tokens (B - A).
 
     per_token_diff(experiment, variant_a, variant_b, prompt_set, trait="all", ...) -> dict   the stage, importable
+    PerTokenOptions(...) / PerTokenOptions.from_args(ns)     every option of one run (frozen)
+    plan_per_token(opts) -> PerTokenPlan                     flags, variants, traits and file pairs checked; nothing read
+    run_per_token(plan) -> dict                              every trait computed and checked in memory, then written
     split_into_clauses(tokens, deltas) -> [clause]     clause spans with mean / max / min delta and token range
     clause_breaks(tokens) -> [bool]                    True where a clause closes after that token
     user_prompt_text(...) -> (text, source)            the user's prompt for identification (not the template)
@@ -21,24 +24,22 @@ tokenizer); otherwise the formatted prompt itself. `prompt_text_source` says whi
 """
 from __future__ import annotations
 
+import argparse
+import math
+import re
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-from core import stats  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.config import ConfigError, load_config, resolve_variant  # noqa: E402
-from utils.storage import StorageError, load_pt, read_json, write_json  # noqa: E402
-from utils.cli import Parser as _Parser  # noqa: E402
+from core import stats
 from core.errors import TraitError
+from utils import cli, paths
+from utils.config import ConfigError, load_config, resolve_variant
+from utils.storage import StorageError, load_pt, read_json, write_json
 
 PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as the original)
 
@@ -189,11 +190,11 @@ def _fmt(layers) -> str:
 
 
 def read_projection(path: Path) -> Projection:
-    """A projection JSON in the multi-vector format (DESIGN.md §4), or the original's legacy single-vector one."""
+    """A projection JSON in the multi-vector format (docs/formats.md), or trait-interp's legacy single-vector one."""
     try:
         data = read_json(path)
     except StorageError as e:
-        raise PerTokenDiffError(str(e)) from None
+        raise PerTokenDiffError(str(e)) from e
     if not isinstance(data, dict) or "projections" not in data:
         raise PerTokenDiffError(f"{path}: not a projection JSON (no 'projections')")
     meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
@@ -236,12 +237,12 @@ def read_response_tokens(exp: str, variant: str, prompt_set: str, prompt_id: str
         try:
             rjson = read_json(rfile)
         except StorageError as e:
-            raise PerTokenDiffError(str(e)) from None
+            raise PerTokenDiffError(str(e)) from e
     if raw.exists():
         try:
             d = load_pt(raw)
         except StorageError as e:
-            raise PerTokenDiffError(str(e)) from None
+            raise PerTokenDiffError(str(e)) from e
         resp, prm = d.get("response") or {}, d.get("prompt") or {}
         ids = resp.get("token_ids")
         if not isinstance(ids, list):
@@ -277,23 +278,25 @@ class _PromptTexts:
         try:
             from utils.prompts import load_prompt_set
             self.by_id = {p.id: p.text for p in load_prompt_set(prompt_set).prompts}
-        except (ValueError, ImportError):  # no such set (imported or renamed): fall back to the template
+        except TraitError:  # no such set (imported or renamed): fall back to the template
             pass
         self._affixes: dict[str | None, tuple[str, str] | None] = {}
 
     def _affix(self, system_prompt: str | None) -> tuple[str, str] | None:
         if system_prompt not in self._affixes:
-            try:
-                from utils.config import use_chat_template
-                from utils.model import format_prompt, load_tokenizer
+            from jinja2 import TemplateError
 
+            from utils.config import use_chat_template
+            from utils.model import format_prompt, load_tokenizer
+
+            try:
                 tok = getattr(self, "_tok", None) or load_tokenizer(
                     resolve_variant(self.exp, self.variant).model_path(self.exp))
                 self._tok = tok
                 text, _ = format_prompt(tok, _SENTINEL, system_prompt, use_chat_template(self.exp))
                 prefix, _, suffix = text.partition(_SENTINEL)
                 self._affixes[system_prompt] = (prefix, suffix)
-            except Exception:  # noqa: BLE001 - no tokenizer here: keep the formatted prompt
+            except (TraitError, OSError, TemplateError):  # no tokenizer or template here: keep the formatted prompt
                 self._affixes[system_prompt] = None
         return self._affixes[system_prompt]
 
@@ -319,7 +322,33 @@ def user_prompt_text(formatted: str, affixes: tuple[str, str] | None) -> tuple[s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The stage
+# Options and plan
+
+@dataclass(frozen=True)
+class PerTokenOptions:
+    experiment: str
+    variant_a: str
+    variant_b: str
+    prompt_set: str
+    trait: str = "all"
+    variant_a_prompt_set: str | None = None
+    layer: int | None = None
+    top_pct: float = 5.0
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "PerTokenOptions":
+        return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, ns.trait, ns.variant_a_prompt_set,
+                   ns.layer, ns.top_pct, progress=not ns.quiet)
+
+    def check_flags(self) -> None:
+        if not (isinstance(self.top_pct, (int, float)) and 0 < self.top_pct <= 100):
+            raise PerTokenDiffError(f"--top-pct {self.top_pct}: must be in (0, 100]")
+        if self.layer is not None and self.layer < 0:
+            raise PerTokenDiffError(f"--layer {self.layer}: must be a layer index >= 0")
+        if self.trait != "all" and len(self.trait.strip("/").split("/")) != 2:
+            raise PerTokenDiffError(f"--trait {self.trait!r}: expected category/name or all")
+
 
 def list_projected_traits(exp: str, variant: str, prompt_set: str) -> list[str]:
     """`category/name` of every trait of `variant` with projections of the prompt set (sorted)."""
@@ -330,9 +359,85 @@ def list_projected_traits(exp: str, variant: str, prompt_set: str) -> list[str]:
                   if t.is_dir() and paths.projection_dir(exp, variant, f"{c.name}/{t.name}", prompt_set).is_dir())
 
 
-def _json_files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in folder.glob("*.json") if not p.name.startswith(".")}
+@dataclass(frozen=True)
+class TraitInputs:
+    """The projection files of one trait that both variants have."""
+    trait: str
+    files_a: dict[str, Path]
+    files_b: dict[str, Path]
+    ids: list[str]                        # paired ids, natural order
+    unpaired: list[str]                   # ids projected for one variant only
+    out_dir: Path
 
+
+@dataclass
+class PerTokenPlan:
+    opts: PerTokenOptions
+    prompt_set: str
+    set_a: str
+    traits: list[TraitInputs]
+    skipped: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        print(f"warning: {msg}", file=sys.stderr)
+
+
+def trait_inputs(opts: PerTokenOptions, trait: str, prompt_set: str, set_a: str) -> TraitInputs:
+    """Pair the trait's projection files by id; PerTokenDiffError when a side has none."""
+    dir_a = paths.projection_dir(opts.experiment, opts.variant_a, trait, set_a)
+    dir_b = paths.projection_dir(opts.experiment, opts.variant_b, trait, prompt_set)
+    for variant, folder in ((opts.variant_b, dir_b), (opts.variant_a, dir_a)):
+        if not folder.is_dir():
+            raise PerTokenDiffError(f"no projections of variant {variant!r} ({folder})")
+    files_a, files_b = paths.files_by_id(dir_a, ".json"), paths.files_by_id(dir_b, ".json")
+    ids = sorted(set(files_a) & set(files_b), key=paths.natural_key)
+    if not ids:
+        raise PerTokenDiffError(f"no prompt id has projections in both {dir_a} and {dir_b}")
+    out_dir = paths.model_diff_dir(opts.experiment, opts.variant_a, opts.variant_b) / "per_token_diff" / trait / prompt_set
+    return TraitInputs(trait, files_a, files_b, ids, sorted(set(files_a) ^ set(files_b), key=paths.natural_key),
+                       out_dir)
+
+
+def plan_per_token(opts: PerTokenOptions) -> PerTokenPlan:
+    """Check flags, variants and which traits both variants projected; no projection file is read yet."""
+    opts.check_flags()
+    cfg = load_config(opts.experiment)
+    for flag, name in (("--variant-a", opts.variant_a), ("--variant-b", opts.variant_b)):
+        if name not in cfg["model_variants"]:
+            raise ConfigError(f"{flag} {name!r}: not a model variant of experiment {opts.experiment!r} "
+                              f"(variants: {', '.join(cfg['model_variants'])})")
+    prompt_set = opts.prompt_set.strip("/")
+    set_a = (opts.variant_a_prompt_set or prompt_set).strip("/")
+    if opts.trait != "all":
+        names = [opts.trait.strip("/")]
+    else:
+        names = list_projected_traits(opts.experiment, opts.variant_b, prompt_set)
+        if not names:
+            raise PerTokenDiffError(f"--trait all: variant {opts.variant_b!r} has no projections of prompt set "
+                                    f"{prompt_set!r} under "
+                                    f"{paths.inference_dir(opts.experiment, opts.variant_b) / 'projections'}")
+    plan = PerTokenPlan(opts, prompt_set, set_a, [], {})
+    for t in names:
+        try:
+            plan.traits.append(trait_inputs(opts, t, prompt_set, set_a))
+        except PerTokenDiffError as e:
+            if opts.trait != "all":
+                raise PerTokenDiffError(f"--trait {t}: {e}") from e
+            plan.skipped[t] = str(e)
+            plan.warn(f"trait {t} skipped: {e}")
+    if not plan.traits:
+        raise PerTokenDiffError(f"no trait has projections of both variants: {plan.skipped}")
+    for ti in plan.traits:
+        if ti.unpaired:
+            plan.warn(f"trait {ti.trait}: {len(ti.unpaired)} prompt(s) projected for one variant only, left out: "
+                      f"{', '.join(ti.unpaired[:10])}{' ...' if len(ti.unpaired) > 10 else ''}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One trait, in memory
 
 @dataclass
 class _TraitResult:
@@ -373,82 +478,81 @@ def _check_same_vector(trait: str, pid: str, ka: VectorKey, kb: VectorKey, pa: P
             f"--method / --position (and --centered or not)")
 
 
-def _trait_diff(exp: str, variant_a: str, variant_b: str, prompt_set: str, set_a: str, trait: str,
-                layer: int | None, top_pct: float, texts: _PromptTexts, tokens_of, warn) -> _TraitResult | str:
-    """Everything for one trait, in memory; a str is the reason the trait is skipped."""
-    dir_a = paths.projection_dir(exp, variant_a, trait, set_a)
-    dir_b = paths.projection_dir(exp, variant_b, trait, prompt_set)
-    if not dir_b.is_dir():
-        return f"no projections of variant {variant_b!r} ({dir_b})"
-    if not dir_a.is_dir():
-        return f"no projections of variant {variant_a!r} ({dir_a})"
-    files_a, files_b = _json_files(dir_a), _json_files(dir_b)
-    ids = sorted(set(files_a) & set(files_b), key=paths.natural_key)
-    if not ids:
-        return f"no prompt id has projections in both {dir_a} and {dir_b}"
-    unpaired = sorted(set(files_a) ^ set(files_b), key=paths.natural_key)
-    if unpaired:
-        warn(f"trait {trait}: {len(unpaired)} prompt(s) projected for one variant only, left out: "
-             f"{', '.join(unpaired[:10])}{' ...' if len(unpaired) > 10 else ''}")
+def _scored_deltas(plan: PerTokenPlan, trait: str, pid: str, layer: int, pa: Projection, pb: Projection,
+                   ta: ResponseTokens, tb: ResponseTokens) -> tuple[list[float], list[str]]:
+    """B - A per response token, after checking that both sides scored the same ids (and all of them)."""
+    o = plan.opts
+    if ta.token_ids != tb.token_ids:
+        raise PerTokenDiffError(
+            f"trait {trait!r} prompt {pid}: the variants scored different response tokens ({ta.source}: "
+            f"{len(ta.token_ids)} ids, {tb.source}: {len(tb.token_ids)} ids); capture {o.variant_a} on "
+            f"{o.variant_b}'s responses with: python inference/capture_raw_activations.py --experiment "
+            f"{o.experiment} --prompt-set {plan.set_a} --model-variant {o.variant_a} --responses-from {o.variant_b}")
+    a, b = pa.entry(layer)["response"], pb.entry(layer)["response"]
+    n = len(tb.token_ids)
+    for side, vals, p in (("A", a, pa), ("B", b, pb)):
+        if len(vals) != n:
+            raise PerTokenDiffError(f"{p.path}: {len(vals)} response scores at layer {layer} but the response "
+                                    f"has {n} tokens ({tb.source}); re-project variant {side}")
+    tokens = tb.tokens if tb.tokens is not None else ta.tokens
+    if tokens is None:
+        raise PerTokenDiffError(f"prompt {pid}: no per-token strings in {tb.source} or {ta.source}")
+    return [float(y) - float(x) for x, y in zip(a, b)], list(tokens)
 
-    out_dir = paths.model_diff_dir(exp, variant_a, variant_b) / "per_token_diff" / trait / prompt_set.strip("/")
-    result = _TraitResult(trait, out_dir)
-    chosen = -1
-    first: tuple[VectorKey, Projection] | None = None
-    sha_missing = False
-    for pid in ids:
-        pa, pb = read_projection(files_a[pid]), read_projection(files_b[pid])
+
+def _prompt_record(plan: PerTokenPlan, trait: str, pid: str, layer: int, key: VectorKey, deltas: list[float],
+                   tokens: list[str], tb: ResponseTokens, texts: _PromptTexts) -> dict:
+    o = plan.opts
+    mean_d, std_d = stats.mean(deltas), stats.std(deltas)
+    prompt_text, text_source = texts.get(pid, tb.formatted_prompt, tb.system_prompt)
+    rec: dict[str, Any] = {
+        "prompt_id": pid, "prompt_text": prompt_text, "trait": trait,
+        "response_text": tb.response_text if tb.response_text is not None else "".join(tokens),
+        "tokens": tokens, "per_token_delta": deltas, "mean_delta": mean_d.value, "std_delta": std_d.value,
+        "clauses": sorted(split_into_clauses(tokens, deltas), key=lambda c: -c["mean_delta"]),
+        "layer": layer, "method": key.method, "component": key.component, "variant_a": o.variant_a,
+        "variant_b": o.variant_b, "prompt_set": plan.prompt_set, "prompt_text_source": text_source,
+        "n_tokens": len(deltas),
+    }
+    reasons = {k: s.reason for k, s in (("mean_delta", mean_d), ("std_delta", std_d)) if s.value is None}
+    if reasons:
+        rec["null_reasons"] = reasons
+    return rec
+
+
+TokensOf = Callable[[str, str, str], ResponseTokens]
+
+
+def trait_diff(plan: PerTokenPlan, ti: TraitInputs, texts: _PromptTexts, tokens_of: TokensOf) -> _TraitResult:
+    """Every prompt of one trait, checked and computed in memory (nothing written)."""
+    o = plan.opts
+    result = _TraitResult(ti.trait, ti.out_dir)
+    chosen, first, sha_missing = -1, None, False
+    for pid in ti.ids:
+        pa, pb = read_projection(ti.files_a[pid]), read_projection(ti.files_b[pid])
         if first is None:  # the layer is fixed by the first prompt; every other prompt must hold it
-            chosen = _resolve_layer(trait, pid, pa, pb, layer)
+            chosen = _resolve_layer(ti.trait, pid, pa, pb, o.layer)
         ka, kb = pa.key(chosen), pb.key(chosen)
-        _check_same_vector(trait, pid, ka, kb, pa, pb)
+        _check_same_vector(ti.trait, pid, ka, kb, pa, pb)
         if first is None:
             first = (kb, pb)
         else:  # every prompt of the trait on the same vector: a re-projection mid-set is caught here
-            _check_same_vector(trait, pid, first[0], kb, first[1], pb,
+            _check_same_vector(ti.trait, pid, first[0], kb, first[1], pb,
                                "this prompt was projected onto another vector than the first prompt")
         sha_missing |= ka.sha256 is None or kb.sha256 is None
-        ta, tb = tokens_of(variant_a, set_a, pid), tokens_of(variant_b, prompt_set, pid)
-        if ta.token_ids != tb.token_ids:
-            raise PerTokenDiffError(
-                f"trait {trait!r} prompt {pid}: the variants scored different response tokens ({ta.source}: "
-                f"{len(ta.token_ids)} ids, {tb.source}: {len(tb.token_ids)} ids); capture {variant_a} on "
-                f"{variant_b}'s responses with: python inference/capture_raw_activations.py --experiment {exp} "
-                f"--prompt-set {set_a} --model-variant {variant_a} --responses-from {variant_b}")
-        a, b = pa.entry(chosen)["response"], pb.entry(chosen)["response"]
-        n = len(tb.token_ids)
-        for side, vals, p in (("A", a, pa), ("B", b, pb)):
-            if len(vals) != n:
-                raise PerTokenDiffError(f"{p.path}: {len(vals)} response scores at layer {chosen} but the response "
-                                        f"has {n} tokens ({tb.source}); re-project variant {side}")
-        tokens = tb.tokens if tb.tokens is not None else (ta.tokens if ta.tokens is not None else None)
-        if tokens is None:
-            raise PerTokenDiffError(f"prompt {pid}: no per-token strings in {tb.source} or {ta.source}")
-        deltas = [float(y) - float(x) for x, y in zip(a, b)]
-        mean_d, std_d = stats.mean(deltas), stats.std(deltas)
-        clauses = sorted(split_into_clauses(tokens, deltas), key=lambda c: -c["mean_delta"])
-        prompt_text, text_source = texts.get(pid, tb.formatted_prompt, tb.system_prompt)
-        rec: dict[str, Any] = {
-            "prompt_id": pid, "prompt_text": prompt_text, "trait": trait,
-            "response_text": tb.response_text if tb.response_text is not None else "".join(tokens),
-            "tokens": list(tokens), "per_token_delta": deltas, "mean_delta": mean_d.value, "std_delta": std_d.value,
-            "clauses": clauses,
-            "layer": chosen, "method": kb.method, "component": kb.component, "variant_a": variant_a,
-            "variant_b": variant_b, "prompt_set": prompt_set, "prompt_text_source": text_source, "n_tokens": n,
-        }
-        reasons = {k: s.reason for k, s in (("mean_delta", mean_d), ("std_delta", std_d)) if s.value is None}
-        if reasons:
-            rec["null_reasons"] = reasons
-        result.files[pid] = rec
+        tb = tokens_of(o.variant_b, plan.prompt_set, pid)
+        deltas, tokens = _scored_deltas(plan, ti.trait, pid, chosen, pa, pb, tokens_of(o.variant_a, plan.set_a, pid),
+                                        tb)
+        result.files[pid] = _prompt_record(plan, ti.trait, pid, chosen, kb, deltas, tokens, tb, texts)
     if sha_missing:
-        warn(f"trait {trait}: projection files without a vector sha256 (original tool?): vector identity checked by "
-             f"layer, method, component and centering only")
-    result.aggregate = _aggregate(result, variant_a, variant_b, prompt_set, set_a, chosen, first[0], top_pct)
+        plan.warn(f"trait {ti.trait}: projection files without a vector sha256 (original tool?): vector identity "
+                  f"checked by layer, method, component and centering only")
+    result.aggregate = _aggregate(plan, result, chosen, first[0])
     return result
 
 
-def _aggregate(res: _TraitResult, variant_a: str, variant_b: str, prompt_set: str, set_a: str, layer: int,
-               key: VectorKey, top_pct: float) -> dict:
+def _aggregate(plan: PerTokenPlan, res: _TraitResult, layer: int, key: VectorKey) -> dict:
+    o = plan.opts
     recs = list(res.files.values())
     means = [r["mean_delta"] for r in recs if r["mean_delta"] is not None]
     across_mean, across_std = (stats.mean(means), stats.std(means))
@@ -460,19 +564,20 @@ def _aggregate(res: _TraitResult, variant_a: str, variant_b: str, prompt_set: st
         counts.append(len(col))
     pooled = [{"prompt_id": r["prompt_id"], "prompt_text": r["prompt_text"][:PROMPT_TEXT_CHARS], **c}
               for r in recs for c in r["clauses"]]
-    top_n = max(1, int(len(pooled) * top_pct / 100)) if pooled else 0
+    top_n = max(1, int(len(pooled) * o.top_pct / 100)) if pooled else 0
     # ties broken by prompt order then text position, so the lists are reproducible
     order = {pid: i for i, pid in enumerate(res.files)}
     top = sorted(pooled, key=lambda c: (-c["mean_delta"], order[c["prompt_id"]], c["token_range"][0]))[:top_n]
     bottom = sorted(pooled, key=lambda c: (c["mean_delta"], order[c["prompt_id"]], c["token_range"][0]))[:top_n]
     agg: dict[str, Any] = {
-        "trait": res.trait, "variant_a": variant_a, "variant_b": variant_b, "n_prompts": len(recs),
+        "trait": res.trait, "variant_a": o.variant_a, "variant_b": o.variant_b, "n_prompts": len(recs),
         "mean_delta_across_prompts": across_mean.value, "std_delta_across_prompts": across_std.value,
         "per_position_mean_delta": per_pos, "per_position_count": counts,
         "top_clauses_overall": top, "bottom_clauses_overall": bottom,
         "layer": layer, "method": key.method, "component": key.component, "position": key.position,
         "vector_sha256": key.sha256, "centered": key.centered,
-        "prompt_set": prompt_set, "variant_a_prompt_set": set_a, "top_pct": top_pct, "n_clauses": len(pooled),
+        "prompt_set": plan.prompt_set, "variant_a_prompt_set": plan.set_a, "top_pct": o.top_pct,
+        "n_clauses": len(pooled),
         "delta": "B - A: positive means variant_b projects higher on the trait",
         "statistics": "std is the sample std (ddof=1); mean_delta_across_prompts weights each prompt equally",
     }
@@ -483,6 +588,52 @@ def _aggregate(res: _TraitResult, variant_a: str, variant_b: str, prompt_set: st
     return agg
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Running and writing
+
+def write_trait(res: _TraitResult, warn: Callable[[str], None]) -> list[str]:
+    """The per-prompt files and aggregate.json of one trait; per-prompt files of an earlier run are removed."""
+    files = []
+    for pid, rec in res.files.items():
+        path = res.out_dir / f"{pid}.json"
+        write_json(path, rec, indent=1)
+        files.append(str(path))
+    write_json(res.out_dir / "aggregate.json", res.aggregate, indent=1)
+    stale = [p for stem, p in paths.files_by_id(res.out_dir, ".json").items()
+             if stem != "aggregate" and stem not in res.files]
+    for p in stale:  # ids of an earlier run that are not in this one would pass for current results
+        p.unlink()
+    if stale:
+        warn(f"trait {res.trait}: removed {len(stale)} per-prompt file(s) of an earlier run not in this one")
+    return files
+
+
+def run_per_token(plan: PerTokenPlan) -> dict:
+    """Compute every trait in memory (all checks pass first), then write; returns a summary."""
+    t0 = time.perf_counter()
+    o = plan.opts
+    texts = _PromptTexts(o.experiment, plan.prompt_set, o.variant_b)
+    token_cache: dict[tuple[str, str, str], ResponseTokens] = {}
+
+    def tokens_of(variant: str, pset: str, pid: str) -> ResponseTokens:  # read once, whatever the number of traits
+        if (variant, pset, pid) not in token_cache:
+            token_cache[(variant, pset, pid)] = read_response_tokens(o.experiment, variant, pset, pid)
+        return token_cache[(variant, pset, pid)]
+
+    results = [trait_diff(plan, ti, texts, tokens_of)
+               for ti in tqdm(plan.traits, desc="per-token diff", unit="trait", file=sys.stderr,
+                              disable=not o.progress)]
+    files = [f for r in results for f in write_trait(r, plan.warn)]
+    return {
+        "experiment": o.experiment, "variant_a": o.variant_a, "variant_b": o.variant_b, "prompt_set": plan.prompt_set,
+        "traits": [r.trait for r in results], "skipped": plan.skipped,
+        "layers": {r.trait: r.aggregate["layer"] for r in results},
+        "prompts": sum(len(r.files) for r in results), "files": files,
+        "output_dirs": [str(r.out_dir) for r in results], "warnings": plan.warnings,
+        "aggregates": {r.trait: r.aggregate for r in results}, "seconds": time.perf_counter() - t0,
+    }
+
+
 def per_token_diff(experiment: str, variant_a: str, variant_b: str, prompt_set: str, trait: str = "all",
                    variant_a_prompt_set: str | None = None, layer: int | None = None, top_pct: float = 5.0,
                    progress: bool = True) -> dict:
@@ -491,79 +642,8 @@ def per_token_diff(experiment: str, variant_a: str, variant_b: str, prompt_set: 
     Every trait is computed and checked in memory first; files are written only when all passed.
     Summary keys: traits (written), skipped ({trait: reason}), prompts, files, output_dirs, seconds.
     """
-    t0 = time.perf_counter()
-    if not (isinstance(top_pct, (int, float)) and 0 < top_pct <= 100):
-        raise PerTokenDiffError(f"--top-pct {top_pct}: must be in (0, 100]")
-    if layer is not None and layer < 0:
-        raise PerTokenDiffError(f"--layer {layer}: must be a layer index >= 0")
-    cfg = load_config(experiment)
-    for flag, name in (("--variant-a", variant_a), ("--variant-b", variant_b)):
-        if name not in cfg["model_variants"]:
-            raise ConfigError(f"{flag} {name!r}: not a model variant of experiment {experiment!r} "
-                              f"(variants: {', '.join(cfg['model_variants'])})")
-    prompt_set = prompt_set.strip("/")
-    set_a = (variant_a_prompt_set or prompt_set).strip("/")
-    if trait == "all":
-        traits = list_projected_traits(experiment, variant_b, prompt_set)
-        if not traits:
-            raise PerTokenDiffError(f"--trait all: variant {variant_b!r} has no projections of prompt set "
-                                    f"{prompt_set!r} under {paths.inference_dir(experiment, variant_b) / 'projections'}")
-    else:
-        if len(trait.strip("/").split("/")) != 2:
-            raise PerTokenDiffError(f"--trait {trait!r}: expected category/name or all")
-        traits = [trait.strip("/")]
-
-    warnings: list[str] = []
-
-    def warn(msg: str) -> None:
-        warnings.append(msg)
-        print(f"warning: {msg}", file=sys.stderr)
-
-    from tqdm.auto import tqdm
-
-    texts = _PromptTexts(experiment, prompt_set, variant_b)
-    token_cache: dict[tuple[str, str, str], ResponseTokens] = {}
-
-    def tokens_of(variant: str, pset: str, pid: str) -> ResponseTokens:  # read once, whatever the number of traits
-        if (variant, pset, pid) not in token_cache:
-            token_cache[(variant, pset, pid)] = read_response_tokens(experiment, variant, pset, pid)
-        return token_cache[(variant, pset, pid)]
-
-    results: list[_TraitResult] = []
-    skipped: dict[str, str] = {}
-    for t in tqdm(traits, desc="per-token diff", unit="trait", file=sys.stderr, disable=not progress):
-        r = _trait_diff(experiment, variant_a, variant_b, prompt_set, set_a, t, layer, top_pct, texts, tokens_of,
-                        warn)
-        if isinstance(r, str):
-            if trait != "all":
-                raise PerTokenDiffError(f"--trait {t}: {r}")
-            skipped[t] = r
-            warn(f"trait {t} skipped: {r}")
-        else:
-            results.append(r)
-    if not results:
-        raise PerTokenDiffError(f"no trait has projections of both variants: {skipped}")
-
-    files: list[str] = []
-    for r in results:
-        for pid, rec in r.files.items():
-            path = r.out_dir / f"{pid}.json"
-            write_json(path, rec, indent=1)
-            files.append(str(path))
-        write_json(r.out_dir / "aggregate.json", r.aggregate, indent=1)
-        stale = [p for stem, p in _json_files(r.out_dir).items() if stem != "aggregate" and stem not in r.files]
-        for p in stale:  # ids of an earlier run that are not in this one would pass for current results
-            p.unlink()
-        if stale:
-            warn(f"trait {r.trait}: removed {len(stale)} per-prompt file(s) of an earlier run not in this one")
-    return {
-        "experiment": experiment, "variant_a": variant_a, "variant_b": variant_b, "prompt_set": prompt_set,
-        "traits": [r.trait for r in results], "skipped": skipped,
-        "layers": {r.trait: r.aggregate["layer"] for r in results},
-        "prompts": sum(len(r.files) for r in results), "files": files,
-        "output_dirs": [str(r.out_dir) for r in results], "warnings": warnings,
-        "aggregates": {r.trait: r.aggregate for r in results}, "seconds": time.perf_counter() - t0,
-    }
+    return run_per_token(plan_per_token(PerTokenOptions(experiment, variant_a, variant_b, prompt_set, trait,
+                                                        variant_a_prompt_set, layer, top_pct, progress)))
 
 
 def format_summary(s: dict) -> str:
@@ -596,10 +676,10 @@ Delta = B - A per response token; clauses end after , . ; : ! ? em dash or newli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="per_token_diff.py",
-                description="Per-token and per-clause trait-projection difference (B - A) of two model variants "
-                            "on identical response tokens.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="per_token_diff.py",
+                   description="Per-token and per-clause trait-projection difference (B - A) of two model variants "
+                               "on identical response tokens.",
+                   epilog=EPILOG)
     p.add_argument("--experiment", required=True)
     p.add_argument("--variant-a", required=True, help="baseline variant")
     p.add_argument("--variant-b", required=True, help="comparison variant (delta = B - A)")
@@ -614,15 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = per_token_diff(args.experiment, args.variant_a, args.variant_b, args.prompt_set, args.trait,
-                                 args.variant_a_prompt_set, args.layer, args.top_pct, progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return cli.run(build_parser(), lambda ns: run_per_token(plan_per_token(PerTokenOptions.from_args(ns))),
+                   format_summary, argv)
 
 
 if __name__ == "__main__":
