@@ -263,10 +263,41 @@ def test_calibration_computed_when_absent(exp, hf, capsys):
         assert cal["top_dims_by_layer"][str(layer)] == torch.topk(mean.abs(), 5).indices.tolist()
         assert cal["layer_norms"][str(layer)] == pytest.approx(float(resp.norm(dim=-1).mean()), rel=1e-6)
         d0 = cal["top_dims_by_layer"][str(layer)][0]
-        assert cal["dim_magnitude_by_layer"][str(layer)][str(d0)] == pytest.approx(
+        # {dim: [ratio per layer]}, layers in cal["layers"] order (the shape trait-interp's viewer plots)
+        assert cal["dim_magnitude_by_layer"][str(d0)][cal["layers"].index(layer)] == pytest.approx(
             float(mean.abs()[d0] / mean.abs().mean()), rel=1e-6)
     mdd = load_out("p", "instruct", "cat/a", "s", 0)["massive_dim_data"]
     assert mdd["dims"] == sorted({d for v in cal["top_dims_by_layer"].values() for d in v})
+
+
+def test_calibration_as_model_analysis_js_reads_it(exp, hf):
+    """trait-interp's visualization/views/model-analysis.js: `data.model`; `aggregate.layer_norms[l]`;
+    `aggregate.mean_alignment_by_layer[l]` (a fraction, plotted x100); `aggregate.dim_magnitude_by_layer[dim]`,
+    an array plotted against x = 0 .. len(Object.keys(top_dims_by_layer)) - 1, for the dims its criteria pick
+    from `top_dims_by_layer` (e.g. top-5 at 3+ layers)."""
+    acts = [write_raw(hf, "p", "instruct", "s", i, *pr, layers=(0, 1, 2)) for i, pr in enumerate(PROMPTS)]
+    project("p", prompt_set="s", traits="cat/a", progress=False)
+    data = json.loads(paths.calibration_file("p", "instruct").read_text())
+    assert data["model"] == hf[0]                         # the variant's model, as config.json names it
+    agg = data["aggregate"]
+    n_layers = len(agg["top_dims_by_layer"])
+    layers = sorted(int(k) for k in agg["layer_norms"])   # Object.keys(...).map(Number).sort()
+    assert layers == list(range(n_layers)) == sorted(int(k) for k in agg["mean_alignment_by_layer"])
+    for layer in layers:
+        resp = torch.cat([a[layer]["residual"][n:] for a, n in acts]).double()
+        mean = resp.mean(0).abs()
+        for dim in {d for ds in agg["top_dims_by_layer"].values() for d in ds}:   # every dim a criterion can pick
+            curve = agg["dim_magnitude_by_layer"][str(dim)]                      # JS: dimMagnitude[dim] || []
+            assert len(curve) == n_layers
+            assert curve[layer] == pytest.approx(float(mean[dim] / mean.mean()), rel=1e-6)
+        # independent oracle: per prompt, mean cosine of each response token with that prompt's mean direction
+        per_prompt = []
+        for a, n in acts:
+            h = a[layer]["residual"][n:].double()
+            per_prompt.append(float(torch.nn.functional.cosine_similarity(h, h.mean(0)[None], dim=-1).mean()))
+        alignment = agg["mean_alignment_by_layer"][str(layer)]
+        assert alignment == pytest.approx(sum(per_prompt) / len(per_prompt), rel=1e-6)
+        assert 0 < alignment * 100 <= 100
 
 
 def test_no_calibration_reads_and_writes_none(exp, hf):
