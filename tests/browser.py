@@ -286,3 +286,36 @@ class Page:
         finally:
             if self._on_event in self.browser._listeners:
                 self.browser._listeners.remove(self._on_event)
+
+
+def screenshot(url: str, out: str | Path, width: int = 1280, height: int = 900, script: str | None = None,
+               ready: str = "document.readyState === 'complete'") -> dict:
+    """Open `url`, wait for `ready`, run `script` (e.g. a click), write a PNG of the viewport; its image_stats."""
+    with Browser() as b:
+        page = b.new_page(width, height)
+        page.goto(url)
+        page.wait_for(ready)
+        if script:
+            page.eval(script)
+            time.sleep(0.3)
+        png = page.screenshot()
+        Path(out).write_bytes(png)
+        return {**b.image_stats(png), "requests": page.requests, "errors": page.errors}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="PNG screenshot of a page in headless Chromium (docs/report.png).",
+                                 epilog="example: python tests/browser.py experiments/demo/analysis/report/harmful_base_vs_lora.html "
+                                        "docs/report.png --script \"TraitReport.select(0, 30)\"")
+    ap.add_argument("page", help="an HTML file or a URL")
+    ap.add_argument("out", help="the PNG to write")
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--height", type=int, default=900)
+    ap.add_argument("--script", default=None, help="JavaScript run before the screenshot")
+    ap.add_argument("--ready", default="window.TraitReport ? TraitReport.timing.firstRender !== null : "
+                                       "document.readyState === 'complete'", help="wait until this is truthy")
+    a = ap.parse_args()
+    target = a.page if "://" in a.page else Path(a.page).resolve().as_uri()
+    print(json.dumps(screenshot(target, a.out, a.width, a.height, a.script, a.ready)))
