@@ -9,6 +9,8 @@
                                            add coefficient * vector where the block writes into the residual stream
     steer(model, specs)                    several SteeringHooks at once (one context)
     block_sites(model) -> BlockSites       which module output is each component (checked by the identity)
+    SITE_RULES / register_site_rule(SiteRule(name, attn, mlp))
+                                           the known block layouts, and the public way to add one
     input_device(model) / text_config(model)   where input ids go; the text config of a (multimodal) model
     decoder_layers(model) / num_layers(model) / component_module(model, layer, component)
     hook_sites(model)                      the module paths used, for file metadata
@@ -38,13 +40,21 @@ class HookError(TraitError):
 
 # ---------------------------------------------------------------------------------------------------
 # Architecture knowledge: which child of a decoder block produces what the block adds to the residual.
-# Rows are tried in order; the first whose children exist and that passes the identity check wins.
+# Rules are tried in order (registered ones first); the first whose children exist and that passes the
+# identity check wins.
 
 @dataclass(frozen=True)
 class SiteRule:
+    """Where one block layout writes into the residual stream.
+
+    `attn` / `mlp` are paths inside a decoder block (a child name, or dotted for a deeper module) whose
+    output (element 0 if a tuple) is exactly what the block adds for attention / for the MLP (or the
+    whole expert block); `requires` are children that must exist for the rule to apply at all.
+    """
+
     name: str
-    attn: str        # child whose output (element 0 if a tuple) is the attention contribution
-    mlp: str         # child whose output is the MLP (or whole expert block) contribution
+    attn: str
+    mlp: str
     requires: tuple[str, ...] = ()
 
 
@@ -57,6 +67,35 @@ SITE_RULES: tuple[SiteRule, ...] = (
     SiteRule("pre-norm MoE (block_sparse_moe)", "self_attn", "block_sparse_moe"),
     SiteRule("GPT-2", "attn", "mlp"),
 )
+
+_registered_rules: list[SiteRule] = []   # register_site_rule: newest first, tried before SITE_RULES
+
+
+def register_site_rule(rule: SiteRule) -> SiteRule:
+    """Teach block_sites a block layout it does not know; the rule is tried before the built-in SITE_RULES.
+
+        from core.hooks import SiteRule, register_site_rule
+        register_site_rule(SiteRule("InternLM-style", attn="attention", mlp="feed_forward"))
+        with ActivationCapture(model, [3], ["attn_contribution", "mlp_contribution"]) as cap: ...
+
+    A registered rule is still checked by the identity residual[L] == residual[L-1] + attn + mlp on the
+    model itself (every layer): a rule that names the wrong modules is refused, never used. Rules
+    registered later are tried first, so a rule can also override a built-in one for a known layout.
+    Models whose sites were already detected keep them (block_sites caches per model).
+    """
+    if not isinstance(rule, SiteRule):
+        raise HookError(f"register_site_rule takes a SiteRule, got {type(rule).__name__}")
+    for field_name in ("name", "attn", "mlp"):
+        value = getattr(rule, field_name)
+        if not isinstance(value, str) or not value:
+            raise HookError(f"SiteRule.{field_name} must be a non-empty string, got {value!r}")
+    _registered_rules.insert(0, rule)
+    return rule
+
+
+def site_rules() -> tuple[SiteRule, ...]:
+    """Every rule block_sites tries, in order: registered ones (newest first), then SITE_RULES."""
+    return tuple(_registered_rules) + SITE_RULES
 
 
 @dataclass(frozen=True)
@@ -134,8 +173,9 @@ def block_sites(model: nn.Module) -> BlockSites:
     cfg = getattr(cfg, "text_config", None) or cfg
     scale = float(getattr(cfg, "residual_multiplier", 1.0) or 1.0)
     tried = []
-    for rule in SITE_RULES:
-        if not all(r in children for r in rule.requires) or rule.attn not in children or rule.mlp not in children:
+    for rule in site_rules():
+        if not all(r in children for r in rule.requires) or not all(
+                _submodule(block, p) is not None for p in (rule.attn, rule.mlp)):
             continue
         sites = BlockSites(rule.name, path, rule.attn, rule.mlp, scale)
         err = _identity_error(model, sites)
@@ -145,8 +185,17 @@ def block_sites(model: nn.Module) -> BlockSites:
         tried.append(f"{rule.name}: {err}")
     raise HookError(
         f"unsupported architecture {type(block).__name__}: no known attention/MLP sites reproduce the block's "
-        f"residual update ({'; '.join(tried) or 'children: ' + ', '.join(children)})"
+        f"residual update ({'; '.join(tried) or 'children: ' + ', '.join(children)}); if you know which "
+        f"modules they are, add a rule with core.hooks.register_site_rule(SiteRule(name, attn=..., mlp=...))"
     )
+
+
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    """block.get_submodule(path), or None when there is no such module."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 class _StopForward(Exception):
@@ -186,8 +235,8 @@ def _identity_error(model: nn.Module, sites: BlockSites) -> str | None:
     handles = []
     try:
         for i, block in enumerate(layers):
-            attn, mlp = getattr(block, sites.attn, None), getattr(block, sites.mlp, None)
-            if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+            attn, mlp = _submodule(block, sites.attn), _submodule(block, sites.mlp)
+            if attn is None or mlp is None:
                 return f"layer {i} has no {sites.attn} / {sites.mlp}"
             handles += [block.register_forward_pre_hook(pre(i), with_kwargs=True),
                         attn.register_forward_hook(grab(i, "attn")),
@@ -238,7 +287,7 @@ def component_module(model: nn.Module, layer: int, component: str) -> nn.Module:
     if component == "residual":
         return layers[layer]
     sites = block_sites(model)
-    return getattr(layers[layer], sites.attn if component == "attn_contribution" else sites.mlp)
+    return layers[layer].get_submodule(sites.attn if component == "attn_contribution" else sites.mlp)
 
 
 def hook_sites(model: nn.Module) -> dict[str, str]:

@@ -603,6 +603,102 @@ def test_custom_block_refused_unless_identity_holds():
         block_sites(_TinyLM(extra=True))
 
 
+class _OtherBlock(nn.Module):
+    """A pre-norm block whose children no built-in rule names (InternLM-like: attention / feed_forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.attention = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.feed_forward = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, hidden_states):
+        h = hidden_states + self.attention(self.attention_norm(hidden_states))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class _OtherLM(nn.Module):
+    """Returns every hidden state itself: the oracle for what a capture must see."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList(_OtherBlock() for _ in range(3))
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        hs = [self.embed(input_ids)]
+        for block in self.layers:
+            hs.append(block(hs[-1]))
+        return hs
+
+
+def test_registered_site_rule_is_used_for_a_custom_block_and_still_checked(monkeypatch):
+    import core.hooks as hooks
+
+    monkeypatch.setattr(hooks, "_registered_rules", [])  # the registry is global: leave it as found
+    ids = torch.tensor([[1, 4, 9, 2, 7]])
+    with pytest.raises(HookError, match=r"unsupported architecture _OtherBlock.*register_site_rule"):
+        block_sites(_OtherLM())
+    with pytest.raises(HookError, match="unsupported architecture"):
+        ActivationCapture(_OtherLM(), [1], COMPONENTS)
+
+    # a rule naming the wrong modules (the norms, whose outputs are not what the block adds) is refused
+    wrong = hooks.register_site_rule(hooks.SiteRule("norms, wrongly", attn="attention_norm", mlp="ffn_norm"))
+    assert hooks.site_rules()[0] is wrong
+    with pytest.raises(HookError, match=r"norms, wrongly: layer 0: .*residual update"):
+        block_sites(_OtherLM())
+    # a rule with a module that does not exist is skipped, not used
+    hooks.register_site_rule(hooks.SiteRule("absent", attn="attention", mlp="mlp"))
+    with pytest.raises(HookError, match="unsupported architecture"):
+        block_sites(_OtherLM())
+
+    rule = hooks.register_site_rule(hooks.SiteRule("InternLM-style", attn="attention", mlp="feed_forward"))
+    model = _OtherLM()
+    sites = block_sites(model)
+    assert (sites.rule, sites.attn, sites.mlp) == ("InternLM-style", "attention", "feed_forward")
+    assert hooks.hook_sites(model)["attn_contribution"] == "layers.{L}.attention"
+    with torch.no_grad():
+        hs = model(ids)
+        with ActivationCapture(model, range(3), COMPONENTS) as cap:
+            model(ids)
+    for L, block in enumerate(model.layers):
+        a = cap.activations[L]
+        torch.testing.assert_close(a["residual"], hs[L + 1], rtol=0, atol=0)
+        with torch.no_grad():
+            attn = block.attention(block.attention_norm(hs[L]))
+            mlp = block.feed_forward(block.ffn_norm(hs[L] + attn))
+        torch.testing.assert_close(a["attn_contribution"], attn, rtol=0, atol=0)
+        torch.testing.assert_close(a["mlp_contribution"], mlp, rtol=0, atol=0)
+        assert rel(a["residual"] - hs[L], attn + mlp) < 1e-6
+    # dotted paths reach deeper modules; the identity still decides (the inner Linear is not the whole add)
+    hooks.register_site_rule(hooks.SiteRule("inner linear", attn="attention.0", mlp="feed_forward"))
+    assert block_sites(_OtherLM()).rule == "InternLM-style"
+    assert rule in hooks.site_rules() and hooks.site_rules()[-len(hooks.SITE_RULES):] == hooks.SITE_RULES
+    with pytest.raises(HookError, match="SiteRule"):
+        hooks.register_site_rule(("x", "attention", "feed_forward"))
+    with pytest.raises(HookError, match="mlp must be a non-empty string"):
+        hooks.register_site_rule(hooks.SiteRule("x", "attention", ""))
+
+
+def test_registered_rule_overrides_a_builtin_one(loaded, zoo, monkeypatch):
+    import core.hooks as hooks
+
+    monkeypatch.setattr(hooks, "_registered_rules", [])
+    hooks.register_site_rule(hooks.SiteRule("mine: o_proj", attn="self_attn.o_proj", mlp="mlp"))
+    model = load_model(zoo("llama")).model  # a fresh model: block_sites caches per model
+    assert block_sites(model).rule == "mine: o_proj"
+    ids = ids_of(loaded("llama"))
+    with ActivationCapture(model, [2], COMPONENTS) as cap:
+        model(input_ids=ids)
+    plain = _capture(loaded("llama").model, [2], input_ids=ids)  # the built-in rule on the same weights
+    for comp in COMPONENTS:
+        torch.testing.assert_close(cap.activations[2][comp], plain[2][comp], rtol=0, atol=0)
+
+
 def test_cached_block_sites_adds_no_state(zoo, zoo_lora):
     for lora in (None, zoo_lora("gemma2")):
         model = load_model(zoo("gemma2"), lora=lora).model
