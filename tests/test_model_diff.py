@@ -591,3 +591,136 @@ def test_readme_model_diff_workflow_matches_hf_hidden_states(experiments, zoo, z
         agg = strict_json(out / "aggregate.json")
         assert agg["n_prompts"] == len(ids_with_tokens) and agg["layer"] == best
         assert agg["top_clauses_overall"][0]["mean_delta"] >= agg["bottom_clauses_overall"][0]["mean_delta"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare_variants on per-prompt means files (utils/means.py) instead of raw files
+
+def _means_from_raw_files(exp: str, variant: str, pset: str) -> int:
+    """Means files built with utils.means from the raw files (as the fused path will write them); returns bytes."""
+    from utils.means import means_from_raw, write_means
+
+    total = 0
+    for pid, path in paths.raw_files(exp, variant, pset).items():
+        rec = means_from_raw(load_pt(path), prompt_id=pid, prompt_set=pset)
+        total += write_means(paths.means_file(exp, variant, pset, pid), rec)
+    return total
+
+
+NUMBER_KEYS = ("per_layer_cosine_sim", "per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_std_a",
+               "per_layer_std_b", "per_layer_mean_projection_diff", "peak_effect_size", "peak_paired_effect_size")
+
+
+def _assert_same_results(got: dict, want: dict, rel: float = 1e-6) -> None:
+    assert set(got["traits"]) == set(want["traits"]) and got["traits"]
+    assert got["n_prompts"] == want["n_prompts"] and got["prompt_ids"] == want["prompt_ids"]
+    for t, w in want["traits"].items():
+        g = got["traits"][t]
+        assert g["layers"] == w["layers"] and g["peak_layer"] == w["peak_layer"]
+        for k in NUMBER_KEYS:
+            assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-12), (t, k)
+
+
+def test_compare_reads_means_files_and_prefers_them(experiments):
+    make_synthetic(experiments, dtype=torch.bfloat16)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    s_raw = cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    from_raw = strict_json(out / "results.json")
+    diff_raw = load_pt(out / "diff_vectors.pt")
+    _means_from_raw_files("md", "a", "s/set")
+    _means_from_raw_files("md", "b", "s/set")
+    # both present: the means files are read, not the raw ones (made unreadable to prove it)
+    for v in ("a", "b"):
+        for p in paths.raw_files("md", v, "s/set").values():
+            p.write_bytes(b"not a torch file")
+    s = cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    assert s["inputs"]["a"] == {"means_files": 5, "raw_files": 0, "bytes": s["inputs"]["a"]["bytes"]}
+    assert s_raw["inputs"]["b"]["raw_files"] == 5 and "5 means + 0 raw files" in cv.format_summary(s)
+    from_means = strict_json(out / "results.json")
+    _assert_same_results(from_means, from_raw)
+    assert from_means["fingerprint"] == from_raw["fingerprint"]     # the same numbers, bit for bit
+    assert torch.equal(load_pt(out / "diff_vectors.pt")["diff"], diff_raw["diff"])
+    # raw files gone altogether: the same results
+    for v in ("a", "b"):
+        for p in paths.raw_dir("md", v, "s/set").glob("*.pt"):
+            p.unlink()
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    _assert_same_results(strict_json(out / "results.json"), from_raw)
+
+
+def test_compare_mixed_sources_and_token_check_with_means(experiments, capsys):
+    make_synthetic(experiments, n_prompts=4)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    from_raw = strict_json(out / "results.json")
+    _means_from_raw_files("md", "b", "s/set")             # B from means, A from raw
+    s = cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    assert (s["inputs"]["a"]["raw_files"], s["inputs"]["b"]["means_files"]) == (4, 4)
+    _assert_same_results(strict_json(out / "results.json"), from_raw)
+    # the means file carries token ids: a differing response is still refused, naming the prompt
+    from utils.means import load_means, write_means
+
+    m = load_means(paths.means_file("md", "b", "s/set", "2"))
+    m["token_ids"][-1] += 1000
+    write_means(paths.means_file("md", "b", "s/set", "2"), m)
+    rc = cv.main(["--experiment", "md", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "s/set",
+                  "--method", "probe", "--position", POS, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "1 prompt(s)" in err and ": 2." in err and "--responses-from b" in err
+    # a malformed means file is one error line naming it
+    paths.means_file("md", "b", "s/set", "3").write_bytes(b"garbage")
+    rc = cv.main(["--experiment", "md", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "s/set",
+                  "--method", "probe", "--position", POS, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(paths.means_file("md", "b", "s/set", "3")) in err
+
+
+def _zoo_responses(exp: str, variant: str, pset: str, model_dir: str, pairs) -> None:
+    from utils.model import decode_tokens, format_prompt, load_tokenizer, tokenize_continuation, tokenize_prompt
+    from utils.responses import build_response
+    from utils.storage import write_json
+
+    tok = load_tokenizer(model_dir)
+    for i, (prompt, response) in enumerate(pairs, start=1):
+        text, note = format_prompt(tok, prompt)
+        ids = tokenize_prompt(tok, text)
+        end = len(ids)
+        ids = ids + tokenize_continuation(tok, response)
+        write_json(paths.response_file(exp, variant, pset, i),
+                   build_response(text, response, ids, end, decode_tokens(tok, ids), model_dir, prompt_note=note))
+
+
+def test_means_from_captured_bf16_raw_files_give_the_same_results(experiments, zoo, zoo_lora):
+    """The capture stage writes bf16 raw files of a base model and its LoRA on the same tokens; means files
+    built from them give compare_variants the results the raw files give (1e-6 relative)."""
+    from inference.capture_raw_activations import capture_raw_activations
+
+    model, lora = zoo("llama"), zoo_lora("llama")
+    experiments("mz", {"base": {"model": model}, "ft": {"model": model, "lora": lora}},
+                defaults={"extraction": "base", "application": "base"})
+    _zoo_responses("mz", "ft", "s", model, [("Tell me a story.", "Once upon a time, a model wrote code."),
+                                            ("Why?", "Because it is kind, and it helps."),
+                                            ("hi", "hello there, friend.")])
+    for variant in ("ft", "base"):
+        capture_raw_activations("mz", "s", model_variant=variant, responses_from="ft", dtype="bfloat16",
+                                components="residual,attn_contribution", progress=False)
+    g = torch.Generator().manual_seed(11)
+    for layer in range(4):
+        write_vector("mz", "t/x", "base", "probe", layer, torch.randn(64, generator=g))
+        write_vector("mz", "t/x", "base", "probe", layer, torch.randn(64, generator=g), component="attn_contribution")
+    out = paths.model_diff_dir("mz", "base", "ft") / "s"
+    results = {}
+    for component in ("residual", "attn_contribution"):
+        cv.compare_variants("mz", "base", "ft", "s", method="probe", position=POS, component=component,
+                            progress=False)
+        results[component] = strict_json(out / "results.json")
+    assert load_pt(paths.raw_file("mz", "ft", "s", 1))["response"]["activations"][0]["residual"].dtype == torch.bfloat16
+    for v in ("base", "ft"):
+        _means_from_raw_files("mz", v, "s")
+        for p in paths.raw_files("mz", v, "s").values():
+            p.unlink()
+    for component in ("residual", "attn_contribution"):
+        s = cv.compare_variants("mz", "base", "ft", "s", method="probe", position=POS, component=component,
+                                progress=False)
+        assert s["inputs"]["a"]["means_files"] == 3 and s["inputs"]["b"]["raw_files"] == 0
+        _assert_same_results(strict_json(out / "results.json"), results[component])

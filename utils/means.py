@@ -1,7 +1,7 @@
 """Per-prompt mean activations: the small file the model diff needs instead of a raw activation file.
 
     fp32_mean(t)                          the mean over tokens of a [n_tokens, hidden] tensor, in float32
-    side_means(acts, storage_dtype)       {layer: {component: Tensor[n, hidden]}} -> (n_tokens, {layer: {component: mean}})
+    side_means(acts, storage_dtype)       {layer: {component: Tensor[n, hidden]}} -> (n_tokens, {layer: {comp: mean}})
     build_means(prompt_acts, response_acts, token_ids=, prompt_end=, metadata=)   a means record (validated)
     build_means_from_sequence(acts, prompt_end, token_ids=, metadata=)           the same from whole-sequence tensors
     means_from_raw(record, prompt_id=, prompt_set=)                              the same from a raw .pt record
@@ -201,6 +201,6 @@ def load_means(path: str | Path) -> dict:
     """A validated means file (loaded with weights_only=True, not memory-mapped: it is small)."""
     try:
         obj = load_pt(path, mmap=False)
-    except StorageError as e:
-        raise MeansError(str(e)) from e
+    except StorageError as e:  # torch's own message can run over many lines: keep the first, the chain has the rest
+        raise MeansError(str(e).strip().splitlines()[0]) from e
     return validate_means(obj, path)

@@ -10,7 +10,9 @@
     main(argv=None) -> int                                   the CLI: python analysis/model_diff/compare_variants.py --help
     CompareError                                             bad input; the message names the file, prompt or flag
 
-Reads  experiments/{exp}/inference/{A|B}/raw/residual/{set}/{id}.pt  (response activations only)
+Reads  experiments/{exp}/inference/{A|B}/raw/means/{set}/{id}.pt    per-prompt means (utils/means.py), preferred
+       experiments/{exp}/inference/{A|B}/raw/residual/{set}/{id}.pt  raw activations where a prompt has no means file
+                                                                     (response activations only)
        trait vectors of --vector-experiment (extraction/...), its steering results for --use-best-vector
 Writes experiments/{exp}/model_diff/{A}_vs_{B}/{set}/diff_vectors.pt   {diff: fp32 [n_layers, hidden] (row i is
                                                                        layers[i]), layers, component, n_prompts, ...}
@@ -42,7 +44,7 @@ from core.errors import TraitError
 from core.hooks import COMPONENTS
 from utils import cli, paths
 from utils.config import ConfigError, load_config
-from utils.means import fp32_mean
+from utils.means import MeansError, fp32_mean, load_means
 from utils.storage import StorageError, load_pt, read_json, write_json, write_pt
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
                            resolve_vector_source, sanitize_position)
@@ -66,6 +68,11 @@ EFFECT_KEYS = ("per_layer_effect_size", "per_layer_paired_effect_size", "per_lay
 
 class CompareError(TraitError):
     """Bad input for compare_variants; the message names the file, prompt or flag."""
+
+
+def _first_line(e: Exception) -> str:
+    """torch's load errors can run over many lines; the first names the file, the chain keeps the rest."""
+    return str(e).strip().splitlines()[0]
 
 
 def _fmt(layers) -> str:
@@ -124,6 +131,13 @@ class CompareOptions:
 # Pairing the per-prompt files
 
 @dataclass(frozen=True)
+class PromptInput:
+    """One variant's file for one prompt: a means file (utils/means.py) or a raw activation file."""
+    kind: str                            # "means" | "raw"
+    path: Path
+
+
+@dataclass(frozen=True)
 class PromptFile:
     """What one variant's file of one prompt holds, read without its activations."""
     path: Path
@@ -136,8 +150,8 @@ class PromptFile:
 @dataclass
 class PairScan:
     """What both variants captured for the prompts they share, checked before any mean is computed."""
-    files_a: dict[str, Path]
-    files_b: dict[str, Path]
+    files_a: dict[str, PromptInput]
+    files_b: dict[str, PromptInput]
     ids: list[str]                       # paired prompts with response tokens, natural order
     layers: list[int]                    # layers both variants captured with the component, in every file
     component: str
@@ -146,12 +160,22 @@ class PairScan:
     excluded: dict[str, str] = field(default_factory=dict)           # id -> reason (no response tokens)
     token_digest: str = ""
 
+    def input_counts(self) -> dict[str, dict[str, int]]:
+        """Per side ("a", "b"): how many paired prompts come from means files and raw files, and their bytes."""
+        out = {}
+        for side, files in (("a", self.files_a), ("b", self.files_b)):
+            used = [files[pid] for pid in self.ids]
+            out[side] = {"means_files": sum(i.kind == "means" for i in used),
+                         "raw_files": sum(i.kind == "raw" for i in used),
+                         "bytes": sum(i.path.stat().st_size for i in used)}
+        return out
+
 
 def _load_raw(path: Path) -> dict:
     try:
         data = load_pt(path)
     except StorageError as e:
-        raise CompareError(str(e)) from e
+        raise CompareError(_first_line(e)) from e
     if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
         raise CompareError(f"{path}: not a raw activation file (no 'response' dict)")
     return data
@@ -172,8 +196,31 @@ def _read_raw(path: Path, component: str) -> PromptFile:
     return PromptFile(path, None if pids is None else list(pids), list(resp["token_ids"]), layers, comps)
 
 
-def _raw_means(path: Path, layers: list[int], component: str) -> list[torch.Tensor]:
-    acts = _load_raw(path)["response"]["activations"]
+def _load_means(path: Path) -> dict:
+    try:
+        return load_means(path)
+    except MeansError as e:
+        raise CompareError(str(e)) from e
+
+
+def _read_means(path: Path, component: str) -> PromptFile:
+    m = _load_means(path)
+    ids, end = m["token_ids"], m["prompt_end"]
+    layers = {layer: int(comps[component].shape[0]) for layer, comps in m["response"]["mean"].items()
+              if component in comps}
+    return PromptFile(path, ids[:end], ids[end:], layers, list(m["metadata"]["components"]))
+
+
+def read_prompt_file(inp: PromptInput, component: str) -> PromptFile:
+    return _read_means(inp.path, component) if inp.kind == "means" else _read_raw(inp.path, component)
+
+
+def response_means(inp: PromptInput, layers: list[int], component: str) -> list[torch.Tensor]:
+    """The fp32 response mean at each layer: stored in a means file, or taken from the raw activations."""
+    if inp.kind == "means":
+        mean = _load_means(inp.path)["response"]["mean"]
+        return [mean[layer][component] for layer in layers]
+    acts = _load_raw(inp.path)["response"]["activations"]
     return [fp32_mean(acts[layer][component]) for layer in layers]
 
 
@@ -196,32 +243,35 @@ def _mismatch_error(mismatched: list[str], exp: str, variant_a: str, variant_b: 
         f"{prompt_set} --model-variant {variant_a} --responses-from {variant_b}")
 
 
-def _files_of(exp: str, variant: str, prompt_set: str) -> dict[str, Path]:
-    files = paths.raw_files(exp, variant, prompt_set)
-    if not files:
-        raise CompareError(f"no raw activations of variant {variant!r} for prompt set {prompt_set!r}: "
-                           f"{paths.raw_dir(exp, variant, prompt_set)} has no .pt files (capture them with: python "
-                           f"inference/capture_raw_activations.py --experiment {exp} --prompt-set {prompt_set} "
-                           f"--model-variant {variant})")
-    return files
+def inputs_of(exp: str, variant: str, prompt_set: str) -> dict[str, PromptInput]:
+    """{id: input} of a variant: its means file where there is one (same numbers, far fewer bytes), else raw."""
+    found = {pid: PromptInput("raw", p) for pid, p in paths.raw_files(exp, variant, prompt_set).items()}
+    found.update({pid: PromptInput("means", p) for pid, p in paths.means_files(exp, variant, prompt_set).items()})
+    if not found:
+        raise CompareError(f"no activations of variant {variant!r} for prompt set {prompt_set!r}: neither "
+                           f"{paths.means_dir(exp, variant, prompt_set)} nor {paths.raw_dir(exp, variant, prompt_set)} "
+                           f"has .pt files (capture them with: python inference/capture_raw_activations.py "
+                           f"--experiment {exp} --prompt-set {prompt_set} --model-variant {variant})")
+    return dict(sorted(found.items(), key=lambda kv: paths.natural_key(kv[0])))
 
 
 def scan_pairs(exp: str, variant_a: str, variant_b: str, prompt_set: str, component: str) -> PairScan:
     """Pair prompts by id and check, for all of them, identical token ids and the captured layers.
 
-    Files are memory-mapped, so this reads only the small token lists. Errors list every bad prompt.
+    Raw files are memory-mapped, so this reads only their small token lists; means files are small.
+    Errors list every bad prompt.
     """
-    files_a, files_b = _files_of(exp, variant_a, prompt_set), _files_of(exp, variant_b, prompt_set)
+    files_a, files_b = inputs_of(exp, variant_a, prompt_set), inputs_of(exp, variant_b, prompt_set)
     ids = sorted(set(files_a) & set(files_b), key=paths.natural_key)
     if not ids:
         raise CompareError(f"variants {variant_a!r} and {variant_b!r} share no prompt id in prompt set {prompt_set!r} "
-                           f"({paths.raw_dir(exp, variant_a, prompt_set)}: {len(files_a)} files, "
-                           f"{paths.raw_dir(exp, variant_b, prompt_set)}: {len(files_b)} files)")
+                           f"({variant_a}: {len(files_a)} prompts, {variant_b}: {len(files_b)} prompts under "
+                           f"inference/{{variant}}/raw/means|residual/{prompt_set})")
     unpaired = {v: sorted(set(f) - set(ids), key=paths.natural_key) for v, f in ((variant_a, files_a), (variant_b, files_b))}
     mismatched, excluded, layer_sets, hidden = [], {}, [], set()
     digest = hashlib.sha256()
     for pid in ids:
-        fa, fb = _read_raw(files_a[pid], component), _read_raw(files_b[pid], component)
+        fa, fb = read_prompt_file(files_a[pid], component), read_prompt_file(files_b[pid], component)
         if fa.response_ids != fb.response_ids or (fa.prompt_ids is not None and fb.prompt_ids is not None
                                                   and fa.prompt_ids != fb.prompt_ids):
             mismatched.append(pid)
@@ -257,7 +307,7 @@ def prompt_means(scan: PairScan, progress: bool = True) -> tuple[torch.Tensor, t
     means_b = torch.empty(n, k, scan.hidden, dtype=torch.float32)
     for i, pid in enumerate(tqdm(scan.ids, desc="prompt means", unit="prompt", file=sys.stderr, disable=not progress)):
         for files, out in ((scan.files_a, means_a), (scan.files_b, means_b)):
-            for j, mean in enumerate(_raw_means(files[pid], scan.layers, scan.component)):
+            for j, mean in enumerate(response_means(files[pid], scan.layers, scan.component)):
                 out[i, j] = mean
     return means_a, means_b
 
@@ -369,7 +419,7 @@ def _load_small(path: Path) -> Any:
     try:
         return load_pt(path, mmap=False)
     except StorageError as e:
-        raise CompareError(str(e)) from e
+        raise CompareError(_first_line(e)) from e
 
 
 def load_existing_diff(out_dir: Path, opts: CompareOptions, warn: Callable[[str], None]) -> ExistingDiff:
@@ -564,6 +614,7 @@ def start_results(plan: ComparePlan, data: DiffData) -> dict:
     if plan.scan is not None:
         results["unpaired_prompt_ids"] = plan.scan.unpaired
         results["excluded_prompts"] = plan.scan.excluded
+        results["inputs"] = plan.scan.input_counts()
     results.setdefault("traits", {})
     results["skipped_traits"] = {**{k: v for k, v in (results.get("skipped_traits") or {}).items()
                                     if k not in plan.specs}, **plan.skipped}
@@ -619,7 +670,8 @@ def run_compare(plan: ComparePlan) -> dict:
     o = plan.opts
     return {"out_dir": str(plan.out_dir), "n_prompts": data.n_prompts, "layers": data.layers, "traits": done,
             "skipped": plan.skipped, "failed": failed, "warnings": plan.warnings, "variant_a": o.variant_a,
-            "variant_b": o.variant_b, "prompt_set": plan.prompt_set, "seconds": time.perf_counter() - t0}
+            "variant_b": o.variant_b, "prompt_set": plan.prompt_set, "seconds": time.perf_counter() - t0,
+            "inputs": plan.scan.input_counts() if plan.scan is not None else None}
 
 
 def compare_variants(experiment: str, variant_a: str, variant_b: str, prompt_set: str,
@@ -639,7 +691,12 @@ def format_summary(s: dict) -> str:
     parts = [f"{t} peak L{r['peak_layer']} d={_num(r['peak_effect_size'])} d_z={_num(r['peak_paired_effect_size'])}"
              for t, r in s["traits"].items()]
     extra = "".join(f"; {len(s[k])} trait(s) {k}" for k in ("skipped", "failed") if s[k])
-    return (f"compared {s['variant_b']} - {s['variant_a']} on {s['prompt_set']}: {s['n_prompts']} prompts, "
+    inputs = ""
+    if s.get("inputs"):
+        files = "; ".join(f"{s['variant_' + side]}: {c['means_files']} means + {c['raw_files']} raw files"
+                          for side, c in s["inputs"].items())
+        inputs = f" (read {files}, {sum(c['bytes'] for c in s['inputs'].values()) / 1e6:.1f} MB)"
+    return (f"compared {s['variant_b']} - {s['variant_a']} on {s['prompt_set']}: {s['n_prompts']} prompts{inputs}, "
             f"{len(s['layers'])} layers; {'; '.join(parts) or 'no trait computed'}{extra} in {s['seconds']:.1f} s "
             f"-> {s['out_dir']}")
 
