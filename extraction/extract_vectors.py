@@ -1,57 +1,61 @@
 """Trait vectors from contrastive texts, for users without trait-interp's extraction pipeline (and the demo).
 
-    extract_vectors(experiment, traits=None, model_variant=None, position="all[:]", methods=("mean_diff", "probe"),
-                    layers="all", ...) -> dict           the stage, importable
-    dataset_traits() -> ["category/name"]                 traits with positive.txt and negative.txt
-    read_texts(trait) -> (positive, negative)             non-blank lines, each with its line number
-    split(n, val_fraction, seed) -> (train, val)          deterministic per-class train/validation indices
-    mean_diff(pos, neg) / logistic_probe(pos, neg)        the two methods (torch only, no sklearn)
+    extract_vectors(experiment, traits=None, model_variant=None, position="response[:5],response[:]", ...) -> dict
+                                                           the stage, importable (keyword arguments)
+    ExtractOptions / plan_extraction(opts) / run_extraction(plan)   the same in its three steps
+    dataset_traits() -> ["category/name"]                  traits with positive.txt and negative.txt
+    read_texts(trait) -> (positive, negative)              non-blank lines, each with its line number
+    split(n, val_fraction, seed) -> (train, val)           deterministic per-class train/validation indices
+    mean_diff(pos, neg) / logistic_probe(pos, neg)         the two methods (torch only, no sklearn)
     evaluate(vector, train_pos, train_neg, val_pos, val_neg) -> metrics   baseline, accuracies, separation
-    main(argv=None) -> int                                the CLI: python extraction/extract_vectors.py --help
-    ExtractError                                          bad input; the message names the file or flag
+    main(argv=None) -> int                                 the CLI: python extraction/extract_vectors.py --help
+    ExtractError                                           bad input; the message names the file or flag
 
 Reads  datasets/traits/{category}/{trait}/positive.txt and negative.txt ($TRAIT_DATASETS_DIR overrides
        datasets/), one text per line, fed to the model as plain text (BOS + text, no chat template).
+       A line `PROMPT<TAB>RESPONSE` has a prompt/response split (the response's ids follow the prompt's, as a
+       response file stores them); a line without a TAB is all response (a text written as the model's answer).
 Writes experiments/{exp}/extraction/{category}/{trait}/{variant}/vectors/{pos_dir}/residual/{method}/layer{L}.pt
        (fp32 unit vectors) and .../{method}/metadata.json with, per layer: norm (before normalising),
        baseline (class-midpoint projection on the training lines), train_accuracy, and the held-out
        val_accuracy and val_separation that utils.vectors ranks vectors by when no steering results exist.
 
-Position: `all[...]` over the text's own tokens (BOS excluded): all[:] (default) is the mean over every
-token, all[-1] the last token, all[:5] / all[2:8] the mean over a slice. prompt/response frames need a
-prompt/response split that these plain texts do not have, so they are refused.
+Positions (one capture serves them all): the default `response[:5],response[:]` are the positions
+trait-interp's extraction and readers default to (folders response__5 and response_all), so its tools find
+these vectors without being told a position. response[...] counts from the first response token, prompt[...]
+covers the prompt tokens (a line without a TAB has none), all[...] the whole text; BOS is never included.
 Accuracy: a line counts as positive when its projection on the unit vector exceeds the baseline.
 Separation: (mean positive - mean negative projection on held-out lines) / the pooled within-class
 standard deviation of the training projections.
 """
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from core.capture import capture_sequences  # noqa: E402
-from core.hooks import num_layers  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.config import resolve_variant  # noqa: E402
-from utils.layers import parse_layers  # noqa: E402
-from utils.model import LoadedModel, load_model_config, load_variant, tokenize_prompt  # noqa: E402
-from utils.storage import StorageError, read_json, write_json, write_pt  # noqa: E402
-from utils.vectors import VectorError, check_trait_name, parse_position, sanitize_position  # noqa: E402
-from utils.cli import Parser as _Parser  # noqa: E402
+from core.capture import capture_sequences
 from core.errors import TraitError
+from core.hooks import num_layers
+from utils import cli, paths
+from utils.config import resolve_variant
+from utils.layers import parse_layers
+from utils.model import LoadedModel, load_model_config, load_variant, tokenize_continuation, tokenize_prompt
+from utils.storage import StorageError, read_json, write_json, write_pt
+from utils.vectors import (VectorError, VectorRef, check_trait_name, parse_position, rank_by_extraction_metrics,
+                           sanitize_position)
 
 METHODS = ("mean_diff", "probe")
-DEFAULT_POSITION = "all[:]"
+DEFAULT_POSITIONS = ("response[:5]", "response[:]")
+DEFAULT_POSITION = ",".join(DEFAULT_POSITIONS)
 COMPONENT = "residual"
+SPLIT = "\t"                  # PROMPT<TAB>RESPONSE in a dataset line
 
 
 class ExtractError(TraitError):
@@ -82,7 +86,7 @@ def read_texts(trait: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise ExtractError(f"{path}: cannot read ({e})") from None
+            raise ExtractError(f"{path}: cannot read ({e})") from e
         texts = [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
         if len(texts) < 2:
             raise ExtractError(f"{path}: needs at least 2 non-blank lines (one to train on, one held out), "
@@ -162,46 +166,74 @@ def evaluate(vector: torch.Tensor, train_pos: torch.Tensor, train_neg: torch.Ten
 # ---------------------------------------------------------------------------------------------------
 # Features
 
-def _select(position: str) -> int | slice:
-    try:
-        frame, index = parse_position(position)
-    except VectorError as e:
-        raise ExtractError(str(e)) from None
-    if frame != "all":
-        raise ExtractError(f"--position {position!r}: extract_vectors.py reads plain texts with no prompt/response "
-                           f"split; use an all[...] position (all[:], all[-1], all[:5])")
-    return index
+def parse_positions(spec: str | Sequence[str]) -> list[tuple[str, str, int | slice]]:
+    """--position: a comma list of FRAME[INDEX] / FRAME[START:STOP] -> [(position, frame, index)], in order."""
+    items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
+    if not items or not all(items):
+        raise ExtractError(f"--position {spec!r}: expected a comma list like response[:5],response[:]")
+    out = []
+    for position in dict.fromkeys(items):
+        try:
+            frame, index = parse_position(position)
+        except VectorError as e:
+            raise ExtractError(str(e)) from e
+        out.append((position, frame, index))
+    return out
 
 
-def text_features(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], position: str,
-                  where: Sequence[str] | None = None, max_batch_tokens: int | None = None) -> dict[int, torch.Tensor]:
-    """fp32 [n_texts, H] per layer: the residual at `position` over each text's own tokens (BOS excluded)."""
-    index = _select(position)
-    tok = loaded.tokenizer
-    sequences, starts = [], []
+def line_ids(tokenizer, text: str) -> tuple[list[int], int, int]:
+    """(ids, first text token, prompt_end) of a dataset line: BOS + text, or BOS + prompt + response on a TAB."""
+    if SPLIT in text:
+        prompt, response = (part.strip() for part in text.split(SPLIT, 1))
+        p_ids = tokenize_prompt(tokenizer, prompt)
+        ids = p_ids + tokenize_continuation(tokenizer, response)
+        prompt_end = len(p_ids)
+    else:
+        ids = tokenize_prompt(tokenizer, text)
+        prompt_end = None
+    bos = tokenizer.bos_token_id
+    start = 1 if bos is not None and ids and ids[0] == bos else 0
+    return ids, start, start if prompt_end is None else prompt_end
+
+
+def _frame_tokens(frame: str, n: int, start: int, prompt_end: int) -> range:
+    """The token positions of a frame in a sequence of n ids."""
+    return {"all": range(start, n), "prompt": range(start, prompt_end), "response": range(prompt_end, n)}[frame]
+
+
+def text_features(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int],
+                  positions: str | Sequence[str] = DEFAULT_POSITION, where: Sequence[str] | None = None,
+                  max_batch_tokens: int | None = None) -> dict[str, dict[int, torch.Tensor]]:
+    """fp32 [n_texts, H] per position and layer: the residual at each position (a slice is a mean), one capture."""
+    chosen = parse_positions(positions)
+    sequences, picks = [], []
     for k, text in enumerate(texts):
-        ids = tokenize_prompt(tok, text)
-        start = 1 if tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id else 0
-        n = len(ids) - start
-        picked = range(n)[index] if isinstance(index, slice) else (index if -n <= index < n else None)
-        if picked is None or (isinstance(picked, range) and len(picked) == 0):
-            raise ExtractError(f"{where[k] if where else f'text {k}'}: position {position} selects no token "
-                               f"(the text has {n} tokens)")
+        ids, start, prompt_end = line_ids(loaded.tokenizer, text)
+        row = {}
+        for position, frame, index in chosen:
+            span = _frame_tokens(frame, len(ids), start, prompt_end)
+            picked = span[index] if isinstance(index, slice) else (span[index] if -len(span) <= index < len(span) else None)
+            if picked is None or (isinstance(picked, range) and len(picked) == 0):
+                raise ExtractError(f"{where[k] if where else f'text {k}'}: position {position} selects no token "
+                                   f"(the text has {len(span)} {frame} tokens"
+                                   f"{'; a prompt needs PROMPT<TAB>RESPONSE' if frame == 'prompt' else ''})")
+            row[position] = picked
         sequences.append(ids)
-        starts.append(start)
+        picks.append(row)
+    tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out: dict[int, list[torch.Tensor | None]] = {l: [None] * len(texts) for l in layers}
+    out = {p: {l: [None] * len(texts) for l in layers} for p, _, _ in chosen}
     for i, acts in capture_sequences(loaded.model, sequences, list(layers), [COMPONENT], pad,
                                      max_batch_tokens=max_batch_tokens, out_dtype=torch.float32):
         for layer in layers:
-            h = acts[layer][COMPONENT][starts[i]:]
-            sel = h[index]
-            out[layer][i] = sel.float() if sel.ndim == 1 else sel.float().mean(0)
-    return {l: torch.stack(rows) for l, rows in out.items()}
+            h = acts[layer][COMPONENT].float()
+            for position, picked in picks[i].items():
+                out[position][layer][i] = h[picked] if isinstance(picked, int) else h[picked.start:picked.stop].mean(0)
+    return {p: {l: torch.stack(rows) for l, rows in by_layer.items()} for p, by_layer in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
-# The stage
+# The stage: options -> plan (every input checked, nothing loaded or written) -> run
 
 def _methods(methods: str | Sequence[str]) -> list[str]:
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
@@ -212,100 +244,182 @@ def _methods(methods: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def extract_vectors(experiment: str, traits: str | Sequence[str] | None = None, model_variant: str | None = None,
-                    position: str = DEFAULT_POSITION, methods: str | Sequence[str] = METHODS,
-                    layers: str = "all", val_fraction: float = 0.25, seed: int = 0,
-                    max_batch_tokens: int | None = None, loaded: LoadedModel | None = None,
-                    progress: bool = True) -> dict:
-    """Extract mean_diff / probe vectors for each trait at every chosen layer; returns a summary dict.
+@dataclass(frozen=True)
+class ExtractOptions:
+    experiment: str
+    traits: str | tuple[str, ...] | None = None
+    model_variant: str | None = None
+    position: str | tuple[str, ...] = DEFAULT_POSITION
+    methods: str | tuple[str, ...] = METHODS
+    layers: str = "all"
+    val_fraction: float = 0.25
+    seed: int = 0
+    max_batch_tokens: int | None = None
+    progress: bool = True
 
-    `loaded` reuses an already-loaded model of the variant (tests, demo). Everything (datasets, flags,
-    layers) is checked before the model is loaded or anything written.
-    Summary keys: experiment, model_variant, position, methods, layers, traits {trait: {method: {best_layer,
-    val_accuracy, val_separation}}}, files, seconds.
-    """
-    t0 = time.perf_counter()
-    if not 0 < val_fraction < 1:
-        raise ExtractError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    _select(position)
-    method_list = _methods(methods)
-    if traits is None:
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "ExtractOptions":
+        return cls(experiment=ns.experiment, traits=ns.traits, model_variant=ns.model_variant, position=ns.position,
+                   methods=ns.methods, layers=ns.layers, val_fraction=ns.val_fraction, seed=ns.seed,
+                   progress=not ns.quiet)
+
+
+@dataclass
+class ExtractPlan:
+    opts: ExtractOptions
+    variant: Any                                   # utils.config variant
+    traits: dict[str, tuple[list, list]]           # trait -> (positive lines, negative lines)
+    positions: list[tuple[str, str, int | slice]]
+    methods: list[str]
+    layers: list[int]
+
+
+def plan_extraction(opts: ExtractOptions, loaded: LoadedModel | None = None) -> ExtractPlan:
+    """Check every input (datasets, flags, layers against the model's depth) before anything loads."""
+    if not 0 < opts.val_fraction < 1:
+        raise ExtractError(f"--val-fraction must be between 0 and 1, got {opts.val_fraction}")
+    positions = parse_positions(opts.position)
+    methods = _methods(opts.methods)
+    if opts.traits is None:
         trait_list = dataset_traits()
         if not trait_list:
             raise ExtractError(f"no traits in {paths.datasets_root() / 'traits'} (expected "
                                f"{{category}}/{{trait}}/positive.txt and negative.txt)")
     else:
-        items = [t.strip() for t in traits.split(",")] if isinstance(traits, str) else list(traits)
+        items = [t.strip() for t in opts.traits.split(",")] if isinstance(opts.traits, str) else list(opts.traits)
         try:
             trait_list = list(dict.fromkeys(check_trait_name(t) for t in items))
         except VectorError as e:
-            raise ExtractError(str(e)) from None
+            raise ExtractError(str(e)) from e
     texts = {t: read_texts(t) for t in trait_list}
-    variant = resolve_variant(experiment, model_variant, "extraction")
+    variant = resolve_variant(opts.experiment, opts.model_variant, "extraction")
     # the depth from the config, so a bad --layers fails before the weights load
     n_layers = (num_layers(loaded.model) if loaded is not None
-                else int(load_model_config(variant.model_path(experiment)).num_hidden_layers))
-    layer_list = parse_layers(layers, n_layers)
-    lm = loaded or load_variant(experiment, variant.name)
-    pos_dir = sanitize_position(position)
+                else int(load_model_config(variant.model_path(opts.experiment)).num_hidden_layers))
+    return ExtractPlan(opts, variant, texts, positions, methods, parse_layers(opts.layers, n_layers))
 
+
+def run_extraction(plan: ExtractPlan, loaded: LoadedModel | None = None) -> dict:
+    """Capture each trait's lines once, then fit and write every position x method x layer; returns the summary.
+
+    Summary keys: experiment, model_variant, position, positions, methods, layers, files, seconds, and
+    traits {trait: {"best": {position, method, layer, val_accuracy, val_separation, reason},
+                    method: {best_layer, position, val_accuracy, val_separation}}}.
+    """
     from tqdm.auto import tqdm
 
-    summary: dict[str, Any] = {"experiment": experiment, "model_variant": variant.name, "position": position,
-                               "methods": method_list, "layers": layer_list, "traits": {}, "files": [], "seconds": 0.0}
-    for trait in tqdm(trait_list, desc="extract", unit="trait", file=sys.stderr, disable=not progress):
-        pos_lines, neg_lines = texts[trait]
+    t0 = time.perf_counter()
+    opts = plan.opts
+    lm = loaded or load_variant(opts.experiment, plan.variant.name)
+    summary: dict[str, Any] = {"experiment": opts.experiment, "model_variant": plan.variant.name,
+                               "position": ",".join(p for p, _, _ in plan.positions),
+                               "positions": [p for p, _, _ in plan.positions], "methods": plan.methods,
+                               "layers": plan.layers, "traits": {}, "files": [], "seconds": 0.0}
+    for trait in tqdm(plan.traits, desc="extract", unit="trait", file=sys.stderr, disable=not opts.progress):
+        pos_lines, neg_lines = plan.traits[trait]
         folder = paths.traits_data_dir(trait)
         where = [f"{folder / 'positive.txt'}:{n}" for n, _ in pos_lines] + \
                 [f"{folder / 'negative.txt'}:{n}" for n, _ in neg_lines]
-        feats = text_features(lm, [t for _, t in pos_lines] + [t for _, t in neg_lines], layer_list, position,
-                              where, max_batch_tokens)
-        n_pos = len(pos_lines)
-        tr_p, va_p = split(n_pos, val_fraction, seed)
-        tr_n, va_n = split(len(neg_lines), val_fraction, seed + 1)
-        summary["traits"][trait] = {}
-        for method in method_list:
-            layer_meta: dict[str, dict] = {}
-            for layer in layer_list:
-                x = feats[layer]
-                pos, neg = x[:n_pos], x[n_pos:]
-                train_pos, train_neg, val_pos, val_neg = pos[tr_p], neg[tr_n], pos[va_p], neg[va_n]
-                entry: dict[str, Any] = {}
-                if method == "mean_diff":
-                    raw = mean_diff(train_pos, train_neg)
-                else:
-                    raw, bias = logistic_probe(train_pos, train_neg)
-                    entry["bias"] = bias
-                norm = float(raw.norm())
-                if norm == 0.0:
-                    raise ExtractError(f"trait {trait!r}, layer {layer}, {method}: the classes have identical "
-                                       f"features, no direction to extract")
-                unit = (raw / norm).float()
-                entry = {"norm": norm, **evaluate(unit, train_pos, train_neg, val_pos, val_neg), **entry}
-                layer_meta[str(layer)] = entry
-                out = paths.vector_file(experiment, trait, variant.name, pos_dir, COMPONENT, method, layer)
-                write_pt(out, unit.clone())
-                summary["files"].append(str(out))
-            meta_path = paths.vector_metadata(experiment, trait, variant.name, pos_dir, COMPONENT, method)
-            merged = _previous_layers(meta_path)
-            merged.update(layer_meta)
-            write_json(meta_path, {
-                "model": variant.model, "trait": trait, "method": method, "component": COMPONENT,
-                "position": position, "layers": dict(sorted(merged.items(), key=lambda kv: int(kv[0]))),
-                "timestamp": _dt.datetime.now().isoformat(), "extraction_variant": variant.name, "lora": variant.lora,
-                "tool": "trait-inference extraction/extract_vectors.py",
-                "dataset": {"positive": str(folder / "positive.txt"), "negative": str(folder / "negative.txt")},
-                "n_positive": n_pos, "n_negative": len(neg_lines), "val_fraction": val_fraction, "seed": seed,
-                "val_lines": {"positive": [pos_lines[i][0] for i in va_p], "negative": [neg_lines[i][0] for i in va_n]},
-                "accuracy_rule": "projection on the unit vector > baseline (midpoint of the training class means)",
-            }, indent=1)
-            summary["files"].append(str(meta_path))
-            best_layer = max(layer_meta, key=lambda k: (layer_meta[k]["val_accuracy"], layer_meta[k]["val_separation"]))
-            summary["traits"][trait][method] = {"best_layer": int(best_layer),
-                                                "val_accuracy": layer_meta[best_layer]["val_accuracy"],
-                                                "val_separation": layer_meta[best_layer]["val_separation"]}
+        feats = text_features(lm, [t for _, t in pos_lines] + [t for _, t in neg_lines], plan.layers,
+                              [p for p, _, _ in plan.positions], where, opts.max_batch_tokens)
+        split_pos = split(len(pos_lines), opts.val_fraction, opts.seed)
+        split_neg = split(len(neg_lines), opts.val_fraction, opts.seed + 1)
+        metrics = []
+        for position, _, _ in plan.positions:
+            for method in plan.methods:
+                layer_meta = fit_layers(trait, method, feats[position], len(pos_lines), split_pos, split_neg)
+                files = write_vectors(plan, trait, position, method, layer_meta, pos_lines, neg_lines,
+                                      split_pos[1], split_neg[1])
+                summary["files"] += [str(f) for f in files]
+                metrics += [(VectorRef(trait, int(l), method, COMPONENT, sanitize_position(position), f),
+                             e["val_accuracy"], e["val_separation"]) for f, (l, (_, e)) in zip(files, layer_meta.items())]
+        summary["traits"][trait] = _trait_summary(metrics)
     summary["seconds"] = time.perf_counter() - t0
     return summary
+
+
+def fit_layers(trait: str, method: str, feats: dict[int, torch.Tensor], n_pos: int,
+               split_pos: tuple[list[int], list[int]], split_neg: tuple[list[int], list[int]]
+               ) -> dict[str, tuple[torch.Tensor, dict]]:
+    """{layer: (fp32 unit vector, metadata entry)} for one trait, method and position."""
+    (tr_p, va_p), (tr_n, va_n) = split_pos, split_neg
+    out = {}
+    for layer, x in feats.items():
+        pos, neg = x[:n_pos], x[n_pos:]
+        train_pos, train_neg, val_pos, val_neg = pos[tr_p], neg[tr_n], pos[va_p], neg[va_n]
+        extra: dict[str, Any] = {}
+        if method == "mean_diff":
+            raw = mean_diff(train_pos, train_neg)
+        else:
+            raw, extra["bias"] = logistic_probe(train_pos, train_neg)
+        norm = float(raw.norm())
+        if norm == 0.0:
+            raise ExtractError(f"trait {trait!r}, layer {layer}, {method}: the classes have identical "
+                               f"features, no direction to extract")
+        unit = (raw / norm).float()
+        out[str(layer)] = (unit, {"norm": norm, **evaluate(unit, train_pos, train_neg, val_pos, val_neg), **extra})
+    return out
+
+
+def write_vectors(plan: ExtractPlan, trait: str, position: str, method: str, layer_meta: dict,
+                  pos_lines: list, neg_lines: list, va_p: list[int], va_n: list[int]) -> list[Path]:
+    """Each layer's vector, then the method's metadata.json (merged with layers of earlier runs)."""
+    opts, variant, pos_dir = plan.opts, plan.variant, sanitize_position(position)
+    files = []
+    for layer, (unit, _) in layer_meta.items():
+        out = paths.vector_file(opts.experiment, trait, variant.name, pos_dir, COMPONENT, method, int(layer))
+        write_pt(out, unit.clone())
+        files.append(out)
+    meta_path = paths.vector_metadata(opts.experiment, trait, variant.name, pos_dir, COMPONENT, method)
+    merged = _previous_layers(meta_path)
+    merged.update({layer: entry for layer, (_, entry) in layer_meta.items()})
+    folder = paths.traits_data_dir(trait)
+    write_json(meta_path, {
+        "model": variant.model, "trait": trait, "method": method, "component": COMPONENT,
+        "position": position, "layers": dict(sorted(merged.items(), key=lambda kv: int(kv[0]))),
+        "timestamp": _dt.datetime.now().isoformat(), "extraction_variant": variant.name, "lora": variant.lora,
+        "tool": "trait-inference extraction/extract_vectors.py",
+        "dataset": {"positive": str(folder / "positive.txt"), "negative": str(folder / "negative.txt")},
+        "n_positive": len(pos_lines), "n_negative": len(neg_lines), "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "val_lines": {"positive": [pos_lines[i][0] for i in va_p], "negative": [neg_lines[i][0] for i in va_n]},
+        "accuracy_rule": "projection on the unit vector > baseline (midpoint of the training class means)",
+        "separation_rule": "(held-out mean positive - mean negative projection) / pooled within-class std of the "
+                           "training projections",
+        "split_rule": "PROMPT<TAB>RESPONSE lines have a prompt; other lines are all response",
+    }, indent=1)
+    return files + [meta_path]
+
+
+def _trait_summary(metrics: list) -> dict:
+    """The overall winner (utils.vectors' no-steering ranking, with its reason) and each method's best layer."""
+    ranked = rank_by_extraction_metrics(metrics)
+    out: dict[str, Any] = {}
+    for r in ranked:
+        if r.ref.method not in out:
+            out[r.ref.method] = {"best_layer": r.ref.layer, "position": r.ref.position,
+                                 "val_accuracy": r.accuracy, "val_separation": r.separation}
+    top = ranked[0]
+    out["best"] = {"position": top.ref.position, "method": top.ref.method, "layer": top.ref.layer,
+                   "val_accuracy": top.accuracy, "val_separation": top.separation, "reason": top.reason}
+    return out
+
+
+def extract_vectors(experiment: str, traits: str | Sequence[str] | None = None, model_variant: str | None = None,
+                    position: str | Sequence[str] = DEFAULT_POSITION, methods: str | Sequence[str] = METHODS,
+                    layers: str = "all", val_fraction: float = 0.25, seed: int = 0,
+                    max_batch_tokens: int | None = None, loaded: LoadedModel | None = None,
+                    progress: bool = True) -> dict:
+    """Extract mean_diff / probe vectors for each trait at every chosen position and layer; the summary dict.
+
+    `loaded` reuses an already-loaded model of the variant (tests, demo). Everything (datasets, flags,
+    layers) is checked before the model is loaded or anything written.
+    """
+    opts = ExtractOptions(experiment, traits if traits is None or isinstance(traits, str) else tuple(traits),
+                          model_variant, position if isinstance(position, str) else tuple(position),
+                          methods if isinstance(methods, str) else tuple(methods), layers, val_fraction, seed,
+                          max_batch_tokens, progress)
+    return run_extraction(plan_extraction(opts, loaded), loaded)
 
 
 def _previous_layers(meta_path: Path) -> dict:
@@ -322,11 +436,12 @@ def _previous_layers(meta_path: Path) -> dict:
 
 def format_summary(s: dict) -> str:
     best = "; ".join(
-        f"{t} {m} layer {r['best_layer']} acc {r['val_accuracy']:.2f}"
-        for t, by_method in s["traits"].items() for m, r in by_method.items())
-    return (f"extracted {len(s['traits'])} traits x {len(s['methods'])} methods x {len(s['layers'])} layers "
-            f"({len(s['files'])} files) for variant {s['model_variant']} at {s['position']} in {s['seconds']:.1f} s; "
-            f"best held-out: {best}")
+        f"{t} {r['best']['method']} {r['best']['position']} layer {r['best']['layer']} "
+        f"acc {r['best']['val_accuracy']:.2f} sep {r['best']['val_separation']:.2f}"
+        for t, r in s["traits"].items())
+    return (f"extracted {len(s['traits'])} traits x {len(s['positions'])} positions x {len(s['methods'])} methods x "
+            f"{len(s['layers'])} layers ({len(s['files'])} files) for variant {s['model_variant']} in "
+            f"{s['seconds']:.1f} s; best held-out (separation, accuracy floor): {best}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,26 +449,31 @@ def format_summary(s: dict) -> str:
 
 EPILOG = """\
 examples:
-  # every trait under datasets/traits/, every layer, mean over each text's tokens
+  # every trait under datasets/traits/, every layer, at response[:5] and response[:] (trait-interp's defaults)
   python extraction/extract_vectors.py --experiment my_exp
 
   # one trait, last token, probe only, a layer range
   python extraction/extract_vectors.py --experiment my_exp --traits behavioral/refusal \\
-      --position 'all[-1]' --methods probe --layers 4-12
+      --position 'response[-1]' --methods probe --layers 4-12
+
+dataset lines: a text written as the model's answer ("I'm sorry, I can't help with that."), or
+PROMPT<TAB>RESPONSE to give it a prompt (response[...] then counts from the response's first token).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="extract_vectors.py",
-                description="Extract trait vectors (mean_diff, probe) from contrastive texts "
-                            "datasets/traits/{category}/{trait}/positive.txt and negative.txt, with held-out "
-                            "accuracy per layer.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="extract_vectors.py",
+                   description="Extract trait vectors (mean_diff, probe) from contrastive texts "
+                               "datasets/traits/{category}/{trait}/positive.txt and negative.txt, with held-out "
+                               "accuracy and separation per layer.",
+                   epilog=EPILOG)
     p.add_argument("--experiment", required=True, help="experiment folder under experiments/")
     p.add_argument("--traits", help="comma list of category/name (default: every trait under datasets/traits/)")
     p.add_argument("--model-variant", help="model variant (default: defaults.extraction)")
     p.add_argument("--position", default=DEFAULT_POSITION,
-                   help="all[:] (mean over the text's tokens, default), all[-1], all[:N], all[A:B]")
+                   help="comma list of positions, each written to its own folder: response[:5] (first 5 response "
+                        "tokens), response[:] (all of them), response[-1], prompt[-1], all[:] (the whole text) "
+                        f"(default: {DEFAULT_POSITION})")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of mean_diff, probe (default: both)")
     p.add_argument("--layers", default="all", help="capture grammar: all, 16, 5-20, 10-45:3, 30%%-60%% (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of each class held out (default: 0.25)")
@@ -363,16 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = extract_vectors(args.experiment, traits=args.traits, model_variant=args.model_variant,
-                                  position=args.position, methods=args.methods, layers=args.layers,
-                                  val_fraction=args.val_fraction, seed=args.seed, progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return cli.run(build_parser(), lambda a: extract_vectors_from(ExtractOptions.from_args(a)), format_summary, argv)
+
+
+def extract_vectors_from(opts: ExtractOptions) -> dict:
+    return run_extraction(plan_extraction(opts))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ output_hidden_states (never from our capture code).
     vectors are fp32 unit vectors; mean_diff == normalised difference of HF train-line means; baseline == midpoint
     probe is a stationary point of the L2 logistic objective (C=1) on row-normalised train features
     reported held-out accuracy == accuracy recomputed from HF features of the recorded validation lines; it separates
+    default positions response[:5] / response[:] (trait-interp's folders response__5 / response_all); a
+    PROMPT<TAB>RESPONSE line counts response[...] from the response's first token, prompt[-1] is the prompt's last
     all[-1] uses the last token; reruns are identical; the extraction fallback of utils.vectors picks the best layer
-    bad input: missing / short files, unknown method, prompt/response positions, bad layers; nothing written; CLI
+    bad input: missing / short files, unknown method, prompt positions without a prompt, bad layers; nothing
+    written; CLI
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 from extraction.extract_vectors import ExtractError, extract_vectors, main
 from utils import paths
-from utils.vectors import best_vector
+from utils.vectors import rank_vectors
 
 POS_WORDS = "kind polite good help please thanks safe yes hello".split()
 NEG_WORDS = "rude harmful bad refuse cannot sorry no never deceive".split()
@@ -94,12 +97,13 @@ def split_texts(folder, meta):
 
 def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
     s = extract_vectors("x", layers="0-2", loaded=loaded, progress=False)
-    assert s["layers"] == LAYERS and s["traits"]["tone/kind"].keys() == {"mean_diff", "probe"}
+    assert s["layers"] == LAYERS and s["traits"]["tone/kind"].keys() == {"mean_diff", "probe", "best"}
+    assert s["positions"] == ["response[:5]", "response[:]"]
     features = None
     for method in ("mean_diff", "probe"):
-        meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", "all_all", "residual", method).read_text())
+        meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", "response_all", "residual", method).read_text())
         assert (meta["method"], meta["position"], meta["component"], meta["n_positive"], meta["n_negative"]) == (
-            method, "all[:]", "residual", 16, 16)
+            method, "response[:]", "residual", 16, 16)
         assert len(meta["val_lines"]["positive"]) == len(meta["val_lines"]["negative"]) == 4
         tp, tn, vp, vn = split_texts(ext, meta)
         if features is None:   # both methods share the split (checked by the texts below)
@@ -107,7 +111,7 @@ def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
         assert features[0] == (tp, tn, vp, vn)
         f_tp, f_tn, f_vp, f_vn = features[1]
         for L in LAYERS:
-            path = paths.vector_file("x", "tone/kind", "base", "all_all", "residual", method, L)
+            path = paths.vector_file("x", "tone/kind", "base", "response_all", "residual", method, L)
             v = torch.load(path, weights_only=True)
             assert v.dtype == torch.float32 and v.shape == (64,) and abs(float(v.norm()) - 1) < 1e-6
             entry = meta["layers"][str(L)]
@@ -133,13 +137,46 @@ def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
         best = max(meta["layers"].values(), key=lambda e: e["val_accuracy"])
         assert best["val_accuracy"] >= 0.875 and best["val_separation"] > 1.0
 
-    # with no steering results, the fallback of utils.vectors ranks these by held-out accuracy
-    sel = best_vector("x", "tone/kind", "base", "base", hidden_size=64)
-    assert sel.selection_source == "extraction"
-    meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", "all_all", "residual", sel.method).read_text())
-    assert meta["layers"][str(sel.layer)]["val_accuracy"] == max(
-        json.loads(paths.vector_metadata("x", "tone/kind", "base", "all_all", "residual", m).read_text())
-        ["layers"][str(L)]["val_accuracy"] for m in ("mean_diff", "probe") for L in LAYERS)
+    # with no steering results, the fallback of utils.vectors ranks them; the summary names the same winner
+    top = rank_vectors("x", "tone/kind", "base", "base")[0]
+    assert top.source == "extraction"
+    best = s["traits"]["tone/kind"]["best"]
+    assert (best["position"], best["method"], best["layer"]) == (top.ref.position, top.ref.method, top.ref.layer)
+    meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", top.ref.pos_dir, "residual",
+                                            top.ref.method).read_text())
+    assert meta["layers"][str(top.ref.layer)]["val_separation"] == best["val_separation"] == top.separation
+
+
+def test_first_five_response_tokens_and_prompt_split(ext, hf, loaded):
+    """response[:5] of a plain line: its first 5 tokens after BOS; with PROMPT<TAB>RESPONSE, the response's."""
+    _, tok, model = hf
+    folder = ext
+    pos = [f"say it kind\t{t}" for t in lines(POS_WORDS, 3, 8)]
+    neg = [f"say it rude\t{t}" for t in lines(NEG_WORDS, 4, 8)]
+    (folder / "positive.txt").write_text("\n".join(pos))
+    (folder / "negative.txt").write_text("\n".join(neg))
+    extract_vectors("x", position="response[:5],prompt[-1],all[:]", methods="mean_diff", layers="1",
+                    loaded=loaded, progress=False)
+    for position, pos_dir in (("response[:5]", "response__5"), ("prompt[-1]", "prompt_-1"), ("all[:]", "all_all")):
+        meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", pos_dir, "residual", "mean_diff").read_text())
+        assert meta["position"] == position
+        tp, tn, _, _ = split_texts(folder, meta)
+        feats = []
+        for texts in (tp, tn):
+            rows = []
+            for text in texts:
+                prompt, response = text.split("\t")
+                p_ids = tok(prompt)["input_ids"]
+                ids = p_ids + tok(response, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
+                rows.append({"response[:5]": h[len(p_ids):len(p_ids) + 5].mean(0), "prompt[-1]": h[len(p_ids) - 1],
+                             "all[:]": h[1:].mean(0)}[position])
+            feats.append(torch.stack(rows).double())
+        diff = feats[0].mean(0) - feats[1].mean(0)
+        got = torch.load(paths.vector_file("x", "tone/kind", "base", pos_dir, "residual", "mean_diff", 1),
+                         weights_only=True).double()
+        torch.testing.assert_close(got, diff / diff.norm(), atol=1e-5, rtol=0)
 
 
 def test_last_token_position_and_rerun_identical(ext, hf, loaded):
@@ -160,7 +197,7 @@ def test_last_token_position_and_rerun_identical(ext, hf, loaded):
     ("missing", {}, r"negative\.txt not found"),
     ("short", {}, r"positive\.txt: needs at least 2 non-blank lines"),
     ("method", {"methods": "probe,gradient"}, r"--methods.*'gradient'"),
-    ("frame", {"position": "response[:5]"}, r"--position 'response\[:5\]'.*all\[\.\.\.\]"),
+    ("frame", {"position": "prompt[-1]"}, r"positive\.txt:\d+: position prompt\[-1\] selects no token.*PROMPT<TAB>"),
     ("grammar", {"position": "all"}, r"--position 'all'"),
     ("layers", {"layers": "9"}, r"--layers '9'.*4 layers"),
     ("trait", {"traits": "tone/nope"}, r"trait 'tone/nope'.*not found.*tone/kind"),
@@ -181,11 +218,12 @@ def test_bad_input(ext, loaded, case, kwargs, message):
 def test_cli(ext, capsys):
     assert main(["--experiment", "x", "--traits", "tone/kind", "--layers", "2", "--methods", "probe", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "extracted 1 traits x 1 methods x 1 layers (2 files)" in out and "tone/kind probe layer 2" in out
-    assert paths.vector_file("x", "tone/kind", "base", "all_all", "residual", "probe", 2).exists()
+    assert "extracted 1 traits x 2 positions x 1 methods x 1 layers (4 files)" in out
+    assert "tone/kind probe response[:5] layer 2" in out or "tone/kind probe response[:] layer 2" in out
+    assert "held-out" in out and "floor" in out
+    for pos_dir in ("response__5", "response_all"):
+        assert paths.vector_file("x", "tone/kind", "base", pos_dir, "residual", "probe", 2).exists()
     assert main(["--experiment", "x", "--methods", "svm", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --methods")
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0 and "examples:" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "examples:" in capsys.readouterr().out
