@@ -9,27 +9,25 @@ Times, interleaved in one run (warm-up, then medians over rounds), over the same
     nnsight             the same layers saved through nnsight's trace (only when nnsight is installed)
 and prints each as a ratio to the bare forward, plus bytes stored per token against layers x hidden x dtype.
 
-Example:
-    python bench/bench_capture.py                              # 8-layer 1024-wide Llama, CPU, fp32
-    python bench/bench_capture.py --shape gemma-2-2b --device cuda --dtype bfloat16 --prompts 64
+Example (from the repo root; bench is a package, not installed):
+    python -m bench.bench_capture                              # 8-layer 1024-wide Llama, CPU, fp32
+    python -m bench.bench_capture --shape gemma-2-2b --device cuda --dtype bfloat16 --prompts 64
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import add_model_args, build_random_model, machine, model_dtype, table, timeit_interleaved, workload  # noqa: E402
-from core.capture import capture_sequences, plan_batch  # noqa: E402
-from inference.capture_raw_activations import build_record  # noqa: E402
-from utils.storage import BackgroundWriter  # noqa: E402
+from bench.common import add_model_args, build_random_model, machine, model_dtype, table, timeit_interleaved, workload
+from core.capture import capture_sequences, plan_batch
+from inference.capture_raw_activations import build_record
+from utils.storage import BackgroundWriter
 
 
 def batches(seqs: list[list[int]], budget: int) -> list[list[int]]:
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 ids = seqs[i]
                 data = {"token_ids": ids, "prompt_end": len(ids) // 2, "tokens": [str(t) for t in ids],
                         "prompt": "", "response": ""}
-                writer.submit(tmp / f"{i}.pt", build_record(data, acts, None, False, {"bench": True}))
+                writer.submit(tmp / f"{i}.pt", build_record(data, acts, data["tokens"], False, {"bench": True}))
         written["bytes"] = writer.bytes
 
     def hf_hidden_states():

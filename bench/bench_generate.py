@@ -7,23 +7,20 @@ Times, interleaved (warm-up, then medians), greedy, the same left-padded prompts
     ours batch 1 x 8    the same 8 prompts one at a time: why batching matters
 Throughput is generated tokens per second; the ratio ours / HF should be >= 0.95.
 
-Example:
-    python bench/bench_generate.py                       # llama-8x1024 on CPU
-    python bench/bench_generate.py --shape gemma-2-2b --device cuda --max-new-tokens 64
+Example (from the repo root; bench is a package, not installed):
+    python -m bench.bench_generate                       # llama-8x1024 on CPU
+    python -m bench.bench_generate --shape gemma-2-2b --device cuda --max-new-tokens 64
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import add_model_args, build_random_model, machine, model_dtype, timeit_interleaved, workload  # noqa: E402
-from core.generation import generate_batch, left_pad  # noqa: E402
+from bench.common import add_model_args, build_random_model, machine, model_dtype, timeit_interleaved, workload
+from core.generation import generate_batch, left_pad
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,9 @@ layer), then times, interleaved (warm-up, then medians):
     project (the script)  project_raw_activations_onto_traits(..., layers=L): every trait, every file, JSON written
 and prints files/s and the ratio of projection to reading the needed bytes.
 
-Example:
-    python bench/bench_project.py                          # 200 files, 26 layers x 2304, bf16, 8 traits
-    python bench/bench_project.py --files 1000 --traits 32
+Example (from the repo root; bench is a package, not installed):
+    python -m bench.bench_project                          # 200 files, 26 layers x 2304, bf16, 8 traits
+    python -m bench.bench_project --files 1000 --traits 32
 """
 from __future__ import annotations
 
@@ -19,15 +19,13 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import machine, timeit_interleaved  # noqa: E402
+from bench.common import machine, timeit_interleaved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 for L in range(a.layers)}
         data = {"token_ids": ids, "prompt_end": a.tokens // 2, "tokens": [str(t) for t in ids], "prompt": "",
                 "response": ""}
-        write_pt(paths.raw_file(exp, variant, pset, i), build_record(data, acts, None, False, {"bench": True}))
+        write_pt(paths.raw_file(exp, variant, pset, i), build_record(data, acts, data["tokens"], False, {"bench": True}))
     traits = [f"bench/t{k}" for k in range(a.traits)]
     for t in traits:
         for L in range(a.layers):

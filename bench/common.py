@@ -15,15 +15,12 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when transformers is first imported
 
 SHAPES: dict[str, dict] = {
     # The default: an 8-layer, 1024-wide Llama (about 0.1B parameters), fast enough for 2 CPU cores.

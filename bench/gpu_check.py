@@ -21,10 +21,9 @@ import traceback
 from contextlib import redirect_stdout
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub when transformers is first imported
 
 REPORT: list[str] = []
 OUT_FILE: list[Path] = []  # written after every line, so a run cut short still leaves its table

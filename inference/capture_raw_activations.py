@@ -1,70 +1,104 @@
 """Capture raw activations: response JSONs in, one .pt of per-layer activations per prompt out (prefill, batched).
 
-    capture_raw_activations(experiment, prompt_set, ...) -> dict    the stage, importable (tests, server, demo)
-    plan_capture(...) -> CapturePlan        every input checked, nothing loaded or written (called first)
-    build_record(...) -> dict               the .pt dict of DESIGN.md §4 for one prompt
-    format_summary(summary) -> str          the one-line summary main() prints
-    main(argv=None) -> int                  the CLI: python inference/capture_raw_activations.py --help
-    CaptureError                            bad input or a capture that cannot go on; the message names it
+    CaptureOptions(experiment, prompt_set, ...)   every setting of a run (the CLI flags); .from_args(namespace)
+    plan_capture(opts, loaded=None) -> CapturePlan every input checked; reads only JSONs and the tokenizer(s)
+    run_capture(plan, loaded=None) -> dict         load the model, capture in batches, write files; the summary
+    capture_raw_activations(experiment, prompt_set, loaded=None, **options) -> dict
+                                                   plan + run, for keyword callers (tests, server, demo)
+    build_record(data, acts, tokens, response_only, metadata) -> dict   one prompt's .pt dict (docs/formats.md)
+    format_summary(summary) -> str                 the one line main() prints
+    main(argv=None) -> int                         the CLI: python inference/capture_raw_activations.py --help
+    CaptureError                                   bad input or a capture that cannot go on; the message names it
 
 Reads experiments/{exp}/inference/{responses_from or variant}/responses/{set}/*.json and writes
 experiments/{exp}/inference/{variant}/raw/residual/{set}[_{suffix}]/{id}.pt. The stored `token_ids` are the
-ids captured (never re-tokenized); the prompt / response split is the JSON's `prompt_end`. Each file is
-written atomically as soon as its batch is done, so a killed run resumes with --skip-existing.
+ids captured (never re-tokenized); the prompt / response split is the JSON's `prompt_end`; the token strings
+are decoded again from the ids (a JSON written by trait-interp's compact writer stores "," as ", ", B2 in
+docs/original-bugs.md). With --responses-from, the capturing variant gets the response JSONs it lacks (the
+same ids, its own `inference_model`, `responses_from` naming the replayed variant), as the viewer needs them.
+Each file is written atomically as soon as its batch is done, so a killed run resumes with --skip-existing.
 """
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
 import sys
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from core.capture import BatchReport, CaptureOOMError, capture_sequences  # noqa: E402
-from core.hooks import COMPONENTS, HookError, hook_sites, num_layers  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.config import Variant, resolve_variant  # noqa: E402
-from utils.layers import parse_layers  # noqa: E402
-from utils.model import (DTYPES, LoadedModel, decode_tokens, load_model_config, load_tokenizer,  # noqa: E402
-                         load_variant)
-from utils.responses import list_response_files, load_responses  # noqa: E402
-from utils.storage import BackgroundWriter  # noqa: E402
-from utils.cli import Parser as _Parser  # noqa: E402
+from core.capture import BatchReport, CaptureOOMError, capture_sequences
 from core.errors import TraitError
+from core.hooks import COMPONENTS, HookError, hook_sites, num_layers
+from utils import cli, paths
+from utils.config import Variant, resolve_variant
+from utils.layers import parse_layers
+from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
+from utils.responses import TokenStrings, list_response_files, load_responses, replayed_response
+from utils.storage import BackgroundWriter
 
 
 class CaptureError(TraitError):
     """A bad argument, or a capture that cannot go on (out of memory on one prompt); the message names it."""
 
 
-@dataclass
-class CapturePlan:
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What one capture run is asked to do; the fields are the CLI flags (see build_parser)."""
+
     experiment: str
     prompt_set: str
+    model_variant: str | None = None
+    components: str | Sequence[str] | None = None     # None: residual
+    capture_mlp: bool = False
+    layers: str | Sequence[int] | None = "all"
+    response_only: bool = False
+    responses_from: str | None = None
+    prompt_ids: str | Sequence[str | int] | None = None
+    skip_existing: bool = False
+    limit: int | None = None
+    output_suffix: str | None = None
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    dtype: str | torch.dtype | None = None            # storage dtype; None / "auto": the model's
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "CaptureOptions":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    opts: CaptureOptions
+    prompt_set: str                     # normalised (no leading/trailing slash)
     variant: Variant                    # the model captured; output goes under its name
     source: Variant                     # whose responses are read (--responses-from, else `variant`)
-    output_suffix: str | None
     layers: list[int]
     components: list[str]
     out_dtype: torch.dtype | None       # None: the model's activation dtype
     items: list[tuple[str, dict]]       # (prompt id, response JSON) selected by --prompt-ids / --limit
     todo: list[tuple[str, dict]]        # items minus those skipped by --skip-existing
+    replay: list[str]                   # prompt ids whose response JSON the capturing variant lacks
     tokenizer: Any
-    out_dir: Path = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.out_dir = paths.raw_dir(self.experiment, self.variant.name, self.prompt_set, self.output_suffix)
+    @property
+    def out_dir(self) -> Path:
+        return paths.raw_dir(self.opts.experiment, self.variant.name, self.prompt_set, self.opts.output_suffix)
 
     def out_file(self, prompt_id: str) -> Path:
-        return paths.raw_file(self.experiment, self.variant.name, self.prompt_set, prompt_id, self.output_suffix)
+        return paths.raw_file(self.opts.experiment, self.variant.name, self.prompt_set, prompt_id,
+                              self.opts.output_suffix)
+
+    def response_file(self, prompt_id: str) -> Path:
+        """The capturing variant's own response JSON (written for --responses-from when missing)."""
+        return paths.response_file(self.opts.experiment, self.variant.name, self.prompt_set, prompt_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,6 +145,23 @@ def _positive(name: str, value: int | None, allow_zero: bool = False) -> None:
         raise CaptureError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
+def _check_flags(opts: CaptureOptions) -> str:
+    """The checks that need no file; returns the normalised prompt set name."""
+    if opts.load_in_8bit and opts.load_in_4bit:
+        raise CaptureError("--load-in-8bit and --load-in-4bit are mutually exclusive: choose one")
+    _positive("--limit", opts.limit, allow_zero=True)
+    _positive("--batch-size", opts.batch_size)
+    _positive("--max-batch-tokens", opts.max_batch_tokens)
+    suffix = opts.output_suffix
+    if suffix is not None and (not suffix.strip() or "/" in suffix or "\\" in suffix):
+        raise CaptureError(f"--output-suffix {suffix!r}: must be a non-empty name without slashes")
+    prompt_set = opts.prompt_set.strip("/")
+    if not prompt_set or ".." in prompt_set.split("/"):
+        raise CaptureError(f"--prompt-set {opts.prompt_set!r}: expected a set name such as harmful or "
+                           f"rm_syco/train_100")
+    return prompt_set
+
+
 def _check_prompt_set(exp: str, source: Variant, prompt_set: str) -> None:
     """A missing responses folder: an unknown prompt set, or a known one that was not generated yet."""
     folder = paths.responses_dir(exp, source.name, prompt_set)
@@ -128,59 +179,26 @@ def _check_prompt_set(exp: str, source: Variant, prompt_set: str) -> None:
     list_response_files(exp, source.name, prompt_set)  # raises ResponseError naming the command that creates it
 
 
-def _same_vocab(tok_a, tok_b) -> bool:
-    return tok_a.get_vocab() == tok_b.get_vocab()
-
-
-def plan_capture(experiment: str, prompt_set: str, model_variant: str | None = None,
-                 components: str | Sequence[str] | None = None, capture_mlp: bool = False,
-                 layers: str | Sequence[int] | None = "all", responses_from: str | None = None,
-                 prompt_ids: str | Sequence[str | int] | None = None, skip_existing: bool = False,
-                 limit: int | None = None, output_suffix: str | None = None, load_in_8bit: bool = False,
-                 load_in_4bit: bool = False, dtype: str | torch.dtype | None = None, batch_size: int | None = None,
-                 max_batch_tokens: int | None = None, loaded: LoadedModel | None = None) -> CapturePlan:
-    """Check every input (flags, experiment, variants, prompt set, each response file, layers); load only tokenizers."""
-    if load_in_8bit and load_in_4bit:
-        raise CaptureError("--load-in-8bit and --load-in-4bit are mutually exclusive: choose one")
-    comps = parse_components(components, capture_mlp)
-    ids = parse_prompt_ids(prompt_ids)
-    out_dtype = _storage_dtype(dtype)
-    _positive("--limit", limit, allow_zero=True)
-    _positive("--batch-size", batch_size)
-    _positive("--max-batch-tokens", max_batch_tokens)
-    if output_suffix is not None and (not output_suffix.strip() or "/" in output_suffix or "\\" in output_suffix):
-        raise CaptureError(f"--output-suffix {output_suffix!r}: must be a non-empty name without slashes")
-    prompt_set = prompt_set.strip("/")
-    if not prompt_set or ".." in prompt_set.split("/"):
-        raise CaptureError(f"--prompt-set {prompt_set!r}: expected a set name such as harmful or rm_syco/train_100")
-
-    variant = resolve_variant(experiment, model_variant)
-    source = resolve_variant(experiment, responses_from) if responses_from else variant
-    _check_prompt_set(experiment, source, prompt_set)
-
-    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(variant.model_path(experiment))
-    if source.model_path(experiment) != variant.model_path(experiment):
-        source_tok = load_tokenizer(source.model_path(experiment))
-        if not _same_vocab(tokenizer, source_tok):
+def _tokenizers(opts: CaptureOptions, variant: Variant, source: Variant, loaded: LoadedModel | None):
+    """The capturing variant's tokenizer (loaded once, reused by the model load); the source's must match it."""
+    exp = opts.experiment
+    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(variant.model_path(exp))
+    if source.model_path(exp) != variant.model_path(exp):
+        if load_tokenizer(source.model_path(exp)).get_vocab() != tokenizer.get_vocab():
             raise CaptureError(
                 f"--responses-from {source.name}: its tokenizer ({source.model}) differs from {variant.name}'s "
                 f"({variant.model}), so the stored token ids would mean other tokens; capture with a variant of the "
                 f"same tokenizer")
-    items = load_responses(experiment, source.name, prompt_set, prompt_ids=ids, limit=limit,
-                           vocab_size=len(tokenizer))
+    return tokenizer
 
-    n_layers = num_layers(loaded.model) if loaded is not None else _config_layers(variant.model_path(experiment))
+
+def _choose_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:
     if layers is None or isinstance(layers, str):
-        chosen = parse_layers("all" if layers is None else layers, n_layers)
-    else:
-        chosen = parse_layers(",".join(str(int(l)) for l in layers), n_layers) if len(layers) else []
-        if not chosen:
-            raise CaptureError(f"--layers: no layers given (the model has {n_layers} layers, 0-{n_layers - 1})")
-
-    plan = CapturePlan(experiment, prompt_set, variant, source, output_suffix, chosen, comps, out_dtype, items,
-                       [], tokenizer)
-    plan.todo = [(pid, d) for pid, d in items if not (skip_existing and plan.out_file(pid).exists())]
-    return plan
+        return parse_layers("all" if layers is None else layers, n_layers)
+    chosen = parse_layers(",".join(str(int(l)) for l in layers), n_layers) if len(layers) else []
+    if not chosen:
+        raise CaptureError(f"--layers: no layers given (the model has {n_layers} layers, 0-{n_layers - 1})")
+    return chosen
 
 
 def _config_layers(model_path: str) -> int:
@@ -191,17 +209,45 @@ def _config_layers(model_path: str) -> int:
     return n
 
 
-# ---------------------------------------------------------------------------------------------------
-# The .pt record
+def plan_capture(opts: CaptureOptions, loaded: LoadedModel | None = None) -> CapturePlan:
+    """Check every input (flags, experiment, variants, prompt set, each response file, layers); write nothing.
 
-def build_record(data: dict, acts: dict[int, dict[str, torch.Tensor]], tokenizer, response_only: bool,
+    Only the tokenizer(s) and the model's config are read besides the JSONs: the ids are checked against the
+    vocabulary and --layers against the layer count before a long model load.
+    """
+    prompt_set = _check_flags(opts)
+    comps = parse_components(opts.components, opts.capture_mlp)
+    ids = parse_prompt_ids(opts.prompt_ids)
+    out_dtype = _storage_dtype(opts.dtype)
+    exp = opts.experiment
+    variant = resolve_variant(exp, opts.model_variant)
+    source = resolve_variant(exp, opts.responses_from) if opts.responses_from else variant
+    _check_prompt_set(exp, source, prompt_set)
+    tokenizer = _tokenizers(opts, variant, source, loaded)
+    items = load_responses(exp, source.name, prompt_set, prompt_ids=ids, limit=opts.limit, vocab_size=len(tokenizer))
+    n_layers = num_layers(loaded.model) if loaded is not None else _config_layers(variant.model_path(exp))
+    chosen = _choose_layers(opts.layers, n_layers)
+
+    def out_file(pid: str) -> Path:
+        return paths.raw_file(exp, variant.name, prompt_set, pid, opts.output_suffix)
+
+    todo = [(pid, d) for pid, d in items if not (opts.skip_existing and out_file(pid).exists())]
+    replay = [] if source.name == variant.name else \
+        [pid for pid, _ in items if not paths.response_file(exp, variant.name, prompt_set, pid).exists()]
+    return CapturePlan(opts, prompt_set, variant, source, chosen, comps, out_dtype, items, todo, replay, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token strings and the records written
+
+def build_record(data: dict, acts: dict[int, dict[str, torch.Tensor]], tokens: list[str], response_only: bool,
                  metadata: dict) -> dict:
-    """Split one sequence's activations at prompt_end into the DESIGN.md §4 dict (every tensor owns its storage)."""
+    """Split one sequence's activations at prompt_end into the .pt dict of docs/formats.md.
+
+    `tokens` are one string per id of data["token_ids"]; every tensor stored owns its storage.
+    """
     ids: list[int] = data["token_ids"]
     end: int = data["prompt_end"]
-    tokens = data.get("tokens")
-    if not (isinstance(tokens, list) and len(tokens) == len(ids) and all(isinstance(t, str) for t in tokens)):
-        tokens = decode_tokens(tokenizer, ids)
 
     def side(lo: int, hi: int, keep: bool) -> dict[int, dict[str, torch.Tensor]]:
         if not keep:
@@ -217,96 +263,17 @@ def build_record(data: dict, acts: dict[int, dict[str, torch.Tensor]], tokenizer
     }
 
 
-# ---------------------------------------------------------------------------------------------------
-# The stage
-
-def capture_raw_activations(experiment: str, prompt_set: str, model_variant: str | None = None,
-                            components: str | Sequence[str] | None = None, capture_mlp: bool = False,
-                            layers: str | Sequence[int] | None = "all", response_only: bool = False,
-                            responses_from: str | None = None, prompt_ids: str | Sequence[str | int] | None = None,
-                            skip_existing: bool = False, limit: int | None = None, output_suffix: str | None = None,
-                            load_in_8bit: bool = False, load_in_4bit: bool = False,
-                            dtype: str | torch.dtype | None = None, batch_size: int | None = None,
-                            max_batch_tokens: int | None = None, loaded: LoadedModel | None = None,
-                            progress: bool = True) -> dict:
-    """Capture the selected prompts of a set and write one .pt each; returns a summary dict.
-
-    `loaded` reuses an already-loaded utils.model.LoadedModel of `model_variant` (tests, server, demo).
-    Summary keys: captured, skipped, tokens, seconds (total), capture_seconds (forwards and writes), bytes,
-    out_of_memory_retries, output_dir, files, layers, components.
-    """
-    t0 = time.perf_counter()
-    plan = plan_capture(experiment, prompt_set, model_variant, components, capture_mlp, layers, responses_from,
-                        prompt_ids, skip_existing, limit, output_suffix, load_in_8bit, load_in_4bit, dtype,
-                        batch_size, max_batch_tokens, loaded)
-    summary: dict[str, Any] = {
-        "captured": 0, "skipped": len(plan.items) - len(plan.todo), "tokens": 0, "seconds": 0.0,
-        "capture_seconds": 0.0, "bytes": 0,
-        "out_of_memory_retries": 0, "output_dir": str(plan.out_dir), "files": [],
-        "layers": plan.layers, "components": plan.components,
-    }
-    if not plan.todo:  # decided before loading the model
-        summary["seconds"] = time.perf_counter() - t0
-        return summary
-
-    lm = loaded or load_variant(experiment, plan.variant.name, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                                tokenizer=plan.tokenizer)  # the tokenizer plan_capture checked the ids with
-    if plan.layers[-1] >= num_layers(lm.model):  # only when `loaded` is not the variant's model
-        raise CaptureError(f"--layers: layer {plan.layers[-1]} is out of range for the loaded model "
-                           f"({num_layers(lm.model)} layers)")
+def _base_metadata(plan: CapturePlan, lm: LoadedModel) -> dict:
     info = lm.info
-    base_meta = {
+    return {
         "model": info.get("model", plan.variant.model), "variant": plan.variant.name,
         "lora": info.get("lora", plan.variant.lora), "quantization": info.get("quantization"),
         "compute_dtype": info.get("dtype"), "layers": list(plan.layers), "components": list(plan.components),
-        "hook_sites": _hook_sites(lm.model, plan.components),
-        "responses_from": plan.source.name, "prompt_set": plan.prompt_set, "output_suffix": plan.output_suffix,
-        "response_only": response_only, "capture_date": _dt.datetime.now().isoformat(),
+        "hook_sites": _hook_sites(lm.model, plan.components),  # the identity check's one short forward
+        "responses_from": plan.source.name, "prompt_set": plan.prompt_set, "output_suffix": plan.opts.output_suffix,
+        "response_only": plan.opts.response_only, "capture_date": _dt.datetime.now().isoformat(),
         "tool": "trait-inference capture_raw_activations.py",
     }
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0  # 0 is a valid pad id (B24)
-
-    bar = tqdm(total=len(plan.todo), unit="prompt", desc=f"capture {plan.prompt_set}", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-
-    def on_batch(report: BatchReport) -> None:
-        if not report.ok:
-            summary["out_of_memory_retries"] += 1
-            bar.write(f"out of memory on a batch of {len(report.indices)} prompts ({report.padded_tokens} padded "
-                      f"tokens): retrying in halves", file=sys.stderr)
-
-    sequences = [d["token_ids"] for _, d in plan.todo]
-    started = time.perf_counter()
-    writer = BackgroundWriter()  # files are written while the next batch runs; each one atomically
-    try:
-        with writer:
-            for i, acts in capture_sequences(lm.model, sequences, plan.layers, plan.components, pad_id,
-                                             max_batch_tokens=max_batch_tokens, batch_size=batch_size,
-                                             out_dtype=plan.out_dtype, on_batch=on_batch):
-                prompt_id, data = plan.todo[i]
-                first = next(iter(next(iter(acts.values())).values()))
-                meta = dict(base_meta, dtype=str(first.dtype).replace("torch.", ""), prompt_id=prompt_id,
-                            n_prompt_tokens=data["prompt_end"], n_response_tokens=len(data["token_ids"]) - data["prompt_end"],
-                            inference_model=data.get("inference_model"))
-                writer.submit(plan.out_file(prompt_id), build_record(data, acts, lm.tokenizer, response_only, meta))
-                summary["captured"] += 1
-                summary["tokens"] += len(data["token_ids"])
-                bar.update(1)
-                bar.set_postfix_str(f"{summary['tokens'] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s",
-                                    refresh=False)
-        summary["bytes"], summary["files"] = writer.bytes, writer.files
-    except CaptureOOMError as e:
-        pid = plan.todo[e.index][0]
-        raise CaptureError(f"prompt {pid} ({e.n_tokens} tokens): out of memory even at batch size 1; capture fewer "
-                           f"--layers or components, or load with --load-in-8bit / --load-in-4bit") from None
-    finally:
-        bar.close()
-        if loaded is None and torch.cuda.is_available():  # a model this call loaded leaves no cached GPU blocks
-            del lm
-            torch.cuda.empty_cache()
-    summary["seconds"] = time.perf_counter() - t0
-    summary["capture_seconds"] = time.perf_counter() - started
-    return summary
 
 
 def _hook_sites(model, components: list[str]) -> dict[str, str]:
@@ -319,23 +286,166 @@ def _hook_sites(model, components: list[str]) -> dict[str, str]:
         return {"residual": "output of decoder block {L}"}
 
 
+def _replayed(plan: CapturePlan, data: dict, tokens: list[str]) -> dict:
+    return replayed_response(data, tokens, plan.variant.model, plan.source.name)
+
+
+def _write_skipped_replays(plan: CapturePlan, strings: TokenStrings, writer: BackgroundWriter) -> int:
+    """Response JSONs for prompts whose .pt exists (--skip-existing) but whose JSON the capturing variant lacks."""
+    todo = {pid for pid, _ in plan.todo}
+    missing = set(plan.replay) - todo
+    for pid, data in plan.items:
+        if pid in missing:
+            writer.submit_json(plan.response_file(pid), _replayed(plan, data, strings.of(data)))
+    return len(missing)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+def _new_summary(plan: CapturePlan) -> dict[str, Any]:
+    return {
+        "captured": 0, "skipped": len(plan.items) - len(plan.todo), "tokens": 0, "seconds": 0.0,
+        "capture_seconds": 0.0, "bytes": 0, "out_of_memory_retries": 0, "output_dir": str(plan.out_dir),
+        "files": [], "layers": plan.layers, "components": plan.components, "tokens_corrected": 0,
+        "responses_written": 0, "responses_from": plan.source.name if plan.source != plan.variant else None,
+        "phases": {},
+    }
+
+
+def _load(plan: CapturePlan, loaded: LoadedModel | None) -> LoadedModel:
+    if loaded is None:  # the tokenizer plan_capture checked the ids with: loaded once
+        loaded = load_variant(plan.opts.experiment, plan.variant.name, load_in_8bit=plan.opts.load_in_8bit,
+                              load_in_4bit=plan.opts.load_in_4bit, tokenizer=plan.tokenizer)
+    if plan.layers[-1] >= num_layers(loaded.model):  # only when `loaded` is not the variant's model
+        raise CaptureError(f"--layers: layer {plan.layers[-1]} is out of range for the loaded model "
+                           f"({num_layers(loaded.model)} layers)")
+    return loaded
+
+
+def run_capture(plan: CapturePlan, loaded: LoadedModel | None = None, started: float | None = None) -> dict:
+    """Load the model (unless `loaded`), capture plan.todo in batches, write each .pt as its batch finishes.
+
+    Summary keys: captured, skipped, tokens, seconds (total), capture_seconds (forwards and writes), bytes,
+    out_of_memory_retries, output_dir, files (.pt), layers, components, tokens_corrected (token strings decoded
+    from the ids that differed from the JSONs' `tokens`), responses_written and responses_from (the response
+    JSONs written for --responses-from), phases (seconds of load, identity_check, capture).
+    """
+    t0 = started if started is not None else time.perf_counter()
+    summary = _new_summary(plan)
+    phases = summary["phases"]
+    strings = TokenStrings(plan.tokenizer)
+    lm = None
+    try:
+        with BackgroundWriter() as writer:
+            summary["responses_written"] += _write_skipped_replays(plan, strings, writer)
+            if plan.todo:  # decided before loading the model
+                mark = time.perf_counter()
+                lm = _load(plan, loaded)
+                phases["load"] = time.perf_counter() - mark
+                mark = time.perf_counter()
+                base_meta = _base_metadata(plan, lm)  # runs the identity check's one short forward
+                phases["identity_check"] = time.perf_counter() - mark
+                capture_start = time.perf_counter()
+                _capture_loop(plan, lm, base_meta, strings, writer, summary)
+        summary["bytes"], summary["files"] = writer.bytes, [f for f in writer.files if f.endswith(".pt")]
+        if plan.todo:  # the writer has finished every file here
+            phases["capture"] = summary["capture_seconds"] = time.perf_counter() - capture_start
+    finally:
+        if lm is not None and loaded is None and torch.cuda.is_available():  # no cached GPU blocks stay behind
+            del lm
+            torch.cuda.empty_cache()
+    summary["tokens_corrected"] = strings.corrected
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _capture_loop(plan: CapturePlan, lm: LoadedModel, base_meta: dict, strings: TokenStrings,
+                  writer: BackgroundWriter, summary: dict) -> None:
+    """The batches: each prompt's .pt (and replayed response JSON) is queued on `writer` as soon as it is done."""
+    started = time.perf_counter()
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0  # 0 is a valid pad id (B24)
+    replay = set(plan.replay)
+    bar = tqdm(total=len(plan.todo), unit="prompt", desc=f"capture {plan.prompt_set}", file=sys.stderr,
+               disable=not plan.opts.progress, dynamic_ncols=True)
+
+    def on_batch(report: BatchReport) -> None:
+        if not report.ok:
+            summary["out_of_memory_retries"] += 1
+            bar.write(f"out of memory on a batch of {len(report.indices)} prompts ({report.padded_tokens} padded "
+                      f"tokens): retrying in halves", file=sys.stderr)
+
+    try:
+        for i, acts in capture_sequences(lm.model, [d["token_ids"] for _, d in plan.todo], plan.layers,
+                                         plan.components, pad_id, max_batch_tokens=plan.opts.max_batch_tokens,
+                                         batch_size=plan.opts.batch_size, out_dtype=plan.out_dtype,
+                                         on_batch=on_batch):
+            prompt_id, data = plan.todo[i]
+            tokens = strings.of(data)
+            first = next(iter(next(iter(acts.values())).values()))
+            meta = dict(base_meta, dtype=str(first.dtype).replace("torch.", ""), prompt_id=prompt_id,
+                        n_prompt_tokens=data["prompt_end"], n_response_tokens=len(tokens) - data["prompt_end"],
+                        inference_model=data.get("inference_model"))
+            writer.submit(plan.out_file(prompt_id), build_record(data, acts, tokens, plan.opts.response_only, meta))
+            if prompt_id in replay:
+                writer.submit_json(plan.response_file(prompt_id), _replayed(plan, data, tokens))
+                summary["responses_written"] += 1
+            summary["captured"] += 1
+            summary["tokens"] += len(tokens)
+            bar.update(1)
+            bar.set_postfix_str(f"{summary['tokens'] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s",
+                                refresh=False)
+    except CaptureOOMError as e:
+        pid = plan.todo[e.index][0]
+        raise CaptureError(f"prompt {pid} ({e.n_tokens} tokens): out of memory even at batch size 1; capture fewer "
+                           f"--layers or components, or load with --load-in-8bit / --load-in-4bit") from e
+    finally:
+        bar.close()
+
+
+def capture(opts: CaptureOptions, loaded: LoadedModel | None = None) -> dict:
+    """plan_capture then run_capture; `loaded` reuses an already-loaded LoadedModel of the variant."""
+    t0 = time.perf_counter()
+    plan = plan_capture(opts, loaded)
+    plan_seconds = time.perf_counter() - t0
+    summary = run_capture(plan, loaded, started=t0)
+    summary["phases"] = {"plan": plan_seconds, **summary["phases"]}
+    return summary
+
+
+def capture_raw_activations(experiment: str, prompt_set: str, loaded: LoadedModel | None = None,
+                            **options) -> dict:
+    """Capture the selected prompts of a set and write one .pt each; returns run_capture's summary.
+
+    `options` are CaptureOptions' fields (model_variant=, components=, layers=, responses_from=, ...);
+    `loaded` reuses an already-loaded utils.model.LoadedModel of `model_variant` (tests, server, demo).
+    """
+    return capture(CaptureOptions(experiment, prompt_set, **options), loaded)
+
+
 def format_summary(s: dict) -> str:
     busy = s.get("capture_seconds") or s["seconds"]  # the rate leaves out model loading
     rate = s["tokens"] / busy if busy > 0 else 0.0
     oom = f", {s['out_of_memory_retries']} out-of-memory retries" if s.get("out_of_memory_retries") else ""
+    fixed = (f"; {s['tokens_corrected']:,} token strings decoded from the ids differed from the response JSONs "
+             f"(corrected)") if s.get("tokens_corrected") else ""
+    replay = (f"; wrote {s['responses_written']} response JSONs replayed from {s['responses_from']}"
+              if s.get("responses_written") else "")
     return (f"captured {s['captured']} prompts, skipped {s['skipped']} existing, {s['tokens']:,} tokens in "
-            f"{s['seconds']:.1f} s ({rate:,.0f} tokens/s captured), {s['bytes'] / 1e6:,.1f} MB written to {s['output_dir']}{oom}")
+            f"{s['seconds']:.1f} s ({rate:,.0f} tokens/s captured), {s['bytes'] / 1e6:,.1f} MB written to "
+            f"{s['output_dir']}{oom}{fixed}{replay}")
 
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.Parser(
         prog="capture_raw_activations.py",
         description="Run prefill forward passes over stored response token ids and save per-layer activations "
-                    "(one .pt per prompt under inference/{variant}/raw/residual/{set}/).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+                    "(one .pt per prompt under inference/{variant}/raw/residual/{set}/). Token strings are decoded "
+                    "again from the ids. With --responses-from, the capturing variant also gets the response JSONs "
+                    "it lacks (same ids, its own inference_model, responses_from naming the replayed variant).",
         epilog="""examples:
   python inference/capture_raw_activations.py --experiment my_exp --prompt-set single_trait
   python inference/capture_raw_activations.py --experiment my_exp --prompt-set harmful --capture-mlp --layers 10-20
@@ -351,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--capture-mlp", action="store_true", help="also capture attn_contribution and mlp_contribution")
     a("--layers", default="all", help="layers to capture: all, 16, 5,10,15, 5-20, 10-45:3, 30%%-60%%, -4--1 (default: all)")
     a("--response-only", action="store_true", help="store response activations only (prompt tokens/text kept)")
-    a("--responses-from", metavar="VARIANT", help="read this variant's responses, write under --model-variant")
+    a("--responses-from", metavar="VARIANT",
+      help="read this variant's responses, write under --model-variant (and its missing response JSONs)")
     a("--prompt-ids", help="comma list of prompt ids to capture (default: all)")
     a("--skip-existing", action="store_true", help="skip prompts whose .pt already exists (resume a run)")
     a("--limit", type=int, help="capture at most N prompts (after --prompt-ids, before --skip-existing)")
@@ -362,29 +473,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default=None, help="storage dtype: float16, bfloat16 or float32 (default: the model's dtype)")
     a("--batch-size", type=int, help="at most N prompts per forward (default: automatic)")
     a("--max-batch-tokens", type=int, help="at most N padded tokens per forward (default: automatic)")
+    a("--timings", action="store_true", help="also print the seconds of each phase (plan, load, identity check, "
+                                             "capture) to stderr")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or an argparse error already printed as one line
-        return int(e.code or 0)
+def _stage(args: argparse.Namespace) -> dict:
     if args.no_server:
         print("note: --no-server: capture always runs locally", file=sys.stderr)
-    try:
-        summary = capture_raw_activations(
-            args.experiment, args.prompt_set, model_variant=args.model_variant, components=args.components,
-            capture_mlp=args.capture_mlp, layers=args.layers, response_only=args.response_only,
-            responses_from=args.responses_from, prompt_ids=args.prompt_ids, skip_existing=args.skip_existing,
-            limit=args.limit, output_suffix=args.output_suffix, load_in_8bit=args.load_in_8bit,
-            load_in_4bit=args.load_in_4bit, dtype=args.dtype, batch_size=args.batch_size,
-            max_batch_tokens=args.max_batch_tokens)
-    except ValueError as e:  # ConfigError, ResponseError, LayerSpecError, ModelLoadError, CaptureError, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    summary = capture(CaptureOptions.from_args(args))
+    if args.timings:
+        print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary["phases"].items()), file=sys.stderr)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), _stage, format_summary, argv)
 
 
 if __name__ == "__main__":

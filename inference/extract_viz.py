@@ -1,47 +1,94 @@
 #!/usr/bin/env python
 """Attention patterns and logit-lens predictions per token, for the viewer's layer deep dive.
 
-    extract_viz(experiment, prompt_set, attention=..., logit_lens=..., ...) -> VizSummary   the whole stage
-    attention_record(...) / logit_lens_record(...)                          one prompt's JSON objects
-    main(argv)                                                              the CLI (thin argparse layer)
-    VizError                                                                bad flags / inputs (exit 2)
+    VizOptions(experiment, prompt_set, attention=..., logit_lens=..., ...)   every setting (the CLI flags)
+    plan_viz(opts, loaded=None) -> VizPlan       every input checked (flags, responses, --layers); nothing loaded
+    run_viz(plan, loaded=None) -> VizSummary     load the model, one prefill per batch, write the JSON files
+    viz(opts, loaded=None) -> VizSummary         plan + run
+    extract_viz(experiment, prompt_set, loaded=None, **options) -> VizSummary   plan + run (keyword callers)
+    attention_record(...) / logit_lens_record(...)                            one prompt's JSON objects
+    main(argv)                                                                the CLI
+    VizError                                                                  bad flags / inputs (exit 2)
 
-Reads the response JSONs of --model-variant (their exact `token_ids`), runs one prefill per batch of
-prompts (right-padded, so real tokens never see padding) and writes
+Reads the response JSONs of --model-variant (their exact `token_ids`; token strings are decoded again from
+the ids), runs one prefill per batch of prompts (right-padded, so real tokens never see padding) and writes
     analysis/per_token/{set}/{id}_attention.json     per-head probabilities from eager attention
     analysis/per_token/{set}/{id}_logit_lens.json    softmax(softcap(lm_head(final_norm(h)))) top-k per layer
-Both come from the same forward when both are asked. The logit lens at the last layer is the model's own
+Both come from the same forward when both are asked. `by_layer` holds one entry per model layer, indexed by
+layer as the viewer reads it; a layer not in --layers gets an empty entry (no heads / no predictions), and
+`layers` lists the computed ones (docs/formats.md). The logit lens at the last layer is the model's own
 output distribution (core.logit_lens verifies that per model); the actual next token is token_ids[i+1].
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-
-from core.hooks import ActivationCapture, num_layers, run_forward  # noqa: E402
-from core.logit_lens import AttentionCapture, LensHead, attn_implementation, find_lens_head, logit_lens  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.config import resolve_variant  # noqa: E402
-from utils.layers import parse_layers  # noqa: E402
-from utils.model import LoadedModel, decode_tokens, input_device, load_variant  # noqa: E402
-from utils.responses import ResponseError, load_responses  # noqa: E402
-from utils.storage import write_json  # noqa: E402
 from core.errors import TraitError
+from core.hooks import ActivationCapture, num_layers, run_forward
+from core.logit_lens import AttentionCapture, LensHead, attn_implementation, find_lens_head, logit_lens
+from utils import cli, paths
+from utils.config import resolve_variant
+from utils.layers import parse_layers
+from utils.model import LoadedModel, input_device, load_model_config, load_variant
+from utils.responses import TokenStrings, load_responses
+from utils.storage import write_json
 
 KINDS = ("attention", "logit_lens")
 
 
 class VizError(TraitError):
     """A flag or input that extract_viz cannot work with; the message names it."""
+
+
+@dataclass(frozen=True)
+class VizOptions:
+    """What one extract_viz run is asked to do; the fields are the CLI flags (see build_parser)."""
+
+    experiment: str
+    prompt_set: str
+    model_variant: str | None = None
+    attention: bool = False
+    logit_lens: bool = False
+    layers: str = "all"
+    heads: str = "all"                  # all | mean
+    top_k: int = 50
+    max_tokens: int = 512
+    batch_size: int = 4
+    limit: int | None = None
+    skip_existing: bool = False
+    output_suffix: str | None = None
+    dtype: str = "auto"
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "VizOptions":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k, on in zip(KINDS, (self.attention, self.logit_lens)) if on]
+
+
+@dataclass(frozen=True)
+class VizPlan:
+    opts: VizOptions
+    variant: str
+    out_dir: Path
+    n_prompts: int
+    n_layers: int
+    layers: list[int]                            # the computed layers (--layers)
+    todo: list[tuple[str, dict, list[str]]]      # (prompt id, response, kinds still to write)
+    skipped: int
 
 
 @dataclass
@@ -55,32 +102,29 @@ class VizSummary:
     skipped: int = 0
     largest: tuple[str, int] = ("", 0)
     seconds: float = 0.0
+    tokens_corrected: int = 0                    # token strings decoded from the ids that differed from the JSON
 
     def line(self) -> str:
         mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
         parts = [f"{k.replace('_', ' ')} {self.written[k]} ({mb(self.bytes[k])})" for k in KINDS if self.written[k]]
         largest = f", largest {self.largest[0]} {mb(self.largest[1])}" if self.largest[1] else ""
+        fixed = (f"; {self.tokens_corrected:,} token strings decoded from the ids differed from the response JSONs "
+                 f"(corrected)") if self.tokens_corrected else ""
         return (f"extract_viz: {self.n_prompts} prompts of variant {self.variant}: wrote {', '.join(parts) or 'nothing'}"
-                f"{largest}; skipped {self.skipped} existing -> {self.output_dir} ({self.seconds:.1f}s)")
+                f"{largest}; skipped {self.skipped} existing -> {self.output_dir} ({self.seconds:.1f}s){fixed}")
 
 
 def _output_file(out_dir: Path, prompt_id: str, kind: str) -> Path:
     return out_dir / f"{prompt_id}_{kind}.json"
 
 
-def _tokens(resp: dict, tokenizer) -> list[str]:
-    """The stored decoded tokens when they match the ids, else one decoded string per id."""
-    ids = resp["token_ids"]
-    tokens = resp.get("tokens")
-    if isinstance(tokens, list) and len(tokens) == len(ids) and all(isinstance(t, str) for t in tokens):
-        return tokens
-    return decode_tokens(tokenizer, ids)
-
-
 def _round(t: torch.Tensor, decimals: int = 6) -> list:
     # float64 first: a float32 rounded to 6 dp prints as 0.12345699965953827 once it becomes a Python float.
     return t.double().round(decimals=decimals).tolist()
 
+
+# ---------------------------------------------------------------------------------------------------
+# The records
 
 def _header(prompt_id: str, prompt_set: str, n_layers: int, tokens: list[str], prompt_end: int) -> dict:
     return {"prompt_id": prompt_id, "prompt_set": prompt_set, "n_layers": n_layers, "tokens": tokens,
@@ -90,10 +134,14 @@ def _header(prompt_id: str, prompt_set: str, n_layers: int, tokens: list[str], p
 def attention_record(prompt_id: str, prompt_set: str, variant: str, tokens: list[str], prompt_end: int,
                      n_layers: int, n_heads: int, heads: str, layers: list[int],
                      probs: dict[int, torch.Tensor]) -> dict:
-    """The viewer's attention JSON; probs[layer] is [heads (or 1 for mean), T, T] on the CPU."""
-    per_layer = [_round(probs[layer]) for layer in layers]     # [layers][heads][T][T] as lists
+    """The viewer's attention JSON; probs[layer] is [heads (or 1 for mean), T, T] on the CPU.
+
+    by_layer[L] is layer L's list of head rows ([] for a layer not in `layers`).
+    """
+    rows = {layer: _round(probs[layer]) for layer in layers}     # [heads][T][T] as lists
     attention = [{"token_idx": i, "context_size": i + 1,
-                  "by_layer": [[head[i][:i + 1] for head in layer_rows] for layer_rows in per_layer]}
+                  "by_layer": [[head[i][:i + 1] for head in rows[layer]] if layer in rows else []
+                               for layer in range(n_layers)]}
                  for i in range(len(tokens))]
     rec = _header(prompt_id, prompt_set, n_layers, tokens, prompt_end)
     rec.update({"n_heads": n_heads, "heads": heads, "model_variant": variant, "layers": layers,
@@ -101,56 +149,122 @@ def attention_record(prompt_id: str, prompt_set: str, variant: str, tokens: list
     return rec
 
 
+def _no_prediction(layer: int) -> dict:
+    """A layer that was not computed: the entry trait-interp writes for missing data."""
+    return {"layer": layer, "top_k": [], "actual_rank": None, "actual_prob": None}
+
+
 def logit_lens_record(prompt_id: str, prompt_set: str, variant: str, tokens: list[str], token_ids: list[int],
                       prompt_end: int, n_layers: int, layers: list[int], top_k: int, lens: dict,
                       id_to_token) -> dict:
-    """The viewer's logit-lens JSON; lens[layer] = (top_probs [T-1, k], top_ids, actual_rank [T-1], actual_prob)."""
+    """The viewer's logit-lens JSON; lens[layer] = (top_probs [T-1, k], top_ids, actual_rank [T-1], actual_prob).
+
+    by_layer[L] is layer L's prediction (an empty one for a layer not in `layers`).
+    """
     rows = {}
     for layer in layers:
         top_p, top_i, rank, prob = lens[layer]
         rows[layer] = (_round(top_p), top_i.tolist(), rank.tolist(), prob.tolist())
-    predictions = []
-    for i in range(len(token_ids) - 1):
-        by_layer = []
-        for layer in layers:
-            top_p, top_i, rank, prob = rows[layer]
-            by_layer.append({
-                "layer": layer,
+
+    def entry(layer: int, i: int) -> dict:
+        if layer not in rows:
+            return _no_prediction(layer)
+        top_p, top_i, rank, prob = rows[layer]
+        return {"layer": layer,
                 "top_k": [{"token": id_to_token(t), "prob": p} for t, p in zip(top_i[i], top_p[i])],
                 "actual_rank": int(rank[i]),
-                "actual_prob": float(f"{prob[i]:.6g}"),  # significant digits: a rank-1000 token keeps its value
-            })
-        predictions.append({"token_idx": i, "actual_next_token": tokens[i + 1],
-                            "actual_next_token_id": int(token_ids[i + 1]), "by_layer": by_layer})
+                "actual_prob": float(f"{prob[i]:.6g}")}  # significant digits: a rank-1000 token keeps its value
+
+    predictions = [{"token_idx": i, "actual_next_token": tokens[i + 1], "actual_next_token_id": int(token_ids[i + 1]),
+                    "by_layer": [entry(layer, i) for layer in range(n_layers)]}
+                   for i in range(len(token_ids) - 1)]
     rec = _header(prompt_id, prompt_set, n_layers, tokens, prompt_end)
     rec.update({"top_k": top_k, "model_variant": variant, "layers": layers, "predictions": predictions})
     return rec
 
+
+# ---------------------------------------------------------------------------------------------------
+# Planning: every input checked before the model is loaded
+
+def _check_flags(opts: VizOptions) -> None:
+    if not opts.kinds:
+        raise VizError("nothing to extract: pass --attention and/or --logit-lens")
+    if opts.heads not in ("all", "mean"):
+        raise VizError(f"--heads {opts.heads!r}: choose all or mean")
+    for flag, value in (("--top-k", opts.top_k), ("--batch-size", opts.batch_size),
+                        ("--max-tokens", opts.max_tokens), ("--limit", opts.limit)):
+        if value is not None and value < 1:
+            raise VizError(f"{flag} {value}: must be at least 1")
+
+
+def _model_shape(opts: VizOptions, variant: str, loaded: LoadedModel | None) -> tuple[int, int]:
+    """(layers, vocabulary size) of the loaded model, else from the variant's config (no weights read)."""
+    if loaded is not None:
+        return num_layers(loaded.model), int(loaded.model.get_input_embeddings().weight.shape[0])
+    model_path = resolve_variant(opts.experiment, variant).model_path(opts.experiment)
+    cfg = load_model_config(model_path)
+    n, vocab = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "vocab_size", None)
+    if not isinstance(n, int) or not isinstance(vocab, int):
+        raise VizError(f"{model_path}: config has no num_hidden_layers / vocab_size")
+    return n, vocab
+
+
+def _check_lengths(opts: VizOptions, todo: list[tuple[str, dict, list[str]]]) -> None:
+    long = [(pid, len(r["token_ids"])) for pid, r, need in todo
+            if "attention" in need and len(r["token_ids"]) > opts.max_tokens]
+    if long:
+        shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:5]) + (" ..." if len(long) > 5 else "")
+        raise VizError(f"--max-tokens {opts.max_tokens}: prompt(s) {shown} are longer; an attention file grows with "
+                       f"tokens^2 x layers x heads (choose fewer --layers, --heads mean, or raise --max-tokens)")
+
+
+def plan_viz(opts: VizOptions, loaded: LoadedModel | None = None) -> VizPlan:
+    """Check flags, the variant, every response file (ids inside the vocabulary), lengths and --layers."""
+    _check_flags(opts)
+    variant = loaded.info.get("variant") if loaded is not None and loaded.info.get("variant") else \
+        resolve_variant(opts.experiment, opts.model_variant).name
+    n_layers, vocab = _model_shape(opts, variant, loaded)
+    responses = load_responses(opts.experiment, variant, opts.prompt_set, limit=opts.limit, vocab_size=vocab)
+    layers = parse_layers(opts.layers, n_layers)
+    out_dir = paths.per_token_dir(opts.experiment, paths.set_dir(opts.prompt_set, opts.output_suffix))
+    todo, skipped = [], 0
+    for pid, resp in responses:  # --skip-existing trusts files: they are only ever written atomically
+        need = [k for k in opts.kinds if not (opts.skip_existing and _output_file(out_dir, pid, k).exists())]
+        if need:
+            todo.append((pid, resp, need))
+        else:
+            skipped += 1
+    _check_lengths(opts, todo)
+    return VizPlan(opts, variant, out_dir, len(responses), n_layers, layers, todo, skipped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _prefill_inputs(batch: list[tuple[str, dict]], pad_id: int, device: torch.device) -> dict:
+def _prefill_inputs(batch: list[tuple[str, dict, list[str]]], pad_id: int, device: torch.device) -> dict:
     """Right-padded ids and mask: position ids stay 0..T-1 and causal rows never reach the padding."""
-    longest = max(len(r["token_ids"]) for _, r in batch)
+    longest = max(len(r["token_ids"]) for _, r, _ in batch)
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for b, (_, r) in enumerate(batch):
+    for b, (_, r, _) in enumerate(batch):
         n = len(r["token_ids"])
         ids[b, :n] = torch.tensor(r["token_ids"], dtype=torch.long)
         mask[b, :n] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def _lens_batch(head: LensHead, residuals: dict[int, torch.Tensor], batch: list[tuple[str, dict]],
+def _lens_batch(head: LensHead, residuals: dict[int, torch.Tensor], batch: list[tuple[str, dict, list[str]]],
                 layers: list[int], top_k: int) -> list[dict]:
     """Every real position of every prompt and layer in one chunked lens call on the device."""
     hidden, next_ids, spans = [], [], []
     for layer in layers:
         h = residuals[layer]
-        for b, (_, r) in enumerate(batch):
+        for b, (_, r, _) in enumerate(batch):
             ids = r["token_ids"]
             n = len(ids) - 1
             hidden.append(h[b, :n])
@@ -166,134 +280,125 @@ def _lens_batch(head: LensHead, residuals: dict[int, torch.Tensor], batch: list[
     return out
 
 
-def extract_viz(experiment: str, prompt_set: str, model_variant: str | None = None, attention: bool = False,
-                logit_lens: bool = False, layers: str = "all", heads: str = "all", top_k: int = 50,
-                max_tokens: int = 512, batch_size: int = 4, limit: int | None = None, skip_existing: bool = False,
-                output_suffix: str | None = None, dtype: str = "auto", load_in_8bit: bool = False,
-                load_in_4bit: bool = False, loaded: LoadedModel | None = None, progress: bool = True) -> VizSummary:
-    """Write {id}_attention.json and/or {id}_logit_lens.json for every response of the variant and set."""
-    t0 = time.time()
-    kinds = [k for k, on in zip(KINDS, (attention, logit_lens)) if on]
-    if not kinds:
-        raise VizError("nothing to extract: pass --attention and/or --logit-lens")
-    if heads not in ("all", "mean"):
-        raise VizError(f"--heads {heads!r}: choose all or mean")
-    if top_k < 1:
-        raise VizError(f"--top-k {top_k}: must be at least 1")
-    if batch_size < 1:
-        raise VizError(f"--batch-size {batch_size}: must be at least 1")
-    if max_tokens < 1:
-        raise VizError(f"--max-tokens {max_tokens}: must be at least 1")
-    if limit is not None and limit < 1:
-        raise VizError(f"--limit {limit}: must be at least 1")
-
-    variant = loaded.info.get("variant") if loaded is not None and loaded.info.get("variant") else \
-        resolve_variant(experiment, model_variant).name
-    responses = load_responses(experiment, variant, prompt_set, limit=limit)
-    out_dir = paths.per_token_dir(experiment, paths.set_dir(prompt_set, output_suffix))
-
-    # What each prompt still needs (--skip-existing trusts files: they are only ever written atomically).
-    todo: list[tuple[str, dict, list[str]]] = []
-    skipped = 0
-    for pid, resp in responses:
-        need = [k for k in kinds if not (skip_existing and _output_file(out_dir, pid, k).exists())]
-        if need:
-            todo.append((pid, resp, need))
-        else:
-            skipped += 1
-    if attention:
-        long = [(pid, len(r["token_ids"])) for pid, r, need in todo if "attention" in need
-                and len(r["token_ids"]) > max_tokens]
-        if long:
-            shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:5]) + (" ..." if len(long) > 5 else "")
-            raise VizError(f"--max-tokens {max_tokens}: prompt(s) {shown} are longer; an attention file grows with "
-                           f"tokens^2 x layers x heads (choose fewer --layers, --heads mean, or raise --max-tokens)")
-
-    if loaded is None and todo:
-        loaded = load_variant(experiment, variant, attn_implementation="eager" if attention else None, dtype=dtype,
-                              load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-    if loaded is None:  # everything already exists: nothing to load
-        summary = VizSummary(variant, str(out_dir), [], n_prompts=len(responses), skipped=skipped)
-        summary.seconds = time.time() - t0
-        return summary
-    model, tok = loaded.model, loaded.tokenizer
-    if attention and attn_implementation(model) not in (None, "eager"):
+def _load(plan: VizPlan, loaded: LoadedModel | None) -> LoadedModel:
+    o = plan.opts
+    if loaded is None:
+        loaded = load_variant(o.experiment, plan.variant, attn_implementation="eager" if o.attention else None,
+                              dtype=o.dtype, load_in_8bit=o.load_in_8bit, load_in_4bit=o.load_in_4bit)
+    if o.attention and attn_implementation(loaded.model) not in (None, "eager"):
         raise VizError(f"--attention needs eager attention, but the loaded model uses "
-                       f"{attn_implementation(model)!r} (load it with attn_implementation='eager')")
-    n_layers = num_layers(model)
-    chosen = parse_layers(layers, n_layers)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    for pid, resp, _ in todo:
-        bad = [i for i in resp["token_ids"] if not 0 <= i < vocab]
-        if bad:
-            raise ResponseError(f"{paths.response_file(experiment, variant, prompt_set, pid)}: token id {bad[0]} is "
-                                f"outside the model's vocabulary (size {vocab})")
-    head = find_lens_head(model) if logit_lens else None
-    device = input_device(model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    decoded: dict[int, str] = {}
+                       f"{attn_implementation(loaded.model)!r} (load it with attn_implementation='eager')")
+    if num_layers(loaded.model) != plan.n_layers:
+        raise VizError(f"the loaded model has {num_layers(loaded.model)} layers, its config {plan.n_layers}")
+    return loaded
 
-    def id_to_token(i: int) -> str:
-        if i not in decoded:
-            decoded[i] = decode_tokens(tok, [i])[0]
-        return decoded[i]
 
-    n_heads = [0]  # the real head count, read off the probabilities before any mean
+class _Forward:
+    """One prefill per batch serving both kinds; it stops after the last chosen layer."""
 
-    def keep_attention(_layer: int, w: torch.Tensor) -> torch.Tensor:
-        n_heads[0] = int(w.shape[1])
+    def __init__(self, lm: LoadedModel, plan: VizPlan):
+        self.model, self.plan = lm.model, plan
+        self.head = find_lens_head(lm.model) if plan.opts.logit_lens else None
+        self.device = input_device(lm.model)
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.n_heads = 0  # the real head count, read off the probabilities before any mean
+
+    def _keep_attention(self, _layer: int, w: torch.Tensor) -> torch.Tensor:
+        self.n_heads = int(w.shape[1])
         w = w.float()
-        return (w.mean(dim=1, keepdim=True) if heads == "mean" else w).cpu()
+        return (w.mean(dim=1, keepdim=True) if self.plan.opts.heads == "mean" else w).cpu()
 
-    summary = VizSummary(variant, str(out_dir), chosen, n_prompts=len(responses), skipped=skipped)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="extract_viz", unit="prompt", disable=not progress, file=sys.stderr)
-    for batch3 in _batches(todo, batch_size):
-        batch = [(pid, r) for pid, r, _ in batch3]
-        inputs = _prefill_inputs(batch, pad_id, device)
-        # One forward serves both kinds; it stops after the last chosen layer (the lens uses the model's own head).
+    def __call__(self, batch: list[tuple[str, dict, list[str]]]) -> tuple[dict | None, list[dict] | None]:
+        """(attention probs {layer: [B, heads, S, S]} or None, per-prompt lens rows or None)."""
+        o, layers = self.plan.opts, self.plan.layers
         with contextlib.ExitStack() as stack:
-            cap = stack.enter_context(ActivationCapture(model, chosen, ["residual"], stop_after_last=True,
-                                                        on_capture=None if logit_lens else (lambda *_: None)))
-            att = stack.enter_context(AttentionCapture(model, chosen, keep_attention)) if attention else None
-            run_forward(model, **inputs)
-        lens = _lens_batch(head, {L: cap.activations[L]["residual"] for L in chosen}, batch, chosen, top_k) \
-            if logit_lens else None
-        for b, (pid, resp, need) in enumerate(batch3):
-            ids, end = resp["token_ids"], resp["prompt_end"]
-            n = len(ids)
-            tokens = _tokens(resp, tok)
-            records = {}
-            if "attention" in need:
-                probs = {L: att.probs[L][b, :, :n, :n] for L in chosen}
-                records["attention"] = attention_record(pid, prompt_set, variant, tokens, end, n_layers, n_heads[0],
-                                                        heads, chosen, probs)
-            if "logit_lens" in need:
-                records["logit_lens"] = logit_lens_record(pid, prompt_set, variant, tokens, ids, end, n_layers,
-                                                          chosen, top_k, lens[b], id_to_token)
-            for kind, rec in records.items():
-                size = write_json(_output_file(out_dir, pid, kind), rec)
-                summary.written[kind] += 1
-                summary.bytes[kind] += size
-                if size > summary.largest[1]:
-                    summary.largest = (f"{pid}_{kind}.json", size)
-            bar.update(1)
-            bar.set_postfix_str(f"{sum(summary.bytes.values()) / 1e6:.1f} MB")
-    bar.close()
+            cap = stack.enter_context(ActivationCapture(self.model, layers, ["residual"], stop_after_last=True,
+                                                        on_capture=None if o.logit_lens else (lambda *_: None)))
+            att = stack.enter_context(AttentionCapture(self.model, layers, self._keep_attention)) \
+                if o.attention else None
+            run_forward(self.model, **_prefill_inputs(batch, self.pad_id, self.device))
+        lens = _lens_batch(self.head, {L: cap.activations[L]["residual"] for L in layers}, batch, layers,
+                           o.top_k) if o.logit_lens else None
+        return (att.probs if att is not None else None), lens
+
+
+def _records(plan: VizPlan, fwd: _Forward, b: int, pid: str, resp: dict, need: list[str], tokens: list[str],
+             probs: dict | None, lens: list[dict] | None, id_to_token) -> dict[str, dict]:
+    ids, end, n, o = resp["token_ids"], resp["prompt_end"], len(resp["token_ids"]), plan.opts
+    records = {}
+    if "attention" in need:
+        records["attention"] = attention_record(pid, o.prompt_set, plan.variant, tokens, end, plan.n_layers,
+                                                fwd.n_heads, o.heads, plan.layers,
+                                                {L: probs[L][b, :, :n, :n] for L in plan.layers})
+    if "logit_lens" in need:
+        records["logit_lens"] = logit_lens_record(pid, o.prompt_set, plan.variant, tokens, ids, end, plan.n_layers,
+                                                  plan.layers, o.top_k, lens[b], id_to_token)
+    return records
+
+
+def _write(summary: VizSummary, out_dir: Path, pid: str, records: dict[str, dict]) -> None:
+    for kind, rec in records.items():
+        size = write_json(_output_file(out_dir, pid, kind), rec)
+        summary.written[kind] += 1
+        summary.bytes[kind] += size
+        if size > summary.largest[1]:
+            summary.largest = (f"{pid}_{kind}.json", size)
+
+
+def run_viz(plan: VizPlan, loaded: LoadedModel | None = None, started: float | None = None) -> VizSummary:
+    """Write {id}_attention.json and/or {id}_logit_lens.json for every prompt of plan.todo."""
+    t0 = started if started is not None else time.time()
+    summary = VizSummary(plan.variant, str(plan.out_dir), plan.layers if plan.todo else [],
+                         n_prompts=plan.n_prompts, skipped=plan.skipped)
+    if plan.todo:  # else everything exists already: nothing to load
+        lm = _load(plan, loaded)
+        fwd = _Forward(lm, plan)
+        strings = TokenStrings(lm.tokenizer)
+
+        def id_to_token(i: int) -> str:
+            return strings.decode([i])[0]
+
+        bar = tqdm(total=len(plan.todo), desc="extract_viz", unit="prompt", disable=not plan.opts.progress,
+                   file=sys.stderr)
+        for batch in _batches(plan.todo, plan.opts.batch_size):
+            probs, lens = fwd(batch)
+            for b, (pid, resp, need) in enumerate(batch):
+                records = _records(plan, fwd, b, pid, resp, need, strings.of(resp), probs, lens, id_to_token)
+                _write(summary, plan.out_dir, pid, records)
+                bar.update(1)
+                bar.set_postfix_str(f"{sum(summary.bytes.values()) / 1e6:.1f} MB")
+        bar.close()
+        summary.tokens_corrected = strings.corrected
     summary.seconds = time.time() - t0
     return summary
 
 
+def viz(opts: VizOptions, loaded: LoadedModel | None = None) -> VizSummary:
+    """plan_viz then run_viz; `loaded` reuses an already-loaded model (eager attention for --attention)."""
+    t0 = time.time()
+    return run_viz(plan_viz(opts, loaded), loaded, started=t0)
+
+
+def extract_viz(experiment: str, prompt_set: str, loaded: LoadedModel | None = None, **options) -> VizSummary:
+    """Write {id}_attention.json and/or {id}_logit_lens.json for every response of the variant and set.
+
+    `options` are VizOptions' fields (attention=, logit_lens=, layers=, heads=, top_k=, ...).
+    """
+    return viz(VizOptions(experiment, prompt_set, **options), loaded)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="extract_viz.py",
         description="Per-token attention patterns (per head, eager attention) and logit-lens predictions "
                     "(final norm + lm_head + soft-capping, top-k per layer) from the response JSONs of a "
-                    "model variant, written to analysis/per_token/{set}/{id}_attention.json and _logit_lens.json.",
+                    "model variant, written to analysis/per_token/{set}/{id}_attention.json and _logit_lens.json. "
+                    "by_layer has one entry per model layer (empty for layers not in --layers).",
         epilog="example:\n  python inference/extract_viz.py --experiment my_exp --prompt-set single_trait "
-               "--attention --logit-lens --layers 0-25:5 --heads mean",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "--attention --logit-lens --layers 0-25:5 --heads mean")
     p.add_argument("--experiment", required=True)
     p.add_argument("--prompt-set", required=True, help="responses/{set}/ to read (nested names allowed)")
     p.add_argument("--model-variant", default=None, help="default: the config's defaults.application")
@@ -317,22 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.attention or args.logit_lens):
-        parser.error("nothing to extract: pass --attention and/or --logit-lens")
-    try:
-        summary = extract_viz(
-            args.experiment, args.prompt_set, model_variant=args.model_variant, attention=args.attention,
-            logit_lens=args.logit_lens, layers=args.layers, heads=args.heads, top_k=args.top_k,
-            max_tokens=args.max_tokens, batch_size=args.batch_size, limit=args.limit,
-            skip_existing=args.skip_existing, output_suffix=args.output_suffix, dtype=args.dtype,
-            load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary.line())
-    return 0
+    return cli.run(build_parser(), lambda a: viz(VizOptions.from_args(a)), VizSummary.line, argv)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ applied to residual[L-1] + attn[L], and one-by-one capture for batching / OOM re
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from core import capture as core_capture
 from core.capture import BatchReport, CaptureOOMError, capture_sequences
-from inference.capture_raw_activations import CaptureError, capture_raw_activations
+from inference.capture_raw_activations import CaptureError, capture_raw_activations, format_summary
 from utils import paths
 from utils.model import (decode_tokens, format_prompt, load_model, load_tokenizer, tokenize_continuation,
                          tokenize_prompt)
@@ -326,3 +328,115 @@ def test_skip_existing_decides_before_loading_and_file_sizes_match_tensor_bytes(
     monkeypatch.setattr(cra, "load_variant", real_load)
     again = capture_raw_activations("e", "s", skip_existing=True, progress=False)
     assert (again["captured"], again["skipped"]) == (1, len(recs) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files written the way trait-interp writes them, and what its readers need from ours
+
+def trait_interp_compact_text(obj, indent: int = 0) -> str:
+    """JSON text as trait-interp's compact response writer lays it out, its comma bug included (B2 in
+    docs/original-bugs.md): objects indented by 2; an array of primitives on one line, made by cutting the
+    indented array body at every comma (those inside strings too) and joining the stripped pieces with ", ".
+    So the token "," is stored as ", " and "  x  ," as "  x, "."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{inner}{json.dumps(k)}: {trait_interp_compact_text(v, indent + 2)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if not obj:
+            return "[]"
+        if any(isinstance(v, (dict, list)) for v in obj):
+            return "[\n" + ",\n".join(inner + trait_interp_compact_text(v, indent + 2) for v in obj) + "\n" + pad + "]"
+        body = ",\n".join(inner + json.dumps(v) for v in obj)
+        if any(c in body for c in "[]{}"):  # its pattern only matches bodies free of brackets: left as indented
+            return "[\n" + body + "\n" + pad + "]"
+        return "[" + ", ".join(piece.strip() for piece in body.split(",")) + "]"
+    return json.dumps(obj)
+
+
+def test_the_compact_writer_fixture_has_trait_interps_comma_bug():
+    text = trait_interp_compact_text({"tokens": ["a", ",", "  x  ,", "b"], "token_ids": [1, 2], "n": {"k": None},
+                                      "brackets": ["[", ","]})
+    back = json.loads(text)
+    assert back["tokens"] == ["a", ", ", "  x, ", "b"] and back["token_ids"] == [1, 2] and back["n"] == {"k": None}
+    assert back["brackets"] == ["[", ","]  # not collapsed, so not corrupted
+    assert '"token_ids": [1, 2]' in text and text.startswith("{\n  \"tokens\"")
+
+
+def test_token_strings_come_from_the_ids_not_a_compact_writers_json(zoo, experiments):
+    model_dir = zoo("llama")
+    experiments("e", {"base": {"model": model_dir}})
+    pairs = [("hello , world , again", "yes , sure , fine"), ("no commas here", "none")]
+    recs = write_responses("e", "base", "s", model_dir, pairs=pairs)
+    tok = load_tokenizer(model_dir)
+    comma = tok.convert_tokens_to_ids(",")
+    n_commas = sum(rec["token_ids"].count(comma) for rec in recs.values())
+    assert n_commas >= 4 and tok.decode([comma]) == ","
+    for pid, rec in recs.items():  # rewritten as trait-interp's writer writes them
+        paths.response_file("e", "base", "s", pid).write_text(trait_interp_compact_text(rec))
+        stored = json.loads(paths.response_file("e", "base", "s", pid).read_text())["tokens"]
+        assert stored.count(", ") == rec["token_ids"].count(comma)  # the fixture really is corrupted
+    summary = capture_raw_activations("e", "s", progress=False)
+    assert summary["tokens_corrected"] == n_commas
+    assert f"{n_commas} token strings decoded from the ids differed" in format_summary(summary)
+    for pid, rec in recs.items():
+        d = load_pt(paths.raw_file("e", "base", "s", pid))
+        assert d["prompt"]["tokens"] + d["response"]["tokens"] == decode_tokens(tok, rec["token_ids"])
+        assert ", " not in d["prompt"]["tokens"] + d["response"]["tokens"]
+    clean = capture_raw_activations("e", "s", output_suffix="again", progress=False, prompt_ids="2")
+    assert clean["tokens_corrected"] == 0 and "differed" not in format_summary(clean)
+
+
+def test_responses_from_writes_the_capturing_variants_missing_response_jsons(zoo, zoo_lora, experiments):
+    model_dir, adapter = zoo("llama"), zoo_lora("llama")
+    experiments("e", {"base": {"model": model_dir}, "lora": {"model": model_dir, "lora": adapter}})
+    recs = write_responses("e", "base", "s", model_dir)
+    own = dict(recs["2"], response="lora's own answer", inference_model="mine")  # an existing file is kept
+    write_json(paths.response_file("e", "lora", "s", "2"), own)
+    summary = capture_raw_activations("e", "s", model_variant="lora", responses_from="base", progress=False)
+    assert (summary["responses_written"], summary["responses_from"]) == (len(recs) - 1, "base")
+    assert f"wrote {len(recs) - 1} response JSONs replayed from base" in format_summary(summary)
+    assert json.loads(paths.response_file("e", "lora", "s", "2").read_text()) == own
+    tok = load_tokenizer(model_dir)
+    for pid, rec in recs.items():
+        if pid == "2":
+            continue
+        got = json.loads(paths.response_file("e", "lora", "s", pid).read_text())
+        assert got["token_ids"] == rec["token_ids"] and got["prompt_end"] == rec["prompt_end"]
+        assert got["tokens"] == decode_tokens(tok, rec["token_ids"])
+        assert (got["inference_model"], got["responses_from"]) == (model_dir, "base")
+        assert (got["prompt"], got["response"], got["prompt_note"]) == (rec["prompt"], rec["response"],
+                                                                         rec["prompt_note"])
+        assert list(got)[:10] == list(rec)[:10]  # trait-interp's keys, in its order, then ours
+    # --skip-existing with every .pt present still writes a JSON that went missing, without loading the model
+    paths.response_file("e", "lora", "s", "3").unlink()
+    again = capture_raw_activations("e", "s", model_variant="lora", responses_from="base", skip_existing=True,
+                                    progress=False)
+    assert (again["captured"], again["responses_written"]) == (0, 1)
+    assert paths.response_file("e", "lora", "s", "3").exists()
+    # without --responses-from nothing is written into the responses folder
+    before = sorted(p.name for p in paths.responses_dir("e", "base", "s").iterdir())
+    capture_raw_activations("e", "s", output_suffix="plain", progress=False)
+    assert sorted(p.name for p in paths.responses_dir("e", "base", "s").iterdir()) == before
+
+
+def test_trait_dynamics_js_finds_token_data_for_a_responses_from_variant(zoo, experiments):
+    """The viewer's Trait Dynamics page (visualization/views/trait-dynamics.js) fetches
+    inference/{variant}/responses/{set}/{id}.json for the variant shown, takes `tokens` and `prompt_end`
+    (the flat schema) and slices them into prompt and response tokens; without the file it says
+    "Missing token data". Read our output exactly that way."""
+    model_dir = zoo("qwen2")
+    experiments("e", {"a": {"model": model_dir}, "b": {"model": model_dir}})
+    write_responses("e", "a", "s", model_dir)
+    capture_raw_activations("e", "s", model_variant="b", responses_from="a", progress=False)
+    for f in sorted(paths.raw_dir("e", "b", "s").glob("*.pt")):
+        response_data = json.loads(paths.response_file("e", "b", "s", f.stem).read_text())  # responseData(...)
+        assert isinstance(response_data.get("tokens"), list) and response_data.get("prompt_end") is not None
+        end = response_data["prompt_end"]
+        prompt = {"text": response_data.get("prompt") or "", "tokens": response_data["tokens"][:end]}
+        response = {"text": response_data.get("response") or "", "tokens": response_data["tokens"][end:]}
+        d = load_pt(f)
+        assert prompt["tokens"] == d["prompt"]["tokens"] and response["tokens"] == d["response"]["tokens"]
+        assert prompt["text"] == d["prompt"]["text"] and response["text"] == d["response"]["text"]

@@ -110,9 +110,9 @@ def test_attention_equals_hf_output_attentions(arch, zoo, experiments, eager_mod
             assert any(v > 0 for v in rec["attention"][-1]["by_layer"][1][0][:t - 6])  # a global layer does not
         mean = read("viz", pid, "attention", suffix="mean")
         assert (mean["n_heads"], mean["heads"], mean["layers"]) == (4, "mean", [1, 3])
-        for pos, layer in enumerate([1, 3]):
-            assert len(mean["attention"][-1]["by_layer"][pos]) == 1
-            got = as_matrix(mean, pos, 0)
+        for layer in [1, 3]:  # by_layer is indexed by model layer, as the viewer reads it
+            assert len(mean["attention"][-1]["by_layer"][layer]) == 1
+            got = as_matrix(mean, layer, 0)
             assert torch.allclose(got, hf[layer][0].mean(0).double(), atol=1e-6, rtol=0)
 
 
@@ -141,7 +141,7 @@ def test_logit_lens_last_layer_is_the_models_own_distribution(arch, zoo, experim
         for i, pred in enumerate(rec["predictions"]):
             nxt = ids[i + 1]
             assert pred["token_idx"] == i and pred["actual_next_token_id"] == nxt
-            for entry, probs in zip(pred["by_layer"], (mid[i], last[i])):
+            for entry, probs in zip((pred["by_layer"][1], pred["by_layer"][3]), (mid[i], last[i])):
                 got = torch.tensor([e["prob"] for e in entry["top_k"]], dtype=torch.float64)
                 want = probs.double().sort(descending=True).values
                 assert torch.allclose(got, want, atol=1e-6, rtol=0), (arch, pid, i, entry["layer"])
@@ -216,9 +216,8 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_cli_errors_write_nothing(zoo, experiments, capsys):
     exp_dir = experiments("viz", {"base": {"model": zoo("llama")}})
     per_token = exp_dir / "analysis"
-    with pytest.raises(SystemExit) as e:  # neither --attention nor --logit-lens: usage error
-        main(["--experiment", "viz", "--prompt-set", SET])
-    assert e.value.code == 2 and "--attention" in capsys.readouterr().err
+    code, _, err = run_main(["--experiment", "viz", "--prompt-set", SET], capsys)  # neither kind asked
+    assert code == 2 and "--attention" in err
     code, _, err = run_main(["--experiment", "viz", "--prompt-set", SET, "--logit-lens"], capsys)
     assert code == 2 and "generate_responses.py" in err and err.startswith("error:")
     write_responses(zoo("llama"), "viz", "base")
@@ -274,5 +273,62 @@ def test_quantized_4bit_lens_matches_the_quantized_models_logits(zoo, experiment
         q = load_model(zoo("llama"), load_in_4bit=True).model
         own = torch.softmax(q(input_ids=torch.tensor([all_ids[0]])).logits[0].float(), dim=-1)
     for i, pred in enumerate(read("viz", 1, "logit_lens")["predictions"]):
-        got = [e["prob"] for e in pred["by_layer"][0]["top_k"]]
+        got = [e["prob"] for e in pred["by_layer"][3]["top_k"]]
         assert got == pytest.approx(own[i].sort(descending=True).values[:4].tolist(), abs=1e-6)
+
+
+def test_layer_deep_dive_js_reads_by_layer_by_model_layer(zoo, experiments, eager_models):
+    """The viewer's layer deep dive (visualization/views/layer-deep-dive.js) indexes `by_layer` by model layer:
+    renderLayersHeatmap draws one row "L{i}" per entry (head-averaged, `by_layer[i] || []`), renderHeadsHeatmap
+    reads `by_layer[layer]` for the monitoring layer, renderLogitLensChart reads `prediction.by_layer[layer]`
+    (top_k, actual_rank, actual_prob). With --layers a subset, each row must still be its own layer."""
+    experiments("viz", {"base": {"model": zoo("llama")}})
+    all_ids = write_responses(zoo("llama"), "viz", "base")
+    lm = eager_models(zoo("llama"))
+    extract_viz("viz", SET, attention=True, logit_lens=True, layers="1,3", top_k=5, loaded=lm, progress=False)
+    for pid, ids in enumerate(all_ids, start=1):
+        with torch.no_grad():
+            out = lm.model(input_ids=torch.tensor([ids]), output_attentions=True)
+        att, lens = read("viz", pid, "attention"), read("viz", pid, "logit_lens")
+        assert att["layers"] == lens["layers"] == [1, 3] and att["n_layers"] == 4
+        for token_attn in att["attention"]:
+            i, n_layers = token_attn["token_idx"], len(token_attn["by_layer"])
+            assert n_layers == 4
+            for layer in range(n_layers):  # renderLayersHeatmap, sink shown (startPos 0)
+                layer_data = token_attn["by_layer"][layer] or []
+                row = [sum(h[pos] for h in layer_data if pos < len(h)) / len(layer_data) if layer_data else 0.0
+                       for pos in range(token_attn["context_size"])]
+                want = out.attentions[layer][0, :, i, :i + 1].mean(0) if layer in (1, 3) else torch.zeros(i + 1)
+                assert torch.allclose(torch.tensor(row, dtype=torch.float64), want.double(), atol=1e-6), (pid, i, layer)
+            heads = token_attn["by_layer"][3]  # renderHeadsHeatmap at layer 3
+            assert len(heads) == 4
+            assert torch.allclose(torch.tensor(heads, dtype=torch.float64), out.attentions[3][0, :, i, :i + 1].double(),
+                                  atol=1e-6)
+        probs = torch.softmax(out.logits[0].float(), dim=-1)
+        for prediction in lens["predictions"]:  # renderLogitLensChart
+            i = prediction["token_idx"]
+            assert [e["layer"] for e in prediction["by_layer"]] == [0, 1, 2, 3]
+            last = prediction["by_layer"][3]
+            assert last["top_k"][0]["prob"] == pytest.approx(float(probs[i].max()), abs=1e-6)
+            assert last["actual_rank"] == 1 + int((probs[i] > probs[i, ids[i + 1]]).sum())
+            for layer in (0, 2):  # not computed: no bars, no rank (the viewer shows just the actual token)
+                assert prediction["by_layer"][layer] == {"layer": layer, "top_k": [], "actual_rank": None,
+                                                         "actual_prob": None}
+
+
+def test_token_strings_are_decoded_from_the_ids(zoo, experiments, eager_models):
+    experiments("viz", {"base": {"model": zoo("llama")}})
+    all_ids = write_responses(zoo("llama"), "viz", "base", prompts=PROMPTS[:1])
+    tok = load_tokenizer(zoo("llama"))
+    f = paths.response_file("viz", "base", SET, 1)
+    rec = json.loads(f.read_text())
+    rec["tokens"] = [", " if t == "," else t for t in rec["tokens"]]  # as trait-interp's compact writer stores them
+    n_bad = rec["tokens"].count(", ")
+    assert n_bad >= 2
+    write_json(f, rec)
+    s = extract_viz("viz", SET, attention=True, logit_lens=True, top_k=3, loaded=eager_models(zoo("llama")),
+                    progress=False)
+    assert s.tokens_corrected == n_bad and f"{n_bad} token strings decoded from the ids differed" in s.line()
+    att, lens = read("viz", 1, "attention"), read("viz", 1, "logit_lens")
+    assert att["tokens"] == lens["tokens"] == decode_tokens(tok, all_ids[0])
+    assert all(p["actual_next_token"] == lens["tokens"][p["token_idx"] + 1] for p in lens["predictions"])

@@ -167,3 +167,16 @@ def test_background_writer_reraises_a_failed_write(tmp_path, monkeypatch):
             for i in range(3):
                 writer.submit(tmp_path / f"{i}.pt", {"a": torch.ones(3)})
     assert (tmp_path / "0.pt").exists() and not (tmp_path / "1.pt").exists()
+
+
+def test_background_writer_writes_json_in_the_same_queue(tmp_path):
+    from utils.storage import BackgroundWriter, load_pt
+
+    with BackgroundWriter() as writer:
+        writer.submit(tmp_path / "0.pt", {"a": torch.ones(4)})
+        writer.submit_json(tmp_path / "0.json", {"tokens": [",", " ,"], "n": 1})
+    assert json.loads((tmp_path / "0.json").read_text(encoding="utf-8")) == {"tokens": [",", " ,"], "n": 1}
+    assert torch.equal(load_pt(tmp_path / "0.pt")["a"], torch.ones(4))
+    assert writer.files == [str(tmp_path / "0.pt"), str(tmp_path / "0.json")]
+    assert writer.bytes == (tmp_path / "0.pt").stat().st_size + (tmp_path / "0.json").stat().st_size
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -5,6 +5,10 @@
     load_responses(exp, variant, prompt_set, prompt_ids=None, limit=None, vocab_size=None, suffix=None)
                                                                   -> [(prompt_id, dict)]
     build_response(...) -> dict                                   the flat response record, keys in the original order
+    replayed_response(source, tokens, inference_model, responses_from) -> dict
+                                                                  the record a --responses-from variant gets
+    TokenStrings(tokenizer).of(record) -> [str]                   token strings decoded from the ids (cached),
+                                                                  counting those that differed from `tokens`
     ResponseError                                                 missing folder / malformed file (names it)
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ import datetime as _dt
 from pathlib import Path
 
 from utils import paths
+from utils.model import decode_tokens
 from utils.storage import StorageError, read_json
 from core.errors import TraitError
 
@@ -84,3 +89,47 @@ def build_response(prompt: str, response: str, token_ids: list[int], prompt_end:
     }
     rec.update(extra)
     return rec
+
+
+def replayed_response(source: dict, tokens: list[str], inference_model: str, responses_from: str) -> dict:
+    """The response JSON a variant gets when it captured another variant's responses (--responses-from).
+
+    The source record with its own keys kept (prompt_note, system_prompt, tags, ...), `tokens` decoded again
+    from the ids, `inference_model` the model that captured, `responses_from` the variant whose ids were
+    replayed, and a fresh `capture_date`: the viewer then finds token data under the capturing variant.
+    """
+    rec = build_response(source.get("prompt") or "", source.get("response") or "", source["token_ids"],
+                         source["prompt_end"], tokens, inference_model, system_prompt=source.get("system_prompt"),
+                         prompt_note=source.get("prompt_note"))
+    rec.update({k: v for k, v in source.items() if k not in rec})  # e.g. generation, turn_boundaries
+    rec["tags"] = list(source.get("tags") or [])
+    rec["responses_from"] = responses_from
+    return rec
+
+
+class TokenStrings:
+    """One decoded string per token id (the ids are the truth), cached across prompts; counts corrections.
+
+        strings = TokenStrings(tokenizer)
+        tokens = strings.of(record)      # utils.model.decode_tokens of record["token_ids"], from the cache
+        strings.corrected                # how many strings so far differed from the records' own `tokens`
+        strings.decode([5, 9])           # plain ids, nothing counted
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.corrected = 0
+        self._cache: dict[int, str] = {}
+
+    def of(self, record: dict) -> list[str]:
+        tokens = self.decode(record["token_ids"])
+        stored = record.get("tokens")
+        if isinstance(stored, list):  # a missing list is filled, not corrected
+            self.corrected += sum(1 for k, t in enumerate(tokens) if k >= len(stored) or stored[k] != t)
+        return tokens
+
+    def decode(self, ids: list[int]) -> list[str]:
+        new = [i for i in dict.fromkeys(ids) if i not in self._cache]
+        if new:
+            self._cache.update(zip(new, decode_tokens(self.tokenizer, new)))
+        return [self._cache[i] for i in ids]

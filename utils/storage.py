@@ -3,7 +3,7 @@
     atomic_write(path)            context manager: yields a temp path in the same folder, renamed into place on success
     write_json(path, obj)         atomic JSON write; a standard serializer, so string contents are never altered
     write_pt(path, obj)           atomic torch.save
-    BackgroundWriter(...)         write_pt on one background thread, so disk I/O overlaps the next forward
+    BackgroundWriter(...)         write_pt / write_json on one background thread, so disk I/O overlaps the next forward
     load_pt(path, mmap=True)      torch.load(weights_only=True), memory-mapped when the file allows it
     read_json(path)               json.load with an error that names the file
     StorageError                  raised for unreadable / malformed files (message names the file)
@@ -107,11 +107,12 @@ def write_pt(path: str | Path, obj: Any) -> int:
 
 
 class BackgroundWriter:
-    """Atomic .pt writes on one background thread: the caller computes the next batch while files are written.
+    """Atomic writes on one background thread: the caller computes the next batch while files are written.
 
         with BackgroundWriter(max_pending_bytes=2 << 30) as writer:
             for path, record in results:
-                writer.submit(path, record)      # blocks while the queued records' tensors exceed the budget
+                writer.submit(path, record)      # a .pt; blocks while the queued records' tensors exceed the budget
+            writer.submit_json(other, obj)       # a JSON file, in the same queue (files land in submit order)
         writer.bytes, writer.files              # every write has finished here (or the first error was raised)
 
     Each file is still written atomically (write_pt), so a kill at any moment leaves finished files and no
@@ -133,23 +134,30 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pt-writer")
         return self
 
-    def _write(self, path: Path, obj: Any, size: int) -> int:
+    def _write(self, write, path: Path, obj: Any, size: int) -> int:
         try:
-            return write_pt(path, obj)
+            return write(path, obj)
         finally:
             with self._cond:
                 self._pending -= size
                 self._cond.notify_all()
 
     def submit(self, path: str | Path, obj: Any) -> None:
+        """Queue an atomic torch.save of `obj` to `path`."""
+        self._queue(write_pt, path, obj, _tensor_bytes(obj))
+
+    def submit_json(self, path: str | Path, obj: Any) -> None:
+        """Queue an atomic JSON write of `obj` to `path` (counted in `bytes` and `files` like a .pt)."""
+        self._queue(write_json, path, obj, 0)
+
+    def _queue(self, write, path: str | Path, obj: Any, size: int) -> None:
         if self._pool is None:
             raise RuntimeError("BackgroundWriter.submit outside its `with` block")
         self._collect(wait=False)
-        size = _tensor_bytes(obj)
         with self._cond:
             self._cond.wait_for(lambda: self._pending == 0 or self._pending + size <= self.max_pending_bytes)
             self._pending += size
-        self._futures.append(self._pool.submit(self._write, Path(path), obj, size))
+        self._futures.append(self._pool.submit(self._write, write, Path(path), obj, size))
         self.files.append(str(path))
 
     def _collect(self, wait: bool) -> None:
