@@ -4,7 +4,7 @@
                        stop_ids=None, steering=None, return_activations=False, tokenizer=None)
         -> Iterator[dict]     {"type": "prompt", ...}, then {"type": "token", ...} per generated token,
                               then {"type": "done", ...}
-    ScoreProjector(model, vectors)   stacked unit vectors per layer; projects residuals on the device
+    ScoreProjector(model, vectors)   all unit vectors as one matrix; one matmul per forward on the device
     StreamError                      bad arguments (empty prompt, vector of the wrong size, ...)
 
 Scores follow the offline convention exactly: the score sent with token i is <residual at token i's own
@@ -12,9 +12,12 @@ position, unit vector>, i.e. what capture_raw_activations + project_raw_activati
 for the same ids. A token's residual exists only once the token has been fed back, so each token is
 yielded one forward after it was sampled, and the last token gets one extra forward.
 
-Everything happens on the device inside the forward: per layer, one matmul of the residual against the
-stacked unit vectors of every trait at that layer; the next token is picked on the device too, and the
-small score tensor crosses to the CPU together with it (one copy, one sync per forward). The KV cache is HF's own (`past_key_values` returned by the model).
+Per forward, everything happens on the device: the hooks keep a reference to each needed block's
+output, the residuals are stacked [layers, seq, hidden] and every trait's score at every layer comes
+from one matmul against the stacked unit vectors [V, hidden] (each vector then gathered at its own
+layer); the next token is picked on the device and fed back as a device tensor; the scores and the
+token id cross to the CPU together (one copy, one sync per forward), and the only other host work per
+token is building its message. The KV cache is HF's own (`past_key_values` returned by the model).
 
 Steering specs (core.hooks.SteeringSpec) act as SteeringHook does under HF generate: `positions="all"`
 steers every forward, "prompt" only the prompt forward (every prompt token, so the prompt's scores and
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 from core.generation import SeededSampler, config_stop_ids, mix_seed
-from core.hooks import ActivationCapture, SteeringHook, SteeringSpec, input_device, num_layers
+from core.hooks import SteeringHook, SteeringSpec, component_module, input_device, num_layers
 from core.projection import unit_vectors
 from core.errors import TraitError
 
@@ -52,20 +55,26 @@ class StreamError(TraitError):
 
 
 class ScoreProjector:
-    """Unit trait vectors stacked per layer, projected against a forward's residuals on the device.
+    """Every trait's unit vectors as one matrix, projected against a forward's stacked residuals on the device.
 
         proj = ScoreProjector(model, {"a/b": {3: v3, 5: v5}, "c/d": {5: w5}})
-        with proj.capture():                 # one ActivationCapture, residual at layers 3 and 5
+        with proj.capture():                 # one forward hook per layer that has a vector (3 and 5)
             model(input_ids=ids)
         proj.scores()                        # {"a/b": {3: [per position], 5: [...]}, "c/d": {5: [...]}}
+
+    A one-token forward (each generated token): the hooks only keep a reference to each block's output;
+    flat() stacks them [U layers, 1, hidden] and computes every score with one matmul against the
+    [V vectors, hidden] unit matrix, gathering each vector at its own layer: no per-layer or per-trait
+    work on the host. A longer forward (the prompt): each layer's residual is projected on all V vectors
+    as the block produces it, so a long prompt never holds every layer's residual at once.
     """
 
     def __init__(self, model: nn.Module, vectors: Mapping[str, Mapping[int, torch.Tensor]],
                  keep_activations: bool = False):
-        self.model = model
         hidden = int(model.get_input_embeddings().weight.shape[-1])
         n = num_layers(model)
-        by_layer: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self.columns: list[tuple[str, int]] = []       # (trait, layer) of each score column, in the given order
+        rows: list[torch.Tensor] = []
         for trait, per_layer in vectors.items():
             for layer, vec in per_layer.items():
                 layer = int(layer)
@@ -74,61 +83,91 @@ class ScoreProjector:
                 if vec.ndim != 1 or vec.shape[0] != hidden:
                     raise StreamError(f"trait {trait!r} layer {layer}: vector of shape {tuple(vec.shape)} does not "
                                       f"match the model's hidden size {hidden}")
-                by_layer.setdefault(layer, []).append((trait, vec))
-        self.layers = sorted(by_layer)
-        self.traits = {layer: [t for t, _ in by_layer[layer]] for layer in self.layers}
-        # fp32 unit rows; moved to each layer's device once (device_map splits put layers on several GPUs)
-        self.stacks = {layer: unit_vectors(torch.stack([v for _, v in by_layer[layer]])) for layer in self.layers}
+                self.columns.append((trait, layer))
+                rows.append(vec)
+        self.layers = sorted({layer for _, layer in self.columns})
+        slot = {layer: i for i, layer in enumerate(self.layers)}
+        self._by_trait: dict[str, list[tuple[int, int]]] = {}     # trait -> [(layer, column)]
+        for col, (trait, layer) in enumerate(self.columns):
+            self._by_trait.setdefault(trait, []).append((layer, col))
+        # fp32 unit rows [V, hidden] and, per column, the slot of its layer in the stacked residuals
+        self.weight = unit_vectors(torch.stack(rows)) if rows else None
+        self._slot = torch.tensor([slot[layer] for _, layer in self.columns], dtype=torch.long)
+        self._col = torch.arange(len(self.columns))
+        self._placed: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._modules = [component_module(model, layer, "residual") for layer in self.layers]
+        devices = {p.device for m in self._modules for p in m.parameters()}
+        self._one_device = len(devices) <= 1          # device_map splits put layers on several GPUs
+        self._hooks = [self._grab(i) for i in range(len(self.layers))]
+        self._res: list[torch.Tensor | None] = [None] * len(self.layers)   # per slot: this forward's output
+        self._acts: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._projected = False
         self.keep_activations = keep_activations
-        self._scores: dict[int, torch.Tensor] = {}
-        self._acts: dict[int, torch.Tensor] = {}
-        self._capture = (ActivationCapture(model, self.layers, ["residual"], stop_after_last=False,
-                                           on_capture=self._on_capture) if self.layers else None)
 
-    def _on_capture(self, layer: int, _component: str, h: torch.Tensor) -> None:
-        stack = self.stacks[layer]
-        if stack.device != h.device:
-            stack = self.stacks[layer] = stack.to(h.device)
-        self._scores[layer] = h[0].to(torch.float32) @ stack.T          # [seq, K]: one matmul for all traits
-        if self.keep_activations:
-            self._acts[layer] = h[0].detach()
-        return None  # nothing kept on the capture object
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight, slot, column) on `device`, copied there once (device_map splits use several devices)."""
+        got = self._placed.get(device)
+        if got is None:
+            got = self._placed[device] = tuple(t.to(device) for t in (self.weight, self._slot, self._col))
+        return got
 
+    def _grab(self, i: int):
+        def fn(_module, _inputs, out):
+            h = out[0] if isinstance(out, (tuple, list)) else out           # [1, seq, hidden]
+            if self.keep_activations:
+                self._acts[i] = h[0]
+            if h.shape[1] > 1:      # the prompt: project now, [seq, V]
+                self._res[i] = h[0].to(torch.float32) @ self._on(h.device)[0].T
+                self._projected = True
+            else:                   # one token: a reference (no copy, no sync), stacked in flat()
+                self._res[i] = h
+        return fn
+
+    @contextlib.contextmanager
     def capture(self):
-        """A context that records this forward's scores (a no-op context when there are no vectors)."""
-        self._scores, self._acts = {}, {}
-        if self._capture is None:
-            return contextlib.nullcontext()
-        return self._capture
+        """A context that records this forward's residuals at the vectors' layers (hooks removed on exit)."""
+        self._res = [None] * len(self.layers)
+        self._acts = [None] * len(self.layers)
+        self._projected = False
+        handles = [m.register_forward_hook(fn) for m, fn in zip(self._modules, self._hooks)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def flat(self) -> torch.Tensor | None:
+        """The last forward's scores as one device tensor [seq, V] (columns: self.columns); None without vectors."""
+        if self.weight is None:
+            return None
+        missing = [layer for layer, r in zip(self.layers, self._res) if r is None]
+        if missing:
+            raise StreamError(f"the forward did not reach layer(s) {missing}")
+        res = self._res if self._one_device else [r.to(self._res[0].device) for r in self._res]
+        weight, slot, col = self._on(res[0].device)
+        if self._projected:
+            full = torch.stack(res)                                              # [U, seq, V]
+        else:
+            full = torch.stack(res)[:, 0].to(torch.float32) @ weight.T           # [U, 1, V]: one matmul
+        return full[slot, :, col].T                                              # [seq, V]: each vector's own layer
 
     def scores(self) -> dict[str, dict[int, list[float]]]:
         """The last forward's scores per trait and layer, one float per position (one device-to-CPU copy)."""
         flat = self.flat()
         return self.unflatten(flat.cpu()) if flat is not None else {}
 
-    def flat(self) -> torch.Tensor | None:
-        """The last forward's scores as one device tensor [seq, sum K] (None without vectors)."""
-        if not self.layers:
-            return None
-        missing = [layer for layer in self.layers if layer not in self._scores]
-        if missing:
-            raise StreamError(f"the forward did not reach layer(s) {missing}")
-        dev = self._scores[self.layers[0]].device
-        return torch.cat([self._scores[layer].to(dev) for layer in self.layers], dim=1)
-
     def unflatten(self, flat: torch.Tensor) -> dict[str, dict[int, list[float]]]:
         """flat() rows, on the CPU, as {trait: {layer: [float per position]}}."""
-        out: dict[str, dict[int, list[float]]] = {}
-        col = 0
-        for layer in self.layers:
-            for trait in self.traits[layer]:
-                out.setdefault(trait, {})[layer] = flat[:, col].tolist()
-                col += 1
-        return out
+        cols = flat.T.tolist()
+        return {t: {layer: cols[c] for layer, c in lc} for t, lc in self._by_trait.items()}
+
+    def row(self, values: Sequence[float]) -> dict[str, dict[int, float]]:
+        """One position's scores (a flat() row as floats) as {trait: {layer: float}}."""
+        return {t: {layer: values[c] for layer, c in lc} for t, lc in self._by_trait.items()}
 
     def activations(self) -> dict[int, torch.Tensor]:
         """The last forward's residuals per layer, fp32 on the CPU, [seq, hidden] (only with keep_activations)."""
-        return {layer: self._acts[layer].to(torch.float32).cpu() for layer in self.layers if layer in self._acts}
+        return {layer: a.to(torch.float32).cpu() for layer, a in zip(self.layers, self._acts) if a is not None}
 
 
 def _check(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_p: float, vocab: int,
@@ -147,6 +186,11 @@ def _check(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, t
     for s in steering:
         if s.positions not in ("all", "prompt", "response"):
             raise StreamError(f"steering positions must be all, prompt or response, got {s.positions!r}")
+
+
+def _module_device(model: nn.Module, layer: int, component: str) -> torch.device:
+    param = next(component_module(model, layer, component).parameters(), None)
+    return param.device if param is not None else input_device(model)
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -184,51 +228,57 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     _check(prompt_ids, max_new_tokens, temperature, top_p, vocab, steering)
     stops = set(int(s) for s in (stop_ids if stop_ids is not None else config_stop_ids(model)))
     projector = ScoreProjector(model, vectors, keep_activations=return_activations)
-    # one hook object per spec; each forward enters the ones that act on its positions (see module docstring)
-    prompt_hooks = [SteeringHook(model, s.vector, s.layer, s.coefficient, s.component, "all")
-                    for s in steering if s.positions in ("all", "prompt")]
-    response_hooks = [SteeringHook(model, s.vector, s.layer, s.coefficient, s.component, "all")
-                      for s in steering if s.positions in ("all", "response")]
+    # one hook object per spec; each forward enters the ones that act on its positions (see module docstring).
+    # Vectors go to their layer's device once, so no step copies one from the host.
+    def hook(s: SteeringSpec) -> SteeringHook:
+        return SteeringHook(model, s.vector.to(_module_device(model, s.layer, s.component)), s.layer,
+                            s.coefficient, s.component, "all")
+
+    prompt_hooks = [hook(s) for s in steering if s.positions in ("all", "prompt")]
+    response_hooks = [hook(s) for s in steering if s.positions in ("all", "response")]
     device = input_device(model)
-    sampler = None
+    n_prompt = len(prompt_ids)
+    sampler, history = None, None
     if temperature > 0:
         row_seed = mix_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()), 0)
         sampler = SeededSampler(temperature, top_p, torch.tensor([row_seed], dtype=torch.int64, device=device),
-                                len(prompt_ids))
+                                n_prompt)
+        # the ids so far, on the device, for the logits processor (written there: no host copy per step)
+        history = torch.zeros((1, n_prompt + max_new_tokens), dtype=torch.long, device=device)
+        history[0, :n_prompt] = torch.tensor(prompt_ids, dtype=torch.long)
     cache_kw = _cache_kwarg(model)
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else (lambda i: None)
     t0 = time.perf_counter()
 
-    def forward(ids: list[int], past, hooks: list[SteeringHook]):
+    def forward(input_ids: torch.Tensor, past, hooks: list[SteeringHook]):
         with contextlib.ExitStack() as stack, torch.no_grad():
             for h in hooks:
                 stack.enter_context(h)
             stack.enter_context(projector.capture())
-            out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device), use_cache=True,
-                        logits_to_keep=1, **{cache_kw: past})
+            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_kw: past})
         return out.logits[0, -1].to(torch.float32), _returned_cache(out)
 
-    def pick(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def pick(logits: torch.Tensor, n_ids: int) -> torch.Tensor:
         """The next token, chosen on the device (greedy argmax, or the seeded sampler)."""
         if sampler is None:
             return torch.argmax(logits)
-        ids_t = torch.tensor([ids], dtype=torch.long, device=logits.device)
-        return torch.argmax(sampler(ids_t, logits[None]), dim=-1)[0]
+        return torch.argmax(sampler(history[:, :n_ids], logits[None]), dim=-1)[0]
 
-    def to_host(choice: torch.Tensor) -> tuple[dict, int]:
-        """This forward's scores and the next token id in ONE device-to-host copy (the id rides bit-cast as fp32)."""
+    def to_host(choice: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """This forward's scores [seq, V] and the next token id in ONE device-to-host copy (the id rides
+        bit-cast as fp32); no scores without vectors."""
         flat = projector.flat()
         if flat is None:
-            return {}, int(choice.item())
+            return None, int(choice.item())
         tail = choice.reshape(1).to(device=flat.device, dtype=torch.int32).view(torch.float32)
-        host = torch.cat([flat.reshape(-1).to(torch.float32), tail]).cpu()
-        return projector.unflatten(host[:-1].reshape(flat.shape)), int(host[-1:].view(torch.int32)[0])
+        host = torch.cat([flat.reshape(-1), tail]).cpu()
+        return host[:-1].reshape(flat.shape), int(host[-1:].view(torch.int32)[0])
 
-    logits, past = forward(prompt_ids, None, prompt_hooks)
-    all_ids = list(prompt_ids)
-    scores, next_id = to_host(pick(logits, all_ids))
+    logits, past = forward(torch.tensor([prompt_ids], dtype=torch.long, device=device), None, prompt_hooks)
+    choice = pick(logits, n_prompt)
+    host, next_id = to_host(choice)
     msg = {"type": "prompt", "tokens": [decode(i) for i in prompt_ids], "token_ids": list(prompt_ids),
-           "scores": scores}
+           "scores": projector.unflatten(host) if host is not None else {}}
     if return_activations:
         msg["activations"] = projector.activations()
     yield msg
@@ -241,14 +291,17 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
             break
         token_id = next_id
         generated.append(token_id)
-        all_ids.append(token_id)
-        # feed the token back: this forward gives its own residual (its score) and the next token's logits
-        logits, past = forward([token_id], past, response_hooks)
-        scores, next_id = to_host(pick(logits, all_ids))
+        if history is not None:
+            history[0, n_prompt + step] = choice            # a device-to-device write
+        # feed the token back (the device tensor: no host-to-device copy): this forward gives its own
+        # residual (its score) and the next token's logits
+        logits, past = forward(choice.reshape(1, 1).to(device), past, response_hooks)
+        choice = pick(logits, n_prompt + step + 1)
+        host, next_id = to_host(choice)
         msg = {"type": "token", "token": decode(token_id), "token_id": token_id, "step": step,
-               "scores": {t: {layer: s[0] for layer, s in per.items()} for t, per in scores.items()}}
+               "scores": projector.row(host[0].tolist()) if host is not None else {}}
         if return_activations:
             msg["activations"] = {layer: a[0] for layer, a in projector.activations().items()}
         yield msg
-    yield {"type": "done", "stop_reason": stop_reason, "n_tokens": len(generated), "n_prompt_tokens": len(prompt_ids),
+    yield {"type": "done", "stop_reason": stop_reason, "n_tokens": len(generated), "n_prompt_tokens": n_prompt,
            "stop_token_id": stop_token_id, "token_ids": generated, "seconds": time.perf_counter() - t0}

@@ -145,6 +145,31 @@ def test_scores_and_activations_equal_hf_hidden_states(models):
         close(series(prompt, tokens, "a/x", layer), (ref @ (v / v.norm())).tolist())   # not normalised by caller
 
 
+@pytest.mark.parametrize("prompt_len", [1, 12])
+def test_one_matmul_scores_equal_each_vector_projected_alone(models, prompt_len):
+    """Traits sharing layers, a trait at several layers in no order: every (trait, layer) pair, prompt (projected
+    per layer as produced; a one-token prompt takes the stacked path) and tokens (stacked, one matmul), equals
+    its own residual dotted with its own unit vector, in the order the caller gave."""
+    lm = models("gemma2")
+    g = torch.Generator().manual_seed(13)
+    # layers 0-2 of 4: HF's last hidden state is after the final norm, not block 3's output
+    vectors = {"c/z": {2: torch.randn(HIDDEN, generator=g), 0: torch.randn(HIDDEN, generator=g)},
+               "a/x": {1: torch.randn(HIDDEN, generator=g), 0: torch.randn(HIDDEN, generator=g),
+                       2: torch.randn(HIDDEN, generator=g)},
+               "b/y": {2: 5.0 * torch.randn(HIDDEN, generator=g)}}
+    ids = prompt_ids(lm)[:prompt_len]
+    prompt, tokens, done = split(list(stream_with_scores(lm.model, ids, vectors, 5, stop_ids=[])))
+    assert list(prompt["scores"]) == list(vectors) and all(list(t["scores"]) == list(vectors) for t in tokens)
+    assert all(list(prompt["scores"][t]) == list(vectors[t]) for t in vectors)
+    with torch.no_grad():
+        hs = lm.model(input_ids=torch.tensor([ids + done["token_ids"]]), output_hidden_states=True).hidden_states
+    for trait, per_layer in vectors.items():
+        for layer, v in per_layer.items():
+            ref = (hs[layer + 1][0].double() @ (v / v.norm()).double()).tolist()
+            assert len(prompt["scores"][trait][layer]) == len(ids)
+            close(series(prompt, tokens, trait, layer), ref)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Stopping
 
