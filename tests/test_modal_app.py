@@ -241,7 +241,7 @@ def test_class_local_streams_best_vectors_and_never_reloads(chat_exp):
     assert info["status"] == "ready" and info["variant"] == "lora" and info["lora"]
     assert info["vector_source"] == resolve_vector_source("live").describe()   # the projection script's default
     assert {t: v["layer"] for t, v in info["traits"].items()} == BEST
-    assert all(v["selection_source"] == "extraction" and len(v["sha256"]) == 64 for v in info["traits"].values())
+    assert all(v["selected_by"] == "extraction" and len(v["sha256"]) == 64 for v in info["traits"].values())
     msgs = list(chat.capture_activations_stream.local(prompt="hello world", max_new_tokens=6))
     again = list(chat.capture_activations_stream.local(prompt="hello world", max_new_tokens=6))
     assert chat.warmup.local()["loads_in_process"] == len(cs.LOADS) == n0 + 1    # a warm container never reloads
@@ -286,7 +286,7 @@ def test_class_local_traits_layers_messages_steering(chat_exp):
                                        {"role": "user", "content": "tell me a story"}], "be brief")
     assert prompt["text"] == text and note is None and text.count("<|im_start|>system\nbe brief") == 1
     assert set(prompt["scores"]) == {"cognitive/honesty"} and set(prompt["scores"]["cognitive/honesty"]) == {"1", "2"}
-    assert [v["selection_source"] for v in prompt["vectors"]["cognitive/honesty"]] == ["extraction", "layers_arg"]
+    assert [v["selected_by"] for v in prompt["vectors"]["cognitive/honesty"]] == ["extraction", "layers_arg"]
     ids = prompt["token_ids"] + msgs[-1]["token_ids"]
     for layer in (1, 2):
         close(flatten(msgs, "cognitive/honesty", layer),

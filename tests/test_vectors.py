@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,10 @@ import torch
 
 from utils import paths
 from utils.layers import LayerSpecError
-from utils.vectors import (ACCURACY_FLOOR_FRACTION, NoEvidenceError, VectorError, VectorRef, best_vector,
-                           desanitize_position, discover_traits, list_vectors, load_vector, parse_position,
-                           rank_by_extraction_metrics, rank_vectors, read_steering_results, sanitize_position,
-                           select_vectors)
+from utils.vectors import (ACCURACY_FLOOR_FRACTION, SELECTION_SOURCES, NoEvidenceError, VectorError, VectorRef,
+                           best_vector, desanitize_position, discover_traits, list_vectors, load_vector,
+                           parse_position, rank_by_extraction_metrics, rank_vectors, read_steering_results,
+                           sanitize_position, select_vectors, viewer_selection_source)
 
 H = 8
 
@@ -226,7 +227,8 @@ def test_extraction_fallback_and_no_evidence(vec_exp):
                      baseline=0.0, val_accuracy=acc, val_separation=sep)
     best = best_vector("v", "cat/t", "base", "instruct")
     # layer 1 has the largest separation but 0.8 < 0.9 x 0.95: the floor keeps it out; 5 beats 4 on separation
-    assert (best.layer, best.method, best.selection_source, best.score) == (5, "mean_diff", "extraction", 2.0)
+    assert (best.layer, best.method, best.selected_by, best.score) == (5, "mean_diff", "extraction", 2.0)
+    assert best.selection_source == "layers_arg"   # trait-interp's word for "not chosen by steering"
     assert (best.accuracy, best.separation) == (0.95, 2.0)
     assert best.selection_reason == "held-out separation 2.00, accuracy 0.95 (accuracy floor 0.855), best of 3"
     assert best.describe()["selection_reason"] == best.selection_reason
@@ -267,9 +269,6 @@ def test_malformed_results_named(vec_exp):
         read_steering_results(path)
     path.write_text('{"type": "baseline", "result": {"trait_mean": 1}}\n{"result": {"trait_mean": 2}, "config": {}}\n')
     with pytest.raises(VectorError, match=rf"{path}:2: a run line needs config.vectors"):
-        read_steering_results(path)
-    path.write_text('{"type": "header", "direction": "positive"}\n')
-    with pytest.raises(VectorError, match="no baseline line"):
         read_steering_results(path)
     path.write_text('{"type": "baseline", "result": {"trait_mean": "high"}}\n')
     with pytest.raises(VectorError, match=rf"{path}:1: result.trait_mean must be a number"):
@@ -349,7 +348,7 @@ def test_fallback_missing_metrics():
     assert [r.ref.layer for r in ranked] == [4, 1, 2, 3, 5]
     assert ranked[1].score is None and ranked[1].reason == "held-out accuracy 1.00 (accuracy floor 0.9)"
     assert ranked[3].reason == "held-out separation 8.00 (no accuracy recorded, floor not checked)"
-    assert _order([(_ref(3), None, 1.0), (_ref(2), None, 2.0)]) == [(2, "probe", "response[:5]"), (3, "probe", "response[:5]")]
+    assert [r.ref.layer for r in rank_by_extraction_metrics([(_ref(3), None, 1.0), (_ref(2), None, 2.0)])] == [2, 3]
     assert rank_by_extraction_metrics([(_ref(0), None, None)]) == []
 
 
@@ -367,6 +366,144 @@ def test_fallback_reads_metadata_and_explains(vec_exp):
     assert [(r.ref.layer, r.ref.method) for r in ranked][:3] == [(2, "probe"), (3, "probe"), (1, "probe")]
     assert ranked[-1].ref.method == "mean_diff" and ranked[-1].separation is None
     sel = select_vectors("v", "cat/t", "base", "instruct", layers="best,best+1", position="response[:5]")
-    assert [(s.layer, s.selection_source) for s in sel] == [(2, "extraction"), (3, "layers_arg")]
+    assert [(s.layer, s.selected_by, s.selection_source) for s in sel] == [
+        (2, "extraction", "layers_arg"), (3, "layers_arg", "layers_arg")]
     assert sel[0].selection_reason.startswith("held-out separation 3.00, accuracy 1.00")
     assert sel[1].selection_reason == "layer 3 requested; probe at response[:5] first in the method/position order"
+
+
+# ---------------------------------------------------------------------------------------------------
+# trait-interp compatibility: its writers' files in, what its readers index out (docs/formats.md)
+
+def ti_write_vectors(exp: str, trait: str, variant: str, position: str, method: str, layers: range,
+                     seed: int = 0) -> None:
+    """Vectors as trait-interp's extract_vectors writes them: bf16 layer{L}.pt, metadata.json (indent 2)
+    with model/trait/method/component/position/layers/timestamp and per layer only norm, baseline, train_acc."""
+    g = torch.Generator().manual_seed(seed)
+    folder = paths.vectors_dir(exp, trait, variant) / sanitize_position(position) / "residual" / method
+    folder.mkdir(parents=True, exist_ok=True)
+    layer_info = {}
+    for layer in layers:
+        v = torch.randn(H, generator=g).to(torch.bfloat16)
+        torch.save(v, folder / f"layer{layer}.pt")
+        layer_info[str(layer)] = {"norm": float(v.float().norm()), "baseline": 0.1 * layer, "train_acc": 0.9}
+    (folder / "metadata.json").write_text(json.dumps({
+        "model": "m", "trait": trait, "method": method, "component": "residual", "position": position,
+        "layers": layer_info, "timestamp": "2025-01-01T00:00:00"}, indent=2))
+
+
+def ti_write_results(exp: str, trait: str, variant: str, position: str, runs: list[tuple], baseline: float | None,
+                     direction: str = "positive") -> Path:
+    """results.jsonl as trait-interp's init_results_file + append_baseline + append_run write it: one json.dumps
+    per line; a run's config is {"vectors": [VectorSpec.to_dict()]} (layer, component, position, method, weight)."""
+    path = paths.steering_results(exp, trait, variant, sanitize_position(position))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [{"type": "header", "trait": trait, "direction": direction, "steering_model": "m",
+              "steering_experiment": exp, "vector_source": {"model": "m", "experiment": exp, "trait": trait},
+              "eval": {"model": "gpt-4.1-mini", "method": "logprob", "trait_judge": None},
+              "prompts_file": f"datasets/traits/{trait}/steering.json"}]
+    if baseline is not None:
+        lines.append({"type": "baseline", "result": {"trait_mean": baseline, "trait_std": 3.0, "coherence_mean": 91.0,
+                                                     "n": 5}, "eval": {"trait_judge": None},
+                      "timestamp": "2025-01-01T00:00:01"})
+    for layer, method, weight, trait_mean, coherence in runs:
+        lines.append({"result": {"trait_mean": trait_mean, "trait_std": 4.0, "success_rate": 0.6, "min_score": 1.0,
+                                 "max_score": 99.0, "coherence_mean": coherence, "n": 5},
+                      "config": {"vectors": [{"layer": layer, "component": "residual", "position": position,
+                                              "method": method, "weight": weight}]},
+                      "eval": {"trait_judge": None}, "timestamp": "2025-01-01T00:00:02"})
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return path
+
+
+def ti_remove_baseline(path: Path) -> None:
+    """What trait-interp's remove_baseline() leaves: every non-blank line but the baseline, re-dumped."""
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps(e) + "\n" for e in kept if e.get("type") != "baseline"))
+
+
+def test_get_steering_result_without_baseline_line_takes_baseline_0(vec_exp, capsys):
+    """trait-interp's _get_steering_result reads a results.jsonl whose baseline remove_baseline() dropped with
+    baseline 0; so do we, with one warning line, instead of refusing the file."""
+    ti_write_vectors("v", "cat/ti", "base", "response[:]", "probe", range(4))
+    path = ti_write_results("v", "cat/ti", "instruct", "response[:]",
+                            [(1, "probe", 4.0, 70.0, 85.0), (2, "probe", 6.0, 80.0, 60.0),
+                             (3, "probe", 2.0, 65.0, 90.0)], baseline=40.0)
+    with_baseline = rank_vectors("v", "cat/ti", "base", "instruct")
+    assert [(r.ref.layer, r.score) for r in with_baseline] == [(1, 30.0), (3, 25.0)]   # layer 2: coherence 60
+    ti_remove_baseline(path)
+    assert [json.loads(line).get("type") for line in path.read_text().splitlines()] == ["header", None, None, None]
+    capsys.readouterr()
+    res = read_steering_results(path)
+    assert (res.baseline, res.baseline_missing, len(res.runs)) == (0.0, True, 3)
+    ranked = rank_vectors("v", "cat/ti", "base", "instruct")
+    assert [(r.ref.layer, r.score, r.coefficient) for r in ranked] == [(1, 70.0, 4.0), (3, 65.0, 2.0)]
+    assert ranked[0].reason == ("steering delta +70.0 at coefficient 4 (coherence 85, positive, variant instruct, "
+                                "no baseline line: baseline 0)")
+    best = best_vector("v", "cat/ti", "base", "instruct", hidden_size=H)
+    assert (best.layer, best.position, best.selection_source, best.score) == (1, "response[:]", "steering", 70.0)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: {path}: no baseline line; taking baseline 0 as trait-interp does, so its steering "
+                      f"deltas are raw trait means (re-run the baseline to restore it)"]   # once per file
+
+
+def _viewer_layer(entries: list[dict], num_layers: int) -> int:
+    """The entry trait-interp's Trait Dynamics view shows with layers mode off (views/trait-dynamics.js): the
+    `selection_source === 'steering'` entry's layer + floor(0.1 n), else floor(0.6 n), snapped to the closest
+    entry (the first one on a tie)."""
+    steering = next((e for e in entries if e["selection_source"] == "steering"), None)
+    target = steering["layer"] + num_layers // 10 if steering else (6 * num_layers) // 10
+    best = entries[0]
+    for e in entries[1:]:
+        if abs(e["layer"] - target) < abs(best["layer"] - target):
+            best = e
+    return best["layer"]
+
+
+def test_viewer_best_vector_reads_selection_source(vec_exp):
+    """Every selection_source we write is one trait-interp writes and its viewer knows ("steering" marks the
+    entry it aims at, anything else counts as not from steering); our detail is in selected_by / selection_reason."""
+    for layer in range(6):
+        write_vector("v", "cat/t", "base", "response[:5]", "probe", layer, rand(10 * layer), baseline=0.0,
+                     val_accuracy=1.0, val_separation=[0.5, 1.0, 3.0, 2.0, 1.5, 0.2][layer])
+    # no steering evidence: the extraction pick is "layers_arg" to the viewer (no entry claims steering)
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="best,best+1,best+2",
+                         available_layers=list(range(6)))
+    entries = [{"layer": s.layer, "selection_source": s.selection_source} for s in sel]
+    described = [s.describe() for s in sel]
+    written = {e["selection_source"] for e in entries} | {d["selection_source"] for d in described}
+    assert written <= set(SELECTION_SOURCES)
+    assert [(d["layer"], d["selected_by"]) for d in described] == [
+        (2, "extraction"), (3, "layers_arg"), (4, "layers_arg")]
+    assert described[0]["selection_reason"].startswith("held-out separation 3.00")
+    assert _viewer_layer(entries, 6) == 3          # the viewer's own fallback (60% depth), not a wrong "steering" aim
+    # steering evidence: the viewer finds the steering entry at our best layer and aims from it
+    write_steering("v", "cat/t", "instruct", "response[:5]", [(1, "probe", 80.0, 90.0)])
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="best,best+1,best+3",
+                         available_layers=list(range(6)))
+    entries = [{"layer": s.layer, "selection_source": s.selection_source} for s in sel]
+    assert entries == [{"layer": 1, "selection_source": "steering"}, {"layer": 2, "selection_source": "layers_arg"},
+                       {"layer": 4, "selection_source": "layers_arg"}]
+    assert [s.describe()["selected_by"] for s in sel] == ["steering", "layers_arg", "layers_arg"]
+    assert _viewer_layer(entries, 10) == 2         # best 1 + floor(0.1 x 10), as it does for its own files
+    assert [viewer_selection_source(x) for x in ("steering", "extraction", "layers_arg", None)] == [
+        "steering", "layers_arg", "layers_arg", "layers_arg"]
+
+
+def test_positions_trait_interp_looks_for_are_found(vec_exp):
+    """Vectors at response[:] / response[:5] (trait-interp's defaults) and all[:] (ours) are all discovered;
+    without evidence the order is response[:5], response[:], all[:], then the rest."""
+    for position in ("all[:]", "response[:]", "prompt[-1]"):
+        ti_write_vectors("v", "cat/t", "base", position, "probe", range(2, 3), seed=len(position))
+    refs = list_vectors("v", "cat/t", "base", method="probe", layer=2)
+    assert [r.position for r in refs] == ["response[:5]", "response[:]", "all[:]", "prompt[-1]"]
+    assert [r.pos_dir for r in refs] == ["response__5", "response_all", "all_all", "prompt_-1"]
+    sel = select_vectors("v", "cat/t", "base", "instruct", layers="2", method="probe")
+    assert (sel[0].position, sel[0].selected_by) == ("response[:5]", "layers_arg")
+    # with only trait-interp's reader default and ours, response[:] comes first
+    for position in ("response[:5]", "prompt[-1]"):
+        shutil.rmtree(paths.vectors_dir("v", "cat/t", "base") / sanitize_position(position))
+    assert [r.position for r in list_vectors("v", "cat/t", "base", layer=2)] == ["response[:]", "all[:]"]
+    v, meta = load_vector("v", "cat/t", "base", "response[:]", "residual", "probe", 2, hidden_size=H)
+    assert v.dtype == torch.float32 and meta["layers"]["2"] == pytest.approx(
+        {"norm": meta["layers"]["2"]["norm"], "baseline": 0.2, "train_acc": 0.9})

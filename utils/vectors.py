@@ -12,7 +12,8 @@
     best_vector(exp, trait, extraction_variant, steering_variant, ...)  -> SelectedVector
     select_vectors(exp, trait, extraction_variant, steering_variant, layers="best", available_layers=, ...,
                    multi_vector=None) -> [SelectedVector]          the vectors a projection uses, one per layer
-    SelectedVector   trait, layer, method, component, position, path, sha256, baseline, selection_source, vector, ...
+    SelectedVector   trait, layer, method, component, position, path, sha256, baseline, selected_by, vector,
+                     selection_reason, ...; .selection_source (the value trait-interp's viewer knows), .describe()
     resolve_vector_source(experiment, vectors_experiment=None, extraction_variant=None, steering_variant=None,
                           traits=None, require_traits=True) -> VectorSource
                                                  the experiment, variants and traits a run's vectors come from
@@ -23,10 +24,13 @@
 Selection: candidates are the vector files filtered by component / position / method / layer.
 Evidence is the steering results of ONE steering variant (the same for every projected variant); runs
 count when coherence >= 77; candidates whose naturalness is < 50 drop out; the best is the largest delta
-from the baseline in the trait's direction (selection_source "steering"). Without steering evidence the
+from the baseline in the trait's direction (selected_by "steering"). Without steering evidence the
 held-out metrics in the vectors' metadata.json (written by extraction/extract_vectors.py) rank them
 (rank_by_extraction_metrics): held-out separation, among the vectors whose held-out accuracy reaches
-ACCURACY_FLOOR_FRACTION of the best one. Every pick carries a one-line `selection_reason`.
+ACCURACY_FLOOR_FRACTION of the best one (selected_by "extraction"); other layers asked for are
+selected_by "layers_arg". Every pick carries a one-line `selection_reason`. Files carry
+`selection_source` in trait-interp's vocabulary ("steering" / "layers_arg"; its viewer aims at the
+steering entry and knows no other value) next to our `selected_by` (docs/formats.md).
 Ties and fallbacks are deterministic: positions the best's, then POSITION_ORDER (response[:5],
 response[:], all[:]), then the rest sorted; methods probe, mean_diff, gradient, then the rest sorted;
 then component; then layer.
@@ -37,6 +41,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +61,8 @@ __all__ = [
     "SelectedVector", "sanitize_position", "desanitize_position", "parse_position", "discover_traits",
     "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
     "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
-    "VectorSource", "VectorConfigError", "resolve_vector_source", "split_traits", "rank_by_extraction_metrics",
+    "SELECTION_SOURCES", "viewer_selection_source", "VectorSource", "VectorConfigError", "resolve_vector_source",
+    "split_traits", "rank_by_extraction_metrics",
 ]
 
 METHOD_ORDER = ("probe", "mean_diff", "gradient")
@@ -235,6 +241,10 @@ def list_vectors(exp: str, trait: str, variant: str, component: str | None = Non
 class VectorSource:
     """The experiment, variants and traits every vector of a run comes from.
 
+        src = resolve_vector_source("demo", traits="behavioral/refusal")
+        for trait in src.traits:
+            vectors = src.select(trait, layers="best", available_layers=[0, 1, 2])
+
     `vectors_experiment` holds extraction/ (the vector files) and steering/ (the evidence); it is
     `experiment` unless another experiment's vectors were asked for. `discovered` is True when the
     traits were found on disk rather than named by the caller.
@@ -412,8 +422,18 @@ class SteeringRun:
 class SteeringResults:
     path: Path
     direction: str                    # "positive" or "negative"
-    baseline: float
+    baseline: float                   # 0.0 when the file has no baseline line (baseline_missing)
     runs: list[SteeringRun] = field(default_factory=list)
+    baseline_missing: bool = False
+
+
+_WARNED: set[str] = set()   # one warning per file and process, however many traits / variants read it
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _number(value, what: str, where: str, allow_none: bool = True) -> float | None:
@@ -429,6 +449,8 @@ def read_steering_results(path: str | Path, default_position: str | None = None)
 
     Run positions default to `default_position` (the position of the folder the file lives in);
     runs without a score (null trait_mean / coherence_mean) are kept with None and never pass a filter.
+    A file without a baseline line (trait-interp's remove_baseline() keeps the header and the runs) is
+    read with baseline 0, as trait-interp's own reader does, and one warning line on stderr.
     """
     path = Path(path)
     direction, baseline = "positive", None
@@ -476,8 +498,9 @@ def read_steering_results(path: str | Path, default_position: str | None = None)
             coherence_mean=_number(result.get("coherence_mean"), "result.coherence_mean", where), line=n,
         ))
     if baseline is None:
-        raise VectorError(f"{path}: no baseline line ({{\"type\": \"baseline\", \"result\": {{\"trait_mean\": ...}}}}); "
-                          f"deltas need it")
+        _warn_once(str(path), f"{path}: no baseline line; taking baseline 0 as trait-interp does, so its "
+                              f"steering deltas are raw trait means (re-run the baseline to restore it)")
+        return SteeringResults(path, direction, 0.0, runs, baseline_missing=True)
     return SteeringResults(path, direction, baseline, runs)
 
 
@@ -521,6 +544,14 @@ class RankedVector:
     reason: str = ""                   # why it ranks where it does, one short line
 
 
+SELECTION_SOURCES = ("steering", "layers_arg")   # the selection_source values trait-interp writes and reads
+
+
+def viewer_selection_source(selected_by: str | None) -> str:
+    """Our `selected_by` as a trait-interp `selection_source`: steering stays, anything else is layers_arg."""
+    return "steering" if selected_by == "steering" else "layers_arg"
+
+
 @dataclass
 class SelectedVector:
     """A loaded vector and why it was chosen; `vector` is an fp32 unit Tensor[H]."""
@@ -533,7 +564,7 @@ class SelectedVector:
     path: Path
     sha256: str
     baseline: float
-    selection_source: str              # "steering" | "extraction" | "layers_arg"
+    selected_by: str                   # "steering" | "extraction" | "layers_arg"
     vector: torch.Tensor = field(repr=False)
     score: float | None = None
     coefficient: float | None = None
@@ -547,6 +578,12 @@ class SelectedVector:
     def pos_dir(self) -> str:
         return sanitize_position(self.position)
 
+    @property
+    def selection_source(self) -> str:
+        """`selected_by` in trait-interp's vocabulary: "steering", else "layers_arg" (what it writes for a vector
+        no steering result chose; its viewer aims at the "steering" entry and knows no other value)."""
+        return viewer_selection_source(self.selected_by)
+
     def describe(self, relative_to: Path | None = None) -> dict:
         """JSON-ready provenance: which file, its hash, and why it was chosen."""
         path = self.path
@@ -557,7 +594,7 @@ class SelectedVector:
                 pass
         out = {"layer": self.layer, "method": self.method, "component": self.component, "position": self.position,
                "path": str(path), "sha256": self.sha256, "selection_source": self.selection_source,
-               "baseline": self.baseline, "selection_reason": self.selection_reason}
+               "selected_by": self.selected_by, "selection_reason": self.selection_reason, "baseline": self.baseline}
         for key in ("score", "coefficient", "direction", "accuracy", "separation"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -600,7 +637,8 @@ def _steering_evidence(exp: str, trait: str, steering_variant: str, refs: list[V
             if r not in dropped:
                 coef = "" if weight is None else f" at coefficient {weight:g}"
                 reason = (f"steering delta {delta:+.1f}{coef} (coherence {coherence:.0f}, {results.direction}, "
-                          f"variant {steering_variant})")
+                          f"variant {steering_variant}"
+                          f"{', no baseline line: baseline 0' if results.baseline_missing else ''})")
                 ranked.append(RankedVector(r, "steering", delta, weight, results.direction,
                                            naturalness.get((r.layer, r.method, r.component)), reason=reason))
     note = (f"{seen_files} steering results file(s) under variant {steering_variant!r} with {seen_runs} matching "
@@ -713,7 +751,7 @@ def _load_selected(exp: str, extraction_variant: str, ref: VectorRef, source: st
                           f"layers.{ref.layer}.baseline must be a number, got {baseline!r}")
     return SelectedVector(
         trait=ref.trait, layer=ref.layer, method=ref.method, component=ref.component, position=ref.position,
-        path=ref.path, sha256=file_sha256(ref.path), baseline=float(baseline), selection_source=source,
+        path=ref.path, sha256=file_sha256(ref.path), baseline=float(baseline), selected_by=source,
         vector=vector, score=ranked.score if ranked else None, coefficient=ranked.coefficient if ranked else None,
         direction=ranked.direction if ranked else None, metadata=meta,
         selection_reason=ranked.reason if ranked else reason,
