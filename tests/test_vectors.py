@@ -254,7 +254,7 @@ def test_multi_vector_top_n(vec_exp):
                    [(0, "probe", 55.0, 90.0), (3, "mean_diff", 80.0, 90.0), (5, "probe", 70.0, 90.0)])
     sel = select_vectors("v", "cat/t", "base", "instruct", multi_vector=2, available_layers=list(range(6)))
     assert [(s.layer, s.method, s.selection_source) for s in sel] == [(3, "mean_diff", "steering"), (5, "probe", "steering")]
-    with pytest.raises(LayerSpecError, match=r"layer\(s\) 5.*captured layers: 0, 1, 2, 3"):
+    with pytest.raises(LayerSpecError, match=r"layer\(s\) 5, which.*captured layers: 0-3\)"):
         select_vectors("v", "cat/t", "base", "instruct", multi_vector=2, available_layers=[0, 1, 2, 3])
 
 

@@ -1,4 +1,4 @@
-"""Trait vectors: discovery, safe loading, and best-vector selection (DESIGN.md §3).
+"""Trait vectors: discovery, safe loading, and best-vector selection (file layout: docs/formats.md).
 
     sanitize_position(position) / desanitize_position(pos_dir)   response[:5] <-> response__5, response[:] <-> response_all
     parse_position(position) -> (frame, index | slice)              validate a position such as all[:], prompt[-1]
@@ -50,7 +50,8 @@ import torch
 
 from utils import paths
 from utils.config import ConfigError, load_config, resolve_variant
-from utils.layers import LayerSpecError, ProjectionLayer, parse_projection_layers, resolve_projection_layers
+from utils.layers import (LayerSpecError, ProjectionLayer, format_layers, parse_projection_layers,
+                          resolve_projection_layers)
 from utils.storage import StorageError, load_pt, read_json
 from core.errors import TraitError
 
@@ -769,10 +770,6 @@ def best_vector(exp: str, trait: str, extraction_variant: str, steering_variant:
     return _load_selected(exp, extraction_variant, top.ref, top.source, hidden_size, top)
 
 
-def _format(layers) -> str:
-    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
-
-
 def select_vectors(exp: str, trait: str, extraction_variant: str, steering_variant: str,
                    layers: str | list[ProjectionLayer] = "best", available_layers: list[int] | None = None,
                    component: str = "residual", position: str | None = None, method: str | None = None,
@@ -794,8 +791,9 @@ def select_vectors(exp: str, trait: str, extraction_variant: str, steering_varia
         if available_layers is not None:
             missing = [c.ref.layer for c in chosen if c.ref.layer not in set(available_layers)]
             if missing:
-                raise LayerSpecError(f"trait {trait!r}: --multi-vector {multi_vector} picks layer(s) {_format(missing)}, "
-                                     f"which were not captured (captured layers: {_format(available_layers)})")
+                raise LayerSpecError(f"trait {trait!r}: --multi-vector {multi_vector} picks layer(s) "
+                                     f"{format_layers(missing)}, which were not captured (captured layers: "
+                                     f"{format_layers(available_layers)})")
         return [_load_selected(exp, extraction_variant, c.ref, c.source, hidden_size, c) for c in chosen]
 
     items = parse_projection_layers(layers, n_layers) if isinstance(layers, str) else list(layers)
@@ -821,7 +819,7 @@ def select_vectors(exp: str, trait: str, extraction_variant: str, steering_varia
             raise VectorError(
                 f"trait {trait!r}: no vector at layer {layer} (component={component}"
                 f"{', position=' + position if position else ''}{', method=' + method if method else ''}) under "
-                f"{paths.vectors_dir(exp, trait, extraction_variant)}; vectors exist at layers {_format(have)}"
+                f"{paths.vectors_dir(exp, trait, extraction_variant)}; vectors exist at layers {format_layers(have)}"
             )
         preferred = best.ref.position if best else None
         at_layer.sort(key=lambda r: _tie_rank(r, preferred))
