@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,13 +259,15 @@ def test_compare_matches_oracle_and_skips_trait_without_overlap(experiments):
     assert t["peak_layer"] == t["layers"][peak]
     assert t["peak_effect_size"] == t["per_layer_effect_size"][peak]
     assert t["peak_paired_effect_size"] == t["per_layer_paired_effect_size"][peak]
-    # diff_vectors.pt: a dict, loadable without unpickling code; row i is layers[i]
+    # diff_vectors.pt: trait-interp's bare tensor, row L = layer L (the model config is unreadable here: the
+    # deepest captured layer + 1 rows); what it holds is in the sidecar diff_vectors.json
     dv = torch.load(out / "diff_vectors.pt", weights_only=True)
-    assert dv["layers"] == [0, 1, 2] and dv["component"] == "residual" and dv["n_prompts"] == 5
-    assert (dv["variant_a"], dv["variant_b"]) == ("a", "b") and dv["diff"].dtype == torch.float32
-    assert dv["diff"].shape == (3, H)
-    for i, layer in enumerate(dv["layers"]):
-        assert torch.allclose(dv["diff"][i].double(), _oracle(acts, torch.ones(H), layer)[2], atol=1e-5)
+    side = strict_json(out / "diff_vectors.json")
+    assert side["layers"] == [0, 1, 2] and side["component"] == "residual" and side["n_prompts"] == 5
+    assert (side["variant_a"], side["variant_b"]) == ("a", "b") and dv.dtype == torch.float32
+    assert dv.shape == (3, H) and side["shape"] == [3, H]
+    for layer in side["layers"]:
+        assert torch.allclose(dv[layer].double(), _oracle(acts, torch.ones(H), layer)[2], atol=1e-5)
 
 
 def test_compare_averages_bf16_activations_in_fp32(experiments):
@@ -282,19 +285,23 @@ def test_compare_averages_bf16_activations_in_fp32(experiments):
         write_raw("md", "b", "s", str(i), list(range(40)), {1: b})
     write_vector("md", "t/x", "a", "probe", 1, torch.eye(H)[0])
     cv.compare_variants("md", "a", "b", "s", method="probe", position=POS, progress=False)
-    dv = load_pt(paths.model_diff_dir("md", "a", "b") / "s" / "diff_vectors.pt")
-    assert float(dv["diff"][0, 0]) == pytest.approx(0.0125, rel=1e-3)   # fp32 ulp at 64 is 7.6e-6
+    dv = load_pt(paths.model_diff_dir("md", "a", "b") / "s" / "diff_vectors.pt")   # row L = layer L
+    assert float(dv[1, 0]) == pytest.approx(0.0125, rel=1e-3) and not dv[0].any()   # fp32 ulp at 64 is 7.6e-6
     # averaging in bf16 first (the original) rounds 64.0125 back to 64.0: the shift vanishes
     assert all(float(acts["b"][k][1].mean(0)[0]) == 64.0 for k in acts["b"])
     res = strict_json(paths.model_diff_dir("md", "a", "b") / "s" / "results.json")
-    assert res["traits"]["t/x"]["per_layer_cosine_sim"][0] == pytest.approx(1.0, abs=1e-6)
+    # every prompt projects to the same value: no effect size, so the entry is under incomplete_traits
+    assert res["incomplete_traits"]["t/x"]["per_layer_cosine_sim"][0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_compare_single_prompt_gives_valid_json_with_nulls(experiments):
     make_synthetic(experiments, n_prompts=1)
     cv.compare_variants("md", "a", "b", "s/set", traits="t/overlap", method="probe", position=POS, progress=False)
     res = strict_json(paths.model_diff_dir("md", "a", "b") / "s/set" / "results.json")
-    t = res["traits"]["t/overlap"]
+    # no defined peak: kept out of the keys trait-interp's viewer draws (it calls .toFixed on the peak)
+    assert "t/overlap" not in res["traits"]
+    t = res["incomplete_traits"]["t/overlap"]
+    assert "no defined effect size" in t["reason"] and "n=1" in t["reason"]
     assert res["n_prompts"] == 1
     assert t["per_layer_effect_size"] == [None, None] and t["per_layer_paired_effect_size"] == [None, None]
     assert t["per_layer_std_a"] == [None, None] and t["peak_layer"] is None and t["peak_effect_size"] is None
@@ -556,10 +563,12 @@ def test_readme_model_diff_workflow_matches_hf_hidden_states(experiments, zoo, z
     res = strict_json(exp_dir / "model_diff/instruct_vs_rm_lora" / S / "results.json")
     assert res["n_prompts"] == len(ids_with_tokens) and res["prompt_ids"] == ids_with_tokens
     dv = load_pt(exp_dir / "model_diff/instruct_vs_rm_lora" / S / "diff_vectors.pt")
-    assert dv["layers"] == [0, 1, 2, 3]
+    side = strict_json(exp_dir / "model_diff/instruct_vs_rm_lora" / S / "diff_vectors.json")
+    assert side["layers"] == [0, 1, 2, 3] and dv.shape == (4, 64)    # the zoo llama has 4 layers
+    assert side["n_layers_source"].startswith("num_hidden_layers")
     for layer in range(3):
         want = torch.stack([h_b[p][layer].mean(0) - h_a[p][layer].mean(0) for p in ids_with_tokens]).mean(0)
-        assert torch.allclose(dv["diff"][layer].double(), want, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(dv[layer].double(), want, atol=1e-4, rtol=1e-4)
     for trait, (method, best, _) in TRAITS.items():
         t = res["traits"][trait]
         assert t["method"] == method and t["position"] == POS and t["layers"] == [0, 1, 2]
@@ -639,7 +648,7 @@ def test_compare_reads_means_files_and_prefers_them(experiments):
     from_means = strict_json(out / "results.json")
     _assert_same_results(from_means, from_raw)
     assert from_means["fingerprint"] == from_raw["fingerprint"]     # the same numbers, bit for bit
-    assert torch.equal(load_pt(out / "diff_vectors.pt")["diff"], diff_raw["diff"])
+    assert torch.equal(load_pt(out / "diff_vectors.pt"), diff_raw)
     # raw files gone altogether: the same results
     for v in ("a", "b"):
         for p in paths.raw_dir("md", v, "s/set").glob("*.pt"):
@@ -724,3 +733,315 @@ def test_means_from_captured_bf16_raw_files_give_the_same_results(experiments, z
                                 progress=False)
         assert s["inputs"]["a"]["means_files"] == 3 and s["inputs"]["b"]["raw_files"] == 0
         _assert_same_results(strict_json(out / "results.json"), results[component])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trait-interp's readers on our files, our scripts on trait-interp's files
+
+def trait_interp_json(obj) -> str:
+    """JSON as trait-interp's dump_compact lays it out: 2-space indent, arrays of scalars on one line (NaN bare)."""
+    def dump(x, depth):
+        pad, inner = "  " * depth, "  " * (depth + 1)
+        if isinstance(x, dict):
+            if not x:
+                return "{}"
+            return "{\n" + ",\n".join(f"{inner}{json.dumps(k)}: {dump(v, depth + 1)}" for k, v in x.items()) + \
+                f"\n{pad}}}"
+        if isinstance(x, list):
+            if not x:
+                return "[]"
+            if all(not isinstance(v, (dict, list)) for v in x):
+                return "[" + ", ".join(json.dumps(v) for v in x) + "]"
+            return "[\n" + ",\n".join(inner + dump(v, depth + 1) for v in x) + f"\n{pad}]"
+        return json.dumps(x)
+    return dump(obj, 0)
+
+
+def write_trait_interp_diff(out: Path, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+    """diff_vectors.pt as trait-interp saves it: fp32 [max layer + 1, hidden], zero rows, plain torch.save."""
+    hidden = next(iter(rows.values())).shape[0]
+    full = torch.zeros(max(rows) + 1, hidden)
+    for layer, r in rows.items():
+        full[layer] = r
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(full, out / "diff_vectors.pt")
+    return full
+
+
+def trait_interp_entry(layers, cos, d, d_paired, std_a=None, std_b=None, method="probe", position=POS) -> dict:
+    """One results.json trait entry with trait-interp's keys, in its order (the std lists only in full mode)."""
+    peak = max(range(len(d)), key=lambda i: abs(d[i])) if d else None
+    entry = {"method": method, "position": position, "layers": list(layers), "per_layer_cosine_sim": cos,
+             "per_layer_effect_size": d, "per_layer_paired_effect_size": d_paired,
+             "peak_layer": None if peak is None else layers[peak], "peak_effect_size": None if peak is None else d[peak],
+             "peak_paired_effect_size": None if peak is None else d_paired[peak]}
+    if std_a is not None:
+        entry.update(per_layer_std_a=std_a, per_layer_std_b=std_b)
+    return entry
+
+
+def write_trait_interp_results(out: Path, traits: dict, n_prompts=5, **top) -> None:
+    doc = {"experiment": "md", "variant_a": "a", "variant_b": "b", "prompt_set": "s/set", "component": "residual",
+           "n_prompts": n_prompts, **top, "traits": traits}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(trait_interp_json(doc))
+
+
+def model_analysis_js(path: Path) -> dict[str, str]:
+    """results.json read the way trait-interp's visualization/views/model-analysis.js reads it.
+
+    JSON.parse (no NaN); per trait under `traits`: the summary table (peak_effect_size.toFixed, the std at
+    layers.indexOf(peak_layer) when not null), the effect-size chart (when per_layer_effect_size is truthy:
+    layers as x, peak_effect_size.toFixed in the legend) and the cosine chart (the |max| of
+    per_layer_cosine_sim, .toFixed). Any TypeError the page would throw is raised. Returns trait -> table cell.
+    """
+    def to_fixed(x, what):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{what}.toFixed on {x!r}: the page replaces the model-diff panel with an error")
+        return f"{x:.2f}"
+
+    res = strict_json(path)
+    cells = {}
+    for trait, t in (res.get("traits") or {}).items():
+        layers = t.get("layers")
+        peak_idx = layers.index(t.get("peak_layer")) if isinstance(layers, list) and t.get("peak_layer") in layers \
+            else -1
+        std_a = (t.get("per_layer_std_a") or [None] * (peak_idx + 1))[peak_idx] if peak_idx >= 0 else None
+        std_b = (t.get("per_layer_std_b") or [None] * (peak_idx + 1))[peak_idx] if peak_idx >= 0 else None
+        cell = f"{to_fixed(t.get('peak_effect_size'), 'peak_effect_size')} @ L{t.get('peak_layer')}"
+        if std_a is not None and std_b is not None:
+            cell += f" ({to_fixed(std_a, 'std_a')} / {to_fixed(std_b, 'std_b')})"
+        if t.get("per_layer_effect_size"):
+            assert len(t["per_layer_effect_size"]) == len(layers)
+            to_fixed(t["peak_effect_size"], "peak_effect_size")
+        cos = t.get("per_layer_cosine_sim")
+        if cos:
+            idx = 0
+            for i, c in enumerate(cos):   # Math.abs(null) is 0 in JS
+                if abs(c or 0) > abs(cos[idx] or 0):
+                    idx = i
+            to_fixed(cos[idx], "peak cosine")
+            assert layers[idx] is not None
+        cells[trait] = cell
+    return cells
+
+
+def _config_dir(tmp_path: Path, n_layers: int = 8) -> str:
+    """A model folder with only a config.json: enough for the layer count."""
+    from transformers import LlamaConfig
+
+    d = tmp_path / "cfg_model"
+    LlamaConfig(num_hidden_layers=n_layers, hidden_size=H, intermediate_size=8, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32).save_pretrained(d)
+    return str(d)
+
+
+def test_trait_interp_compare_and_specificity_test_read_diff_vectors_pt(experiments, tmp_path):
+    """Item 2: trait-interp's compare_variants.py --use-existing-diff does `n_layers, hidden = D.shape` and
+    cos(D[L], v) for every vector layer; its specificity_test.py takes a tensor's non-zero rows as layers."""
+    acts, vecs = make_synthetic(experiments)
+    model = _config_dir(tmp_path, n_layers=8)
+    experiments("md", {"a": {"model": model}, "b": {"model": model}}, defaults={"extraction": "a", "application": "a"})
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    d = torch.load(out / "diff_vectors.pt", weights_only=True)
+    assert isinstance(d, torch.Tensor) and not isinstance(d, dict)
+    n_layers, hidden = d.shape
+    assert (n_layers, hidden) == (8, H)                          # every model layer, not the captured ones
+    assert [i for i in range(n_layers) if d[i].norm() > 0] == [0, 1, 2]
+    side = strict_json(out / "diff_vectors.json")
+    assert side["layers"] == [0, 1, 2] and side["n_layers"] == 8 and side["component"] == "residual"
+    res = strict_json(out / "results.json")
+    for k, layer in enumerate(res["traits"]["t/overlap"]["layers"]):
+        v = vecs[("t/overlap", layer)]
+        cos = float(d[layer] @ v) / float(d[layer].norm() * v.norm())     # as trait-interp computes it
+        assert res["traits"]["t/overlap"]["per_layer_cosine_sim"][k] == pytest.approx(cos, rel=1e-5)
+    # a vector layer beyond the captured ones indexes a zero row, as in trait-interp (no IndexError)
+    assert float(d[5].abs().sum()) == 0.0
+    # our own --use-existing-diff reads the tensor back through the sidecar: the same numbers
+    first = res["traits"]["t/overlap"]
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, use_existing_diff=True, progress=False)
+    again = strict_json(out / "results.json")["traits"]["t/overlap"]
+    assert again["per_layer_cosine_sim"] == first["per_layer_cosine_sim"]
+    assert again["per_layer_effect_size"] == first["per_layer_effect_size"]
+
+
+def test_model_analysis_js_reads_results_json(experiments, tmp_path):
+    """Item 3: every results.json we write can be drawn by trait-interp's model-analysis.js: a full run, one
+    prompt (no effect size), cosines only (--use-existing-diff without means), and a merged trait-interp file."""
+    make_synthetic(experiments)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    cells = model_analysis_js(out / "results.json")
+    assert set(cells) == {"t/overlap"} and " @ L" in cells["t/overlap"] and "/" in cells["t/overlap"]
+    # cosines only: the per-prompt means are gone and there is no earlier effect size for t/second
+    write_vector("md", "t/second", "a", "probe", 2, torch.arange(H, dtype=torch.float32) + 1)
+    (out / "prompt_means.pt").unlink()
+    s = cv.compare_variants("md", "a", "b", "s/set", traits="t/second", method="probe", position=POS,
+                            use_existing_diff=True, progress=False)
+    res = strict_json(out / "results.json")
+    assert set(model_analysis_js(out / "results.json")) == {"t/overlap"}
+    inc = res["incomplete_traits"]["t/second"]
+    assert "no defined effect size" in inc["reason"] and isinstance(inc["per_layer_cosine_sim"][0], float)
+    assert inc["effect_sizes_not_kept"] == "no earlier entry of this trait" and "t/second" in s["incomplete"]
+    # one prompt: no effect size anywhere, the viewer still draws the page (without that trait)
+    experiments("one", {"a": {"model": "none"}, "b": {"model": "none"}}, defaults={"extraction": "a",
+                                                                               "application": "a"})
+    for v in ("a", "b"):
+        write_raw("one", v, "s", "1", [5, 6], {1: torch.randn(2, H)})
+    write_vector("one", "t/x", "a", "probe", 1, torch.ones(H))
+    cv.compare_variants("one", "a", "b", "s", method="probe", position=POS, progress=False)
+    one = paths.model_diff_dir("one", "a", "b") / "s" / "results.json"
+    assert model_analysis_js(one) == {} and "t/x" in strict_json(one)["incomplete_traits"]
+
+
+def test_existing_diff_keeps_trait_interp_effect_sizes(experiments):
+    """Item 3: --use-existing-diff on trait-interp's diff_vectors.pt and results.json (no per-prompt means):
+    cosines from the tensor, effect sizes kept from the earlier entry of the same vectors, as trait-interp does."""
+    acts, vecs = make_synthetic(experiments)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    rows = {layer: _oracle(acts, torch.ones(H), layer)[2].float() for layer in (0, 1, 2)}
+    write_trait_interp_diff(out, rows)
+    old = trait_interp_entry([1, 2], [0.1, 0.2], [0.7, -1.3], [0.9, -1.5], [0.5, 0.4], [0.6, 0.3])
+    stale = trait_interp_entry([1, 2, 3], [0.1, 0.2, 0.3], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    write_trait_interp_results(out, {"t/overlap": old, "c/other": stale})
+    s = cv.compare_variants("md", "a", "b", "s/set", traits="t/overlap", method="probe", position=POS,
+                            use_existing_diff=True, progress=False)
+    assert any("bare tensor" in w for w in s["warnings"])
+    res = strict_json(out / "results.json")
+    t = res["traits"]["t/overlap"]
+    assert t["layers"] == [1, 2]
+    for k in ("per_layer_effect_size", "per_layer_paired_effect_size", "peak_layer", "peak_effect_size",
+              "peak_paired_effect_size", "per_layer_std_a", "per_layer_std_b"):
+        assert t[k] == old[k], k
+    for k, layer in enumerate((1, 2)):
+        v = vecs[("t/overlap", layer)]
+        assert t["per_layer_cosine_sim"][k] == pytest.approx(
+            float(rows[layer] @ v) / float(rows[layer].norm() * v.norm()), rel=1e-5)
+    assert "effect_sizes_from" in t and "unverified" in t and res["n_prompts"] == 5
+    assert res["traits"]["c/other"]["unverified"] and res["traits"]["c/other"]["per_layer_effect_size"] == [1, 2, 3]
+    assert set(model_analysis_js(out / "results.json")) == {"t/overlap", "c/other"}
+    # another method than the earlier entry's: nothing to keep, the entry has cosines only
+    write_vector("md", "t/overlap", "a", "mean_diff", 1, torch.ones(H))
+    cv.compare_variants("md", "a", "b", "s/set", traits="t/overlap", method="mean_diff", position=POS,
+                        use_existing_diff=True, progress=False)
+    res = strict_json(out / "results.json")
+    assert "other vectors" in res["incomplete_traits"]["t/overlap"]["effect_sizes_not_kept"]
+
+
+def test_existing_diff_without_means_keeps_our_own_effect_sizes(experiments):
+    make_synthetic(experiments)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    first = strict_json(out / "results.json")["traits"]["t/overlap"]
+    (out / "prompt_means.pt").unlink()
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, use_existing_diff=True,
+                        progress=False)
+    t = strict_json(out / "results.json")["traits"]["t/overlap"]
+    assert t["per_layer_cosine_sim"] == pytest.approx(first["per_layer_cosine_sim"], rel=1e-6)
+    for k in ("per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_std_a", "per_layer_std_b",
+              "peak_layer", "peak_effect_size", "per_layer_projections_a"):
+        assert t[k] == first[k]
+    assert "unverified" not in t and "null_reasons" not in t
+    # the vector files changed since: the earlier effect sizes belong to other vectors and are not kept
+    write_vector("md", "t/overlap", "a", "probe", 1, torch.ones(H))
+    cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, use_existing_diff=True,
+                        progress=False)
+    res = strict_json(out / "results.json")
+    assert "vector files changed" in res["incomplete_traits"]["t/overlap"]["effect_sizes_not_kept"]
+    # trait-interp rewrote diff_vectors.pt after us: our sidecar no longer describes it and is not trusted
+    write_trait_interp_diff(out, {1: torch.ones(H), 2: torch.ones(H)})
+    s = cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, use_existing_diff=True,
+                            progress=False)
+    assert any("does not describe" in w for w in s["warnings"])
+
+
+def test_merge_keeps_unverified_trait_interp_entries(experiments):
+    """Item 12: merging into trait-interp's results.json (no fingerprint) keeps the traits it did not compute,
+    marked unverified; its NaN (bare, from N=1) becomes null with a reason, and its null peaks move out of
+    the viewer's keys."""
+    make_synthetic(experiments)
+    out = paths.model_diff_dir("md", "a", "b") / "s/set"
+    nan_entry = trait_interp_entry([4], [0.3], [float("nan")], [0.0], [0.0], [0.0])
+    null_peak = {"method": "probe", "position": POS, "layers": [4], "per_layer_cosine_sim": [0.2],
+                 "per_layer_effect_size": None, "per_layer_paired_effect_size": None, "peak_layer": None,
+                 "peak_effect_size": None, "peak_paired_effect_size": None}
+    kept = trait_interp_entry([3, 4], [0.1, -0.4], [0.5, 2.5], [0.6, 2.0], [1.0, 1.1], [1.2, 1.3])
+    write_trait_interp_results(out, {"c/kept": kept, "c/nan": nan_entry, "c/null_peak": null_peak})
+    assert "NaN" in (out / "results.json").read_text()
+    with pytest.raises(ValueError, match="NaN"):          # the viewer's JSON.parse refuses trait-interp's own file
+        model_analysis_js(out / "results.json")
+    write_trait_interp_results(out / "no_nan", {"c/null_peak": null_peak})
+    with pytest.raises(TypeError, match="toFixed"):      # and a null peak throws inside the page
+        model_analysis_js(out / "no_nan" / "results.json")
+    shutil.rmtree(out / "no_nan")
+    s = cv.compare_variants("md", "a", "b", "s/set", method="probe", position=POS, progress=False)
+    assert any("marked unverified" in w for w in s["warnings"])
+    res = strict_json(out / "results.json")
+    assert set(res["traits"]) == {"t/overlap", "c/kept"}
+    assert res["traits"]["c/kept"]["per_layer_effect_size"] == [0.5, 2.5] and res["traits"]["c/kept"]["unverified"]
+    assert "unverified" not in res["traits"]["t/overlap"]
+    assert res["incomplete_traits"]["c/nan"]["per_layer_effect_size"] == [None]
+    assert "NaN" in res["incomplete_traits"]["c/nan"]["null_reasons"]["non_finite"]
+    assert "no defined effect size" in res["incomplete_traits"]["c/null_peak"]["reason"]
+    assert set(model_analysis_js(out / "results.json")) == {"t/overlap", "c/kept"}
+    # a rerun on the same data keeps everything; on other data our own entries are dropped, unverified ones stay
+    cv.compare_variants("md", "a", "b", "s/set", traits="t/overlap", method="probe", position=POS, progress=False)
+    assert set(strict_json(out / "results.json")["traits"]) == {"t/overlap", "c/kept"}
+    write_raw("md", "b", "s/set", "0", [10, 11, 12], {layer: torch.zeros(3, H) for layer in (0, 1, 2)})
+    write_vector("md", "t/third", "a", "probe", 1, torch.ones(H))
+    cv.compare_variants("md", "a", "b", "s/set", traits="t/third", method="probe", position=POS, progress=False)
+    res = strict_json(out / "results.json")
+    assert set(res["traits"]) == {"t/third", "c/kept"} and set(res["incomplete_traits"]) == {"c/nan", "c/null_peak"}
+
+
+# per_token_diff on trait-interp's projection files
+
+def write_trait_interp_projection(exp, variant, trait, pset, pid, layer_scores: dict[int, list[float]],
+                                  steering_layer=None, method="probe"):
+    """A projection JSON as trait-interp's projection script writes it: no per-entry position / component, no
+    vector sha256; selection_source 'steering' only where its own steering results chose the layer."""
+    entries = [{"method": method, "layer": layer,
+                "selection_source": "steering" if layer == steering_layer else "layers_arg", "baseline": 0.0,
+                "prompt": [], "response": list(sc), "token_norms": {"prompt": [], "response": [1.0] * len(sc)}}
+               for layer, sc in layer_scores.items()]
+    doc = {"metadata": {"prompt_id": pid, "prompt_set": pset, "n_prompt_tokens": 2, "n_response_tokens": 4,
+                        "multi_vector": True, "n_vectors": len(entries), "component": "residual", "position": POS,
+                        "centered": False, "projection_date": "2025-01-01T00:00:00"},
+           "projections": entries, "activation_norms": {"prompt": [], "response": [1.0, 1.0]}}
+    path = paths.projection_file(exp, variant, trait, pset, pid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(trait_interp_json(doc))
+
+
+def test_per_token_diff_takes_the_layer_from_steering_results(experiments, capsys):
+    """Item 11: B's projections mark no steering entry (trait-interp's B21: B's own steering results are
+    missing); the layer comes from the experiment's steering results, as trait-interp's per_token_diff does."""
+    experiments("pt", {"a": {"model": "none"}, "b": {"model": "none"}}, defaults={"extraction": "a", "application": "a"})
+    toks = ["Yes", ",", " fine", "."]
+    for i in range(2):
+        for v in ("a", "b"):
+            write_response("pt", v, "set", str(i), ["<u>", "Q"], toks, [5, 6, 7, 8])
+        write_trait_interp_projection("pt", "a", "c/t", "set", str(i), {1: [0.0, 1.0, 2.0, 3.0], 2: [1.0] * 4},
+                                      steering_layer=2)
+        write_trait_interp_projection("pt", "b", "c/t", "set", str(i), {1: [1.0, 1.0, 0.0, 3.5], 2: [0.0] * 4})
+    argv = ["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set", "--trait", "c/t",
+            "--quiet"]
+    rc = ptd.main(argv)           # no evidence at all: a clear error, nothing written
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot pick a layer" in err and "no steering results" in err
+    assert not paths.model_diff_dir("pt", "a", "b").exists()
+    for layer in (1, 2):
+        write_vector("pt", "c/t", "a", "probe", layer, torch.ones(H))
+    write_steering("pt", "c/t", "a", "probe", best_layer=1, other_layer=2)
+    assert ptd.main(argv) == 0
+    out = paths.model_diff_dir("pt", "a", "b") / "per_token_diff" / "c/t" / "set"
+    rec, agg = strict_json(out / "0.json"), strict_json(out / "aggregate.json")
+    assert rec["layer"] == 1 and rec["per_token_delta"] == [1.0, 0.0, -2.0, 0.5]
+    assert agg["layer"] == 1 and "steering evidence of variant 'a'" in agg["layer_source"]
+    # steering picks a layer the files do not hold: the error says which, and how to fix it
+    write_vector("pt", "c/t", "a", "probe", 3, torch.ones(H))
+    write_steering("pt", "c/t", "a", "probe", best_layer=3, other_layer=1)
+    rc = ptd.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "best layer by steering evidence" in err and "is 3" in err and "--layers 3" in err

@@ -14,11 +14,14 @@ Reads  experiments/{exp}/inference/{A|B}/raw/means/{set}/{id}.pt    per-prompt m
        experiments/{exp}/inference/{A|B}/raw/residual/{set}/{id}.pt  raw activations where a prompt has no means file
                                                                      (response activations only)
        trait vectors of --vector-experiment (extraction/...), its steering results for --use-best-vector
-Writes experiments/{exp}/model_diff/{A}_vs_{B}/{set}/diff_vectors.pt   {diff: fp32 [n_layers, hidden] (row i is
-                                                                       layers[i]), layers, component, n_prompts, ...}
+Writes experiments/{exp}/model_diff/{A}_vs_{B}/{set}/diff_vectors.pt   fp32 [model layers, hidden], row L = layer L
+                                                                       (zero rows: not captured), as trait-interp
+                                                 .../diff_vectors.json layers, component, prompts, fingerprint
                                                  .../prompt_means.pt   per-prompt means of both variants (for
                                                                        --use-existing-diff: no raw files needed)
-                                                 .../results.json      per-trait keys of the original + provenance
+                                                 .../results.json      trait-interp's keys + provenance; traits
+                                                                       without a peak under incomplete_traits
+(formats, and what trait-interp's readers index: docs/formats.md; the writers: analysis/model_diff/outputs.py)
 
 Definitions (every delta is B - A; A is the baseline). For prompt i and layer L, m_X[i, L] is the fp32 mean of
 variant X's activations over the response tokens. D[L] = mean_i (m_B[i, L] - m_A[i, L]). With v the unit
@@ -34,24 +37,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from analysis.model_diff.outputs import (DIFF_FILE, EFFECT_KEYS, INCOMPLETE, MEANS_FILE, RESULTS_FILE, CompareError,
+                                         ExistingDiff, _fmt, first_line, keep_earlier_effect_sizes,
+                                         load_existing_diff, load_small, read_old_results, viewer_safe,
+                                         write_diff_vectors, write_prompt_means)
 from core import stats
-from core.errors import TraitError
 from core.hooks import COMPONENTS
 from utils import cli, paths
 from utils.config import ConfigError, load_config
 from utils.means import MeansError, fp32_mean, load_means
-from utils.storage import StorageError, load_pt, read_json, write_json, write_pt
+from utils.storage import StorageError, load_pt, write_json
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
                            resolve_vector_source, sanitize_position)
 
-DIFF_FILE = "diff_vectors.pt"
-MEANS_FILE = "prompt_means.pt"
-RESULTS_FILE = "results.json"
 STATISTICS = {
     "delta": "B - A: positive means variant_b projects higher on the trait",
     "ddof": stats.DDOF,
@@ -62,21 +65,6 @@ STATISTICS = {
     "std_a/std_b": "sample std of the per-prompt projections",
     "peak": "layer of the largest |effect_size|; peak_paired_effect_size is d_z at that layer",
 }
-EFFECT_KEYS = ("per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_std_a", "per_layer_std_b",
-               "per_layer_mean_projection_diff")
-
-
-class CompareError(TraitError):
-    """Bad input for compare_variants; the message names the file, prompt or flag."""
-
-
-def _first_line(e: Exception) -> str:
-    """torch's load errors can run over many lines; the first names the file, the chain keeps the rest."""
-    return str(e).strip().splitlines()[0]
-
-
-def _fmt(layers) -> str:
-    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +163,7 @@ def _load_raw(path: Path) -> dict:
     try:
         data = load_pt(path)
     except StorageError as e:
-        raise CompareError(_first_line(e)) from e
+        raise CompareError(first_line(e)) from e
     if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
         raise CompareError(f"{path}: not a raw activation file (no 'response' dict)")
     return data
@@ -401,51 +389,20 @@ def trait_spec(source: VectorSource, trait: str, opts: CompareOptions) -> TraitS
 
 
 # ---------------------------------------------------------------------------------------------------------
-# An earlier run's diff (--use-existing-diff)
+# The model's layer count (rows of diff_vectors.pt)
 
-@dataclass(frozen=True)
-class ExistingDiff:
-    """diff_vectors.pt (and prompt_means.pt when it belongs to it) of an earlier run."""
-    path: Path
-    diff: torch.Tensor                    # fp32 [len(layers), hidden]
-    layers: list[int]
-    n_prompts: int | None
-    prompt_ids: list[str] | None
-    fingerprint: str
-    means_path: Path | None               # prompt_means.pt with the same fingerprint, else None
+def model_layer_count(exp: str, variant: str, layers: Sequence[int]) -> tuple[int, str]:
+    """Rows of diff_vectors.pt: the model's layers (its config), else the deepest captured layer + 1."""
+    from utils.config import resolve_variant
+    from utils.model import ModelLoadError, load_model_config
 
-
-def _load_small(path: Path) -> Any:
     try:
-        return load_pt(path, mmap=False)
-    except StorageError as e:
-        raise CompareError(_first_line(e)) from e
-
-
-def load_existing_diff(out_dir: Path, opts: CompareOptions, warn: Callable[[str], None]) -> ExistingDiff:
-    path = out_dir / DIFF_FILE
-    if not path.exists():
-        raise CompareError(f"--use-existing-diff: {path} not found (run once without --use-existing-diff)")
-    obj = _load_small(path)
-    if isinstance(obj, torch.Tensor):  # the original's bare [max layer + 1, hidden] tensor, zero rows not captured
-        layers = [i for i in range(obj.shape[0]) if bool(obj[i].abs().sum() > 0)]
-        warn(f"{path}: a bare tensor from the original tool: layers {_fmt(layers)} taken from its non-zero rows, "
-             f"component assumed {opts.component!r}")
-        old = read_json(out_dir / RESULTS_FILE) if (out_dir / RESULTS_FILE).exists() else {}
-        return ExistingDiff(path, obj[layers].to(torch.float32), layers, old.get("n_prompts"), None, "", None)
-    if not isinstance(obj, dict) or not isinstance(obj.get("diff"), torch.Tensor):
-        raise CompareError(f"{path}: expected a dict with a 'diff' tensor")
-    for key, want in (("variant_a", opts.variant_a), ("variant_b", opts.variant_b), ("component", opts.component)):
-        if obj.get(key) != want:
-            raise CompareError(f"--use-existing-diff: {path} was made with {key} {obj.get(key)!r}, not {want!r}")
-    mpath: Path | None = out_dir / MEANS_FILE
-    if not mpath.exists():
-        mpath = None
-    elif _load_small(mpath).get("fingerprint") != obj.get("fingerprint"):
-        warn(f"{mpath} does not belong to {path} (fingerprints differ): effect sizes will be null")
-        mpath = None
-    return ExistingDiff(path, obj["diff"].to(torch.float32), [int(x) for x in obj["layers"]], obj.get("n_prompts"),
-                        obj.get("prompt_ids"), obj.get("fingerprint", ""), mpath)
+        n = getattr(load_model_config(resolve_variant(exp, variant).model_path(exp)), "num_hidden_layers", None)
+    except ModelLoadError:
+        n = None
+    if isinstance(n, int) and n > max(layers):
+        return n, "num_hidden_layers of the model config"
+    return max(layers) + 1, "the deepest captured layer + 1 (model config not readable)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,6 +419,8 @@ class ComparePlan:
     specs: dict[str, TraitSpec]
     skipped: dict[str, str]
     warnings: list[str]
+    n_layers: int = 0                     # rows of diff_vectors.pt (the model's layers)
+    n_layers_source: str = ""
 
     @property
     def layers(self) -> list[int]:
@@ -512,7 +471,8 @@ def plan_compare(opts: CompareOptions) -> ComparePlan:
     out_dir = paths.model_diff_dir(opts.experiment, opts.variant_a, opts.variant_b) / prompt_set
     plan = ComparePlan(opts, prompt_set, source, out_dir, None, None, {}, {}, [])
     if opts.use_existing_diff:
-        plan.existing = load_existing_diff(out_dir, opts, plan.warn)
+        plan.existing = load_existing_diff(out_dir, opts.variant_a, opts.variant_b, opts.component, plan.warn)
+        plan.n_layers, plan.n_layers_source = plan.existing.n_layers, f"rows of {plan.existing.path}"
     else:
         plan.scan = scan_pairs(opts.experiment, opts.variant_a, opts.variant_b, prompt_set, opts.component)
         for v, ids in plan.scan.unpaired.items():
@@ -520,6 +480,7 @@ def plan_compare(opts: CompareOptions) -> ComparePlan:
                       f"{' ...' if len(ids) > 10 else ''}")
         for pid, why in plan.scan.excluded.items():
             plan.warn(f"prompt {pid} left out: {why}")
+        plan.n_layers, plan.n_layers_source = model_layer_count(opts.experiment, opts.variant_a, plan.scan.layers)
     _choose_specs(plan)
     return plan
 
@@ -554,7 +515,7 @@ def compute_diff(plan: ComparePlan) -> DiffData:
         e = plan.existing
         means_a = means_b = None
         if e.means_path is not None:
-            m = _load_small(e.means_path)
+            m = load_small(e.means_path)
             means_a, means_b = m["means_a"], m["means_b"]
         return DiffData(e.diff, e.layers, int(e.diff.shape[1]), e.n_prompts, e.prompt_ids, e.fingerprint,
                         means_a, means_b)
@@ -569,39 +530,21 @@ def compute_diff(plan: ComparePlan) -> DiffData:
 
 
 def write_diff_files(plan: ComparePlan, data: DiffData) -> None:
-    """diff_vectors.pt and prompt_means.pt (full runs only)."""
+    """prompt_means.pt, then diff_vectors.pt and its sidecar (full runs only)."""
     o = plan.opts
-    write_pt(plan.out_dir / MEANS_FILE, {"means_a": data.means_a, "means_b": data.means_b,
-                                         "prompt_ids": data.prompt_ids, "layers": data.layers,
-                                         "component": o.component, "fingerprint": data.fingerprint})
-    write_pt(plan.out_dir / DIFF_FILE, {"diff": data.diff, "layers": data.layers, "component": o.component,
-                                        "n_prompts": data.n_prompts, "variant_a": o.variant_a,
-                                        "variant_b": o.variant_b, "prompt_set": plan.prompt_set,
-                                        "prompt_ids": data.prompt_ids, "experiment": o.experiment,
-                                        "fingerprint": data.fingerprint, "dtype": "float32",
-                                        "rows": "diff[i] is layer layers[i]: mean over prompts of (B - A)"})
-
-
-def _old_results(plan: ComparePlan, data: DiffData) -> dict:
-    """results.json of an earlier run when it was computed from the same data, else {}."""
-    if not plan.results_path.exists():
-        return {}
-    try:
-        results = read_json(plan.results_path)
-    except StorageError as e:
-        plan.warn(f"{e}: starting a new results.json")
-        return {}
-    if results.get("fingerprint") != data.fingerprint and results.get("traits"):
-        plan.warn(f"{plan.results_path}: its {len(results['traits'])} trait(s) were computed from other data "
-                  f"(different prompts, tokens or activations) and are dropped")
-        return {}
-    return results
+    common = {"prompt_ids": data.prompt_ids, "layers": data.layers, "component": o.component,
+              "fingerprint": data.fingerprint}
+    write_prompt_means(plan.out_dir, data.means_a, data.means_b, common)
+    write_diff_vectors(plan.out_dir, data.diff, data.layers, plan.n_layers, {
+        "n_layers_source": plan.n_layers_source, "component": o.component, "n_prompts": data.n_prompts,
+        "experiment": o.experiment, "variant_a": o.variant_a, "variant_b": o.variant_b,
+        "prompt_set": plan.prompt_set, "prompt_ids": data.prompt_ids, "fingerprint": data.fingerprint})
 
 
 def start_results(plan: ComparePlan, data: DiffData) -> dict:
     """The results.json to merge into: the run's metadata over the earlier traits that still apply."""
     o = plan.opts
-    results = _old_results(plan, data)
+    results = read_old_results(plan.results_path, data.fingerprint, plan.warn)
     results.update({
         "experiment": o.experiment, "variant_a": o.variant_a, "variant_b": o.variant_b,
         "prompt_set": plan.prompt_set, "component": o.component, "n_prompts": data.n_prompts,
@@ -618,13 +561,18 @@ def start_results(plan: ComparePlan, data: DiffData) -> dict:
     results.setdefault("traits", {})
     results["skipped_traits"] = {**{k: v for k, v in (results.get("skipped_traits") or {}).items()
                                     if k not in plan.specs}, **plan.skipped}
-    for t in plan.skipped:
-        results["traits"].pop(t, None)  # an entry for a spec that no longer applies would read as current
+    for t in plan.skipped:  # an entry for a spec that no longer applies would read as current
+        results["traits"].pop(t, None)
+        (results.get(INCOMPLETE) or {}).pop(t, None)
     return results
 
 
-def trait_entry(plan: ComparePlan, data: DiffData, spec: TraitSpec) -> dict:
-    """The results.json entry of one trait: its vectors loaded, every number computed."""
+def trait_entry(plan: ComparePlan, data: DiffData, spec: TraitSpec, old: dict | None = None) -> dict:
+    """The results.json entry of one trait: its vectors loaded, every number computed.
+
+    Without per-prompt means (--use-existing-diff) the effect sizes of `old`, the earlier entry of the
+    same vectors and layers, are kept, as trait-interp does.
+    """
     src = plan.source
     vroot = paths.experiment_dir(src.vectors_experiment)
     vectors, files = {}, []
@@ -641,6 +589,10 @@ def trait_entry(plan: ComparePlan, data: DiffData, spec: TraitSpec) -> dict:
     missing = sorted(set(spec.available) - set(data.layers))
     if missing:
         entry["vector_layers_not_captured"] = missing
+    if data.means_a is None:
+        why = keep_earlier_effect_sizes(entry, old)
+        if why:
+            entry["effect_sizes_not_kept"] = why
     return entry
 
 
@@ -655,23 +607,24 @@ def run_compare(plan: ComparePlan) -> dict:
     failed: dict[str, str] = {}
     for t, spec in tqdm(plan.specs.items(), desc="traits", unit="trait", file=sys.stderr,
                         disable=not plan.opts.progress):
+        old = results["traits"].pop(t, None) or (results.get(INCOMPLETE) or {}).pop(t, None)
         try:
-            entry = trait_entry(plan, data, spec)
+            results["traits"][t] = trait_entry(plan, data, spec, old)
         except VectorError as e:  # one bad vector file: record it, keep the other traits
             failed[t] = str(e)
-            results["traits"].pop(t, None)
             results["skipped_traits"][t] = f"failed: {e}"
             plan.warn(f"trait {t} failed: {e}")
         else:
-            results["traits"][t] = entry
             results["skipped_traits"].pop(t, None)
-            done[t] = {k: entry[k] for k in ("peak_layer", "peak_effect_size", "peak_paired_effect_size")}
-        write_json(plan.results_path, results, indent=1)
+            done[t] = {k: results["traits"][t][k] for k in ("peak_layer", "peak_effect_size",
+                                                            "peak_paired_effect_size")}
+        write_json(plan.results_path, viewer_safe(results), indent=1)
     o = plan.opts
     return {"out_dir": str(plan.out_dir), "n_prompts": data.n_prompts, "layers": data.layers, "traits": done,
             "skipped": plan.skipped, "failed": failed, "warnings": plan.warnings, "variant_a": o.variant_a,
             "variant_b": o.variant_b, "prompt_set": plan.prompt_set, "seconds": time.perf_counter() - t0,
-            "inputs": plan.scan.input_counts() if plan.scan is not None else None}
+            "inputs": plan.scan.input_counts() if plan.scan is not None else None,
+            "incomplete": {t: e["reason"] for t, e in (results.get(INCOMPLETE) or {}).items() if t in done}}
 
 
 def compare_variants(experiment: str, variant_a: str, variant_b: str, prompt_set: str,

@@ -39,9 +39,11 @@ from core import stats
 from core.errors import TraitError
 from utils import cli, paths
 from utils.config import ConfigError, load_config, resolve_variant
+from utils.vectors import VectorError, resolve_vector_source
 from utils.storage import StorageError, load_pt, read_json, write_json
 
 PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as the original)
+BEST_SOURCES = ("steering", "extraction")     # selection values that mean "chosen by evidence"
 
 
 class PerTokenDiffError(TraitError):
@@ -142,6 +144,11 @@ class VectorKey:
                 f"sha256 {sha}, centered {self.centered}")
 
 
+def _is_best(entry: dict) -> bool:
+    """An entry the projection chose by evidence: trait-interp's selection_source, or our selected_by."""
+    return entry.get("selection_source") in BEST_SOURCES or entry.get("selected_by") in BEST_SOURCES
+
+
 @dataclass
 class Projection:
     path: Path
@@ -154,7 +161,7 @@ class Projection:
 
     def best_layers(self) -> set[int]:
         """Layers whose entry was chosen as the best vector (steering or extraction evidence)."""
-        return {e["layer"] for e in self.entries if e.get("selection_source") in ("steering", "extraction")}
+        return {e["layer"] for e in self.entries if _is_best(e)}
 
     def entry(self, layer: int) -> dict:
         at = [e for e in self.entries if e["layer"] == layer]
@@ -162,7 +169,7 @@ class Projection:
             raise PerTokenDiffError(f"{self.path}: no projection at layer {layer} (layers present: "
                                     f"{_fmt(self.layers)})")
         if len(at) > 1:
-            best = [e for e in at if e.get("selection_source") in ("steering", "extraction")]
+            best = [e for e in at if _is_best(e)]
             if len(best) != 1:
                 raise PerTokenDiffError(f"{self.path}: {len(at)} vectors at layer {layer} "
                                         f"({', '.join(str(e.get('method')) for e in at)}); cannot tell which to use")
@@ -447,7 +454,29 @@ class _TraitResult:
     aggregate: dict = field(default_factory=dict)
 
 
-def _resolve_layer(trait: str, pid: str, pa: Projection, pb: Projection, layer: int | None) -> int:
+def _steering_layer(exp: str, trait: str, pb: Projection, shared: set[int]) -> tuple[int, str] | None:
+    """The best layer by the experiment's steering results (else held-out extraction metrics), as trait-interp
+    picks it when the projections do not say; None when there is no such evidence for B's vectors."""
+    meta = pb.metadata
+    methods = {e.get("method") for e in pb.entries if e["layer"] in shared}
+    try:
+        source = resolve_vector_source(exp, traits=[trait])
+        top = source.rank(trait, component=meta.get("component") or "residual", position=meta.get("position"),
+                          method=methods.pop() if len(methods) == 1 else None)[0]
+    except VectorError:
+        return None
+    where = f"{top.source} evidence of variant {source.steering_variant!r}"
+    if top.ref.layer not in shared:
+        raise PerTokenDiffError(f"trait {trait!r}: the best layer by {where} is {top.ref.layer}, but the projection "
+                                f"files share layers {_fmt(shared)}; pass --layer N, or re-project both variants with "
+                                f"--layers {top.ref.layer}")
+    return top.ref.layer, f"best vector by {where}"
+
+
+def _resolve_layer(exp: str, trait: str, pid: str, pa: Projection, pb: Projection,
+                   layer: int | None) -> tuple[int, str]:
+    """(layer, why): --layer; else the entry both files mark as the best; else the only layer they share; else
+    the layer the steering results pick (trait-interp's rule when B's projections mark none)."""
     shared = set(pa.layers) & set(pb.layers)
     listing = (f"A ({pa.path}) has layers {_fmt(pa.layers)} (best: {_fmt(pa.best_layers())}), "
                f"B ({pb.path}) has {_fmt(pb.layers)} (best: {_fmt(pb.best_layers())})")
@@ -455,15 +484,19 @@ def _resolve_layer(trait: str, pid: str, pa: Projection, pb: Projection, layer: 
         if layer not in shared:
             raise PerTokenDiffError(f"--layer {layer}: trait {trait!r} prompt {pid}: not in both projection files: "
                                     f"{listing}")
-        return layer
+        return layer, "--layer"
     best = pa.best_layers() & pb.best_layers() & shared
     if len(best) == 1:
-        return best.pop()
+        return best.pop(), "the best-vector entry of both projection files"
     if not best and len(shared) == 1:
-        return next(iter(shared))
+        return next(iter(shared)), "the only layer both projection files hold"
+    found = _steering_layer(exp, trait, pb, shared) if shared else None
+    if found is not None:
+        return found
     why = "they share no layer" if not shared else "no single best layer is common to both"
-    raise PerTokenDiffError(f"trait {trait!r} prompt {pid}: cannot pick a layer ({why}): {listing}; pass --layer N "
-                            f"with a layer both hold, or re-project both variants with the same --steering-variant")
+    raise PerTokenDiffError(f"trait {trait!r} prompt {pid}: cannot pick a layer ({why}, and no steering results or "
+                            f"extraction metrics for its vectors in {exp!r}): {listing}; pass --layer N with a layer "
+                            f"both hold, or re-project both variants with the same --steering-variant")
 
 
 def _check_same_vector(trait: str, pid: str, ka: VectorKey, kb: VectorKey, pa: Projection, pb: Projection,
@@ -527,11 +560,11 @@ def trait_diff(plan: PerTokenPlan, ti: TraitInputs, texts: _PromptTexts, tokens_
     """Every prompt of one trait, checked and computed in memory (nothing written)."""
     o = plan.opts
     result = _TraitResult(ti.trait, ti.out_dir)
-    chosen, first, sha_missing = -1, None, False
+    chosen, layer_source, first, sha_missing = -1, "", None, False
     for pid in ti.ids:
         pa, pb = read_projection(ti.files_a[pid]), read_projection(ti.files_b[pid])
         if first is None:  # the layer is fixed by the first prompt; every other prompt must hold it
-            chosen = _resolve_layer(ti.trait, pid, pa, pb, o.layer)
+            chosen, layer_source = _resolve_layer(o.experiment, ti.trait, pid, pa, pb, o.layer)
         ka, kb = pa.key(chosen), pb.key(chosen)
         _check_same_vector(ti.trait, pid, ka, kb, pa, pb)
         if first is None:
@@ -548,6 +581,7 @@ def trait_diff(plan: PerTokenPlan, ti: TraitInputs, texts: _PromptTexts, tokens_
         plan.warn(f"trait {ti.trait}: projection files without a vector sha256 (original tool?): vector identity "
                   f"checked by layer, method, component and centering only")
     result.aggregate = _aggregate(plan, result, chosen, first[0])
+    result.aggregate["layer_source"] = layer_source
     return result
 
 
