@@ -478,7 +478,7 @@ def test_per_token_diff_layer_errors_name_the_layers(experiments, capsys):
     rc = ptd.main(["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set",
                    "--trait", "c/t"])
     err = capsys.readouterr().err
-    assert rc == 2 and "share no layer" in err and "has layers 1, 2" in err and "has 3" in err
+    assert rc == 2 and "share no layer" in err and "has layers 1-2" in err and "has 3" in err   # format_layers
     rc = ptd.main(["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set",
                    "--trait", "c/t", "--layer", "2"])
     assert rc == 2 and "--layer 2" in capsys.readouterr().err
@@ -773,7 +773,8 @@ def trait_interp_entry(layers, cos, d, d_paired, std_a=None, std_b=None, method=
     peak = max(range(len(d)), key=lambda i: abs(d[i])) if d else None
     entry = {"method": method, "position": position, "layers": list(layers), "per_layer_cosine_sim": cos,
              "per_layer_effect_size": d, "per_layer_paired_effect_size": d_paired,
-             "peak_layer": None if peak is None else layers[peak], "peak_effect_size": None if peak is None else d[peak],
+             "peak_layer": None if peak is None else layers[peak],
+             "peak_effect_size": None if peak is None else d[peak],
              "peak_paired_effect_size": None if peak is None else d_paired[peak]}
     if std_a is not None:
         entry.update(per_layer_std_a=std_a, per_layer_std_b=std_b)

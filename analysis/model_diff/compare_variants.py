@@ -43,13 +43,14 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.model_diff.outputs import (DIFF_FILE, EFFECT_KEYS, INCOMPLETE, MEANS_FILE, RESULTS_FILE, CompareError,
-                                         ExistingDiff, _fmt, first_line, keep_earlier_effect_sizes,
+                                         ExistingDiff, first_line, keep_earlier_effect_sizes,
                                          load_existing_diff, load_small, read_old_results, viewer_safe,
                                          write_diff_vectors, write_prompt_means)
 from core import stats
 from core.hooks import COMPONENTS
 from utils import cli, paths
 from utils.config import ConfigError, load_config
+from utils.layers import format_layers
 from utils.means import MeansError, fp32_mean, load_means
 from utils.storage import StorageError, load_pt, write_json
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
@@ -217,8 +218,8 @@ def _check_layers(layer_sets: list[tuple[Path, set[int]]]) -> list[int]:
     union = set.union(*(s for _, s in layer_sets))
     if common != union:  # a resumed capture with other --layers: say which file lacks what, never average unequal sets
         path, have = next((p, s) for p, s in layer_sets if s != union)
-        raise CompareError(f"{path}: captured layers {_fmt(have)}, but other files of the pair have "
-                           f"{_fmt(union)}; recapture so that every prompt has the same layers")
+        raise CompareError(f"{path}: captured layers {format_layers(have)}, but other files of the pair have "
+                           f"{format_layers(union)}; recapture so that every prompt has the same layers")
     return sorted(common)
 
 
@@ -255,7 +256,8 @@ def scan_pairs(exp: str, variant_a: str, variant_b: str, prompt_set: str, compon
         raise CompareError(f"variants {variant_a!r} and {variant_b!r} share no prompt id in prompt set {prompt_set!r} "
                            f"({variant_a}: {len(files_a)} prompts, {variant_b}: {len(files_b)} prompts under "
                            f"inference/{{variant}}/raw/means|residual/{prompt_set})")
-    unpaired = {v: sorted(set(f) - set(ids), key=paths.natural_key) for v, f in ((variant_a, files_a), (variant_b, files_b))}
+    unpaired = {v: sorted(set(f) - set(ids), key=paths.natural_key)
+                for v, f in ((variant_a, files_a), (variant_b, files_b))}
     mismatched, excluded, layer_sets, hidden = [], {}, [], set()
     digest = hashlib.sha256()
     for pid in ids:
@@ -273,8 +275,8 @@ def scan_pairs(exp: str, variant_a: str, variant_b: str, prompt_set: str, compon
                 raise CompareError(f"{f.path}: no response activations of component {component!r} (captured: "
                                    f"{', '.join(f.components) or 'none'}); capture with --components {component}")
             if hidden and set(f.layers.values()) != hidden:
-                raise CompareError(f"{f.path}: hidden size {_fmt(f.layers.values())} differs from "
-                                   f"{_fmt(hidden)} in other files (another model?)")
+                raise CompareError(f"{f.path}: hidden size {sorted(set(f.layers.values()))} differs from "
+                                   f"{sorted(hidden)} in other files (another model?)")
             hidden |= set(f.layers.values())
             layer_sets.append((f.path, set(f.layers)))
     if mismatched:
@@ -452,7 +454,8 @@ def _choose_specs(plan: ComparePlan) -> None:
             continue
         if not set(spec.available) & set(plan.layers):
             plan.skipped[t] = (f"no overlapping layers: vectors ({spec.method}, {spec.position}, {spec.component}) "
-                               f"at layers {_fmt(spec.available)}, activations captured at layers {_fmt(plan.layers)}")
+                               f"at layers {format_layers(spec.available)}, activations captured at layers "
+                               f"{format_layers(plan.layers)}")
         else:
             plan.specs[t] = spec
     for t, why in plan.skipped.items():

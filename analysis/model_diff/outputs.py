@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from core.errors import TraitError
+from utils.layers import format_layers
 from utils.storage import StorageError, load_pt, read_json, write_json, write_pt
 from utils.vectors import file_sha256
 
@@ -53,10 +54,6 @@ class CompareError(TraitError):
 def first_line(e: Exception) -> str:
     """torch's load errors can run over many lines; the first names the file, the exception chain keeps the rest."""
     return str(e).strip().splitlines()[0]
-
-
-def _fmt(layers) -> str:
-    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
 
 
 def load_small(path: Path, mmap: bool = False) -> Any:
@@ -120,7 +117,7 @@ def _bare_tensor_sidecar(out_dir: Path, obj: torch.Tensor, component: str, warn:
     old = read_json(out_dir / RESULTS_FILE) if (out_dir / RESULTS_FILE).exists() else {}
     side["n_prompts"] = old.get("n_prompts") if isinstance(old, dict) else None
     warn(f"{out_dir / DIFF_FILE}: a bare tensor without {DIFF_SIDECAR} (trait-interp's): layers "
-         f"{_fmt(side['layers'])} taken from its non-zero rows, component assumed {component!r}")
+         f"{format_layers(side['layers'])} taken from its non-zero rows, component assumed {component!r}")
     return side
 
 
@@ -231,7 +228,8 @@ def keep_earlier_effect_sizes(entry: dict, old: dict | None) -> str | None:
             old.get("vector_component", entry["vector_component"]) != entry["vector_component"]:
         return f"the earlier entry used other vectors ({old.get('method')}, {old.get('position')})"
     if old.get("layers") != entry["layers"]:
-        return f"the earlier entry covers layers {_fmt(old.get('layers') or [])}, this one {_fmt(entry['layers'])}"
+        return (f"the earlier entry covers layers {format_layers(old.get('layers') or [])}, this one "
+                f"{format_layers(entry['layers'])}")
     if "vector_files" in old and [f.get("sha256") for f in old["vector_files"]] != \
             [f["sha256"] for f in entry["vector_files"]]:
         return "the vector files changed since the earlier entry"

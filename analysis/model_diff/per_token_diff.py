@@ -2,7 +2,7 @@
 
     per_token_diff(experiment, variant_a, variant_b, prompt_set, trait="all", ...) -> dict   the stage, importable
     PerTokenOptions(...) / PerTokenOptions.from_args(ns)     every option of one run (frozen)
-    plan_per_token(opts) -> PerTokenPlan                     flags, variants, traits and file pairs checked; nothing read
+    plan_per_token(opts) -> PerTokenPlan                     flags, variants, traits, file pairs checked; nothing read
     run_per_token(plan) -> dict                              every trait computed and checked in memory, then written
     split_into_clauses(tokens, deltas) -> [clause]     clause spans with mean / max / min delta and token range
     clause_breaks(tokens) -> [bool]                    True where a clause closes after that token
@@ -39,8 +39,9 @@ from core import stats
 from core.errors import TraitError
 from utils import cli, paths
 from utils.config import ConfigError, load_config, resolve_variant
-from utils.vectors import VectorError, resolve_vector_source
+from utils.layers import format_layers
 from utils.storage import StorageError, load_pt, read_json, write_json
+from utils.vectors import VectorError, resolve_vector_source
 
 PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as the original)
 BEST_SOURCES = ("steering", "extraction")     # selection values that mean "chosen by evidence"
@@ -167,7 +168,7 @@ class Projection:
         at = [e for e in self.entries if e["layer"] == layer]
         if not at:
             raise PerTokenDiffError(f"{self.path}: no projection at layer {layer} (layers present: "
-                                    f"{_fmt(self.layers)})")
+                                    f"{format_layers(self.layers)})")
         if len(at) > 1:
             best = [e for e in at if _is_best(e)]
             if len(best) != 1:
@@ -190,10 +191,6 @@ class Projection:
         centered = bool(meta.get("centered", False))
         return VectorKey(layer, e.get("method"), component, position, sha, centered,
                          e.get("baseline") if centered else None)
-
-
-def _fmt(layers) -> str:
-    return ", ".join(str(x) for x in sorted(set(layers))) or "none"
 
 
 def read_projection(path: Path) -> Projection:
@@ -402,7 +399,8 @@ def trait_inputs(opts: PerTokenOptions, trait: str, prompt_set: str, set_a: str)
     ids = sorted(set(files_a) & set(files_b), key=paths.natural_key)
     if not ids:
         raise PerTokenDiffError(f"no prompt id has projections in both {dir_a} and {dir_b}")
-    out_dir = paths.model_diff_dir(opts.experiment, opts.variant_a, opts.variant_b) / "per_token_diff" / trait / prompt_set
+    out_dir = paths.model_diff_dir(opts.experiment, opts.variant_a, opts.variant_b) / "per_token_diff" / trait
+    out_dir = out_dir / prompt_set
     return TraitInputs(trait, files_a, files_b, ids, sorted(set(files_a) ^ set(files_b), key=paths.natural_key),
                        out_dir)
 
@@ -468,7 +466,8 @@ def _steering_layer(exp: str, trait: str, pb: Projection, shared: set[int]) -> t
     where = f"{top.source} evidence of variant {source.steering_variant!r}"
     if top.ref.layer not in shared:
         raise PerTokenDiffError(f"trait {trait!r}: the best layer by {where} is {top.ref.layer}, but the projection "
-                                f"files share layers {_fmt(shared)}; pass --layer N, or re-project both variants with "
+                                f"files share layers {format_layers(shared)}; pass --layer N, or re-project both "
+                                f"variants with "
                                 f"--layers {top.ref.layer}")
     return top.ref.layer, f"best vector by {where}"
 
@@ -478,8 +477,8 @@ def _resolve_layer(exp: str, trait: str, pid: str, pa: Projection, pb: Projectio
     """(layer, why): --layer; else the entry both files mark as the best; else the only layer they share; else
     the layer the steering results pick (trait-interp's rule when B's projections mark none)."""
     shared = set(pa.layers) & set(pb.layers)
-    listing = (f"A ({pa.path}) has layers {_fmt(pa.layers)} (best: {_fmt(pa.best_layers())}), "
-               f"B ({pb.path}) has {_fmt(pb.layers)} (best: {_fmt(pb.best_layers())})")
+    listing = (f"A ({pa.path}) has layers {format_layers(pa.layers)} (best: {format_layers(pa.best_layers())}), "
+               f"B ({pb.path}) has {format_layers(pb.layers)} (best: {format_layers(pb.best_layers())})")
     if layer is not None:
         if layer not in shared:
             raise PerTokenDiffError(f"--layer {layer}: trait {trait!r} prompt {pid}: not in both projection files: "
