@@ -436,23 +436,37 @@ def _viz(plan: ReportPlan, pid: str, toks: PromptTokens, warnings: dict[str, int
         if d.get("model_variant") not in (None, plan.variant) or len(d.get("tokens") or []) != len(toks.ids):
             warnings[f"{kind} files of another variant or other tokens, left out (give --viz-suffix)"] += 1
             continue
-        layers = d.get("layers") or []
+        layers = [int(x) for x in d.get("layers") or []]
         if kind == "logit_lens":
-            rows = [[[p.get("actual_rank"), [[c["token"], float(f"{c['prob']:.3g}")] for c in p["top_k"][:k]]]
-                     for p in pred["by_layer"]] for pred in d.get("predictions") or []]
-            out["lens"] = {"layers": [p["layer"] for p in (d.get("predictions") or [{}])[0].get("by_layer", [])]
-                           or layers, "rows": rows}
+            out["lens"] = _lens_rows(d.get("predictions") or [], k)
         else:
-            rows = []
-            for a in d.get("attention") or []:
-                per_layer = []
-                for heads in a["by_layer"]:
-                    n = len(heads)
-                    mean = [math.fsum(h[j] for h in heads) / n for j in range(len(heads[0]))] if n else []
-                    top = sorted(range(len(mean)), key=lambda j: -mean[j])[:k]
-                    per_layer.append([[j, float(f"{mean[j]:.3g}")] for j in top])
-                rows.append(per_layer)
-            out["attn"] = {"layers": layers, "heads": d.get("heads"), "n_heads": d.get("n_heads"), "rows": rows}
+            out["attn"] = {"layers": layers, "heads": d.get("heads"), "n_heads": d.get("n_heads"),
+                           "rows": [_attended(a["by_layer"], layers, k) for a in d.get("attention") or []]}
+    return out
+
+
+def _lens_rows(predictions: list[dict], k: int) -> dict:
+    """Per position: [actual_rank, [[token, prob], ...]] for each layer the lens was computed at."""
+    kept = [e["layer"] for e in (predictions[0]["by_layer"] if predictions else []) if e.get("top_k")]
+    rows = [[[e.get("actual_rank"), [[c["token"], float(f"{c['prob']:.3g}")] for c in e["top_k"][:k]]]
+             for e in p["by_layer"] if e.get("top_k")] for p in predictions]
+    return {"layers": kept, "rows": rows}
+
+
+def _attended(by_layer: list, layers: list[int], k: int) -> list[list]:
+    """The k most attended positions (mean over the stored heads) at each extracted layer.
+
+    `by_layer` is either one entry per model layer (empty where not extracted) or one per entry of `layers`.
+    """
+    pairs = zip(layers, by_layer) if len(by_layer) == len(layers) else ((L, by_layer[L]) for L in layers)
+    out = []
+    for _, heads in pairs:
+        if not heads:
+            out.append([])
+            continue
+        mean = [math.fsum(h[j] for h in heads) / len(heads) for j in range(len(heads[0]))]
+        top = sorted(range(len(mean)), key=lambda j: -mean[j])[:k]
+        out.append([[j, float(f"{mean[j]:.3g}")] for j in top])
     return out
 
 
