@@ -5,10 +5,11 @@
                    stop_ids=None, row_seeds=None) -> [GenerationResult]     one `model.generate` call
     generate_in_batches(model, prompt_ids, batch_size, ...) -> ([GenerationResult], batch size that fit)
                                                   chunks of batch_size; a CUDA out-of-memory halves it and retries
-    config_stop_ids(model)                      the generation config's eos ids (the default stop ids)
+    config_stop_ids(model, generation_config=None)   the generation config's eos ids (the default stop ids)
     auto_batch_size(model, seq_len)             a batch size that fits the free accelerator memory (8 on CPU)
     left_pad(prompt_ids, pad_id, device)        -> (input_ids, attention_mask)
     SeededSampler                               logits processor: temperature + top-p + a per-row seeded draw
+    check_sampling(max_new_tokens, temperature, top_p, error=GenerationError)   the shared argument checks
 
 Greedy decoding is plain HF `generate` with left padding and an attention mask (HF derives the position
 ids from the mask), so batched output equals one-prompt-at-a-time output.
@@ -29,7 +30,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from core.errors import is_oom
+from core.errors import TraitError, is_oom
 from core.hooks import input_device, text_config
 
 STOP_EOS = "eos"
@@ -44,9 +45,14 @@ class GenerationResult:
     stop_reason: str    # "eos" (a stop id was generated) or "length" (max_new_tokens reached)
 
 
-def config_stop_ids(model) -> list[int]:
-    """The eos ids of the model's generation config (the default stop ids)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+def config_stop_ids(model=None, generation_config=None) -> list[int]:
+    """The eos ids of a generation config: `generation_config`, else the model's (the default stop ids).
+
+    The one place that reads eos ids from a generation config; utils.model.stop_token_ids adds the
+    tokenizer's end-of-turn tokens to these.
+    """
+    gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
     eos = eos if isinstance(eos, (list, tuple)) else [eos]
     return [int(e) for e in eos if e is not None]
 
@@ -129,17 +135,26 @@ class SeededSampler(LogitsProcessor):
 
 
 # ---- generation ---------------------------------------------------------------------------------------------
-def _check(prompt_ids, max_new_tokens, temperature, top_p, row_seeds) -> None:
+class GenerationError(TraitError):
+    """Generation arguments that cannot work (max_new_tokens, temperature, top_p, prompts, row seeds)."""
+
+
+def check_sampling(max_new_tokens, temperature, top_p, error: type[TraitError] = GenerationError) -> None:
+    """The checks every generation loop shares (batched here, streamed in core.streaming); raises `error`."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature >= 0.0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        raise error(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise error(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check(prompt_ids, max_new_tokens, temperature, top_p, row_seeds) -> None:
+    check_sampling(max_new_tokens, temperature, top_p)
     if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token id")
+        raise GenerationError("every prompt needs at least one token id")
     if row_seeds is not None and len(row_seeds) != len(prompt_ids):
-        raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompt_ids)} prompts")
+        raise GenerationError(f"row_seeds has {len(row_seeds)} entries for {len(prompt_ids)} prompts")
 
 
 @torch.inference_mode()

@@ -8,6 +8,7 @@
     SteeringHook(model, vector, layer, coefficient, component="residual", positions="all")
                                            add coefficient * vector where the block writes into the residual stream
     steer(model, specs)                    several SteeringHooks at once (one context)
+    SteeringSpec(vector, layer, coefficient, component, positions)   one edit, checked when built
     block_sites(model) -> BlockSites       which module output is each component (checked by the identity)
     SITE_RULES / register_site_rule(SiteRule(name, attn, mlp))
                                            the known block layouts, and the public way to add one
@@ -31,6 +32,7 @@ from torch import nn
 from core.errors import TraitError
 
 COMPONENTS = ("residual", "attn_contribution", "mlp_contribution")
+POSITIONS = ("all", "prompt", "response")   # which tokens a steering edit acts on
 Positions = Literal["all", "prompt", "response"]
 
 
@@ -431,11 +433,28 @@ def run_forward(model: nn.Module, **inputs):
 
 @dataclass
 class SteeringSpec:
+    """One steering edit: add `coefficient * vector` at `layer` / `component` on `positions`.
+
+        SteeringSpec(vector, layer=12, coefficient=4.0, positions="response")
+
+    Checked when built (1-D vector, known component and positions), so every caller shares one check
+    and one message; the layer is checked against the model when a hook is made from the spec.
+    """
+
     vector: torch.Tensor
     layer: int
     coefficient: float = 1.0
     component: str = "residual"
     positions: Positions = "all"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, torch.Tensor) or self.vector.ndim != 1:
+            shape = tuple(self.vector.shape) if isinstance(self.vector, torch.Tensor) else type(self.vector).__name__
+            raise HookError(f"steering vector must be 1-D, got shape {shape}")
+        if self.positions not in POSITIONS:
+            raise HookError(f"positions must be all, prompt or response, got {self.positions!r}")
+        if self.component not in COMPONENTS:
+            raise HookError(f"unknown component {self.component!r} (choose from {', '.join(COMPONENTS)})")
 
 
 class SteeringHook(HookManager):
@@ -457,10 +476,7 @@ class SteeringHook(HookManager):
     def __init__(self, model: nn.Module, vector: torch.Tensor, layer: int, coefficient: float = 1.0,
                  component: str = "residual", positions: Positions = "all", prompt_len: int | None = None):
         super().__init__(model)
-        if vector.ndim != 1:
-            raise HookError(f"steering vector must be 1-D, got shape {tuple(vector.shape)}")
-        if positions not in ("all", "prompt", "response"):
-            raise HookError(f"positions must be all, prompt or response, got {positions!r}")
+        SteeringSpec(vector, layer, coefficient, component, positions)  # the one check of vector and positions
         self.module = component_module(model, layer, component)
         self.delta = (float(coefficient) * vector.detach().float())
         self.positions = positions

@@ -23,7 +23,6 @@ import secrets
 import sys
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -111,7 +110,7 @@ def _stop_strings(tokenizer, model_path: str) -> list[str]:
         gen = GenerationConfig.from_pretrained(model_path)
     except Exception:  # no generation_config.json (or offline hub id): the tokenizer's own tokens still count
         pass
-    ids = stop_token_ids(tokenizer, SimpleNamespace(generation_config=gen) if gen is not None else None)
+    ids = stop_token_ids(tokenizer, generation_config=gen)
     strings = {tokenizer.convert_ids_to_tokens(i) for i in ids} | {tokenizer.eos_token}
     return sorted((s for s in strings if isinstance(s, str) and s), key=len, reverse=True)
 

@@ -538,6 +538,16 @@ def test_steering_rejects_bad_requests(loaded):
         SteeringHook(model, torch.zeros(64), 0, positions="middle")
     with pytest.raises(HookError, match="out of range"):
         SteeringHook(model, torch.zeros(64), 9)
+    # the spec checks itself when built: every caller (steer, streaming, the chat app) gets the same message
+    with pytest.raises(HookError, match="positions must be all, prompt or response, got 'middle'"):
+        SteeringSpec(torch.zeros(64), 0, positions="middle")
+    with pytest.raises(HookError, match="1-D"):
+        SteeringSpec(torch.zeros(2, 64), 0)
+    with pytest.raises(HookError, match="1-D"):
+        SteeringSpec([0.0] * 64, 0)
+    with pytest.raises(HookError, match="unknown component 'resid'"):
+        SteeringSpec(torch.zeros(64), 0, component="resid")
+    assert SteeringSpec(torch.zeros(64), 0, positions="prompt").positions == "prompt"
 
 
 # ---------------------------------------------------------------------------------------------------------

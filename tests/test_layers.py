@@ -8,6 +8,7 @@ import pytest
 from utils.layers import (
     LayerSpecError,
     ProjectionLayer,
+    format_layers,
     parse_layers,
     parse_projection_layers,
     resolve_projection_layers,
@@ -281,3 +282,19 @@ def test_capture_then_project_end_to_end() -> None:
     with pytest.raises(LayerSpecError, match=r"layer 46 is not among the available layers: 10, 13, 16"):
         resolve_projection_layers(items, 19, captured)
     assert resolve_projection_layers(items[:2], 19, captured) == [19, 22]
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        ([0, 1, 2, 5, 7, 8], "0-2, 5, 7-8"),
+        ({8, 7, 2, 0, 1, 5}, "0-2, 5, 7-8"),  # any iterable, any order
+        ([3, 3, 3], "3"),  # de-duplicated
+        (range(0, 40, 3), "0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39"),
+        (range(26), "0-25"),
+        ([4, 5], "4-5"),
+        ([], "none"),
+    ],
+)
+def test_format_layers(layers, expected: str) -> None:
+    assert format_layers(layers) == expected

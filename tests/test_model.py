@@ -178,6 +178,42 @@ def test_stop_token_ids(tmp_path, llama):
     assert set(ids) == {plain.eos_token_id, plain.convert_tokens_to_ids("<|im_end|>")}
 
 
+def test_one_place_reads_generation_config_eos_ids(llama):
+    """core.generation.config_stop_ids reads the config; utils.model.stop_token_ids adds the tokenizer's ids."""
+    from transformers import GenerationConfig
+
+    from core.generation import config_stop_ids
+
+    tok = llama.tokenizer
+    eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    own = llama.model.generation_config.eos_token_id
+    assert config_stop_ids(llama.model) == [int(e) for e in (own if isinstance(own, list) else [own])]
+    gen = GenerationConfig(eos_token_id=[5, 7])
+    assert config_stop_ids(generation_config=gen) == [5, 7]
+    assert config_stop_ids(llama.model, generation_config=gen) == [5, 7]  # an explicit config wins
+    assert config_stop_ids(generation_config=GenerationConfig(eos_token_id=9)) == [9]
+    assert config_stop_ids(None) == [] and config_stop_ids(torch.nn.Linear(2, 2)) == []
+    assert stop_token_ids(tok, generation_config=gen) == sorted({5, 7, eos, im_end})
+    assert stop_token_ids(tok, llama.model, generation_config=gen) == sorted({5, 7, eos, im_end})
+
+
+def test_check_sampling_raises_the_callers_error():
+    from core.errors import TraitError
+    from core.generation import GenerationError, check_sampling
+
+    class Mine(TraitError):
+        pass
+    check_sampling(1, 0.0, 1.0)
+    for args, match in (((0, 0.0, 1.0), "max_new_tokens"), ((True, 0.0, 1.0), "max_new_tokens"),
+                        ((5, -0.1, 1.0), "temperature"), ((5, float("inf"), 1.0), "temperature"),
+                        ((5, float("nan"), 1.0), "temperature"), ((5, 0.5, 0.0), "top_p"),
+                        ((5, 0.5, 1.5), "top_p")):
+        with pytest.raises(GenerationError, match=match):
+            check_sampling(*args)
+        with pytest.raises(Mine, match=match):
+            check_sampling(*args, error=Mine)
+
+
 def test_lora_merge_matches_unmerged(zoo, zoo_lora):
     ids = torch.tensor([[1, 40, 50, 60, 70]])
     peft = load_model(zoo("llama"), lora=zoo_lora("llama"))

@@ -4,7 +4,8 @@
     parse_projection_layers(spec, n_layers=None)  -> [ProjectionLayer]   projection grammar: best, best+2, best-1, 16, -1
     resolve_projection_layers(items, best_layer, available) -> [int]   ProjectionLayers -> concrete captured layers
     ProjectionLayer(kind, value)                  one projection item: kind "best" (value = offset) or "fixed" (value = layer)
-    LayerSpecError                                a ValueError; every message names the spec and the layer count / available layers
+    format_layers(layers) -> str                  the one way messages list layers: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'
+    LayerSpecError                                a TraitError; every message names the spec and the layer count / available layers
 
 Nothing is ever clamped, snapped or silently dropped: a layer that does not exist, or was not captured,
 is an error that says which layers do.
@@ -21,6 +22,7 @@ from core.errors import TraitError
 __all__ = [
     "LayerSpecError",
     "ProjectionLayer",
+    "format_layers",
     "parse_layers",
     "parse_projection_layers",
     "resolve_projection_layers",
@@ -42,9 +44,9 @@ def _span(n_layers: int) -> str:
     return f"{n_layers} layers (0-{n_layers - 1})"
 
 
-def _format_layers(layers: Iterable[int]) -> str:
-    """Sorted layers as compact runs: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    ordered = sorted(set(layers))
+def format_layers(layers: Iterable[int]) -> str:
+    """Layers for a message, sorted, consecutive runs compacted: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'; none -> 'none'."""
+    ordered = sorted(set(int(layer) for layer in layers))
     runs: list[str] = []
     i = 0
     while i < len(ordered):
@@ -53,7 +55,19 @@ def _format_layers(layers: Iterable[int]) -> str:
             j += 1
         runs.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
         i = j + 1
-    return ", ".join(runs)
+    return ", ".join(runs) or "none"
+
+
+def _layer_index(layer: int, spec: str, n_layers: int) -> int:
+    """A layer (negative counts from the end) -> an index in [0, n_layers), or LayerSpecError naming the spec."""
+    index = layer + n_layers if layer < 0 else layer
+    if not 0 <= index < n_layers:
+        hint = f", or {-n_layers} to -1 from the end" if layer < 0 else ""
+        raise LayerSpecError(
+            f"--layers {spec!r}: layer {layer} is out of range for a model with "
+            f"{n_layers} layers (0-{n_layers - 1}{hint})"
+        )
+    return index
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,15 +84,7 @@ def _resolve_end(end: str, spec: str, n_layers: int) -> int:
                 f"for a model with {_span(n_layers)}"
             )
         return round(pct * (n_layers - 1) / 100)
-    layer = int(end)
-    index = layer + n_layers if layer < 0 else layer
-    if not 0 <= index < n_layers:
-        hint = f", or {-n_layers} to -1 from the end" if layer < 0 else ""
-        raise LayerSpecError(
-            f"--layers {spec!r}: layer {layer} is out of range for a model with "
-            f"{n_layers} layers (0-{n_layers - 1}{hint})"
-        )
-    return index
+    return _layer_index(int(end), spec, n_layers)
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -216,13 +222,7 @@ def parse_projection_layers(spec: str, n_layers: int | None = None) -> list[Proj
                     )
                 index = layer
             else:
-                index = layer + n_layers if layer < 0 else layer
-                if not 0 <= index < n_layers:
-                    hint = f", or {-n_layers} to -1 from the end" if layer < 0 else ""
-                    raise LayerSpecError(
-                        f"--layers {spec!r}: layer {layer} is out of range for a model with "
-                        f"{n_layers} layers (0-{n_layers - 1}{hint})"
-                    )
+                index = _layer_index(layer, spec, n_layers)
             item = ProjectionLayer("fixed", index)
         else:
             raise LayerSpecError(
@@ -246,7 +246,7 @@ def resolve_projection_layers(
     snapped to the nearest); a best-relative item with best_layer None asks for an explicit layer.
     """
     have = set(available)
-    listing = _format_layers(have) if have else "none"
+    listing = format_layers(have)
     out: list[int] = []
     for item in items:
         if item.kind == "best":

@@ -8,6 +8,7 @@
     format_messages(tokenizer, messages, system_prompt, use_chat_template) -> (text, note)  a multi-turn chat
     tokenize_prompt(tokenizer, text)                                    -> list[int] with exactly one BOS
     check_single_bos(tokenizer, ids)                                    raise on a double BOS
+    stop_token_ids(tokenizer, model=None, generation_config=None)       -> sorted eos / end-of-turn ids
     LoadedModel                                                         model, tokenizer, info (model, lora, quantization, dtype, device)
 """
 from __future__ import annotations
@@ -229,14 +230,12 @@ def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS ids of the generation config plus end-of-turn tokens that exist as *special* tokens here."""
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        if e is not None:
-            ids.append(int(e))
+def stop_token_ids(tokenizer, model=None, generation_config=None) -> list[int]:
+    """EOS ids of the generation config (`generation_config`, else the model's) plus the tokenizer's eos and
+    the end-of-turn tokens that exist as *special* tokens here; sorted, unique."""
+    from core.generation import config_stop_ids
+
+    ids = config_stop_ids(model, generation_config)
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
