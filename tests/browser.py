@@ -38,7 +38,7 @@ from typing import Any
 LAUNCH_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
-                "--remote-debugging-pipe"]
+                "--disable-dev-shm-usage", "--remote-debugging-pipe"]
 
 
 def chromium_path() -> str | None:
