@@ -673,9 +673,16 @@ example (after capturing both variants on the same tokens, see the README's mode
 
   # explicit vectors, two traits
   python analysis/model_diff/compare_variants.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 --method probe --position 'response[:5]' --traits behavioral/refusal,alignment/deception
+      --prompt-set rm_syco/train_100 --method probe --position 'response[:5]' \\
+      --traits behavioral/refusal,alignment/deception
 
-Writes model_diff/{A}_vs_{B}/{prompt_set}/diff_vectors.pt, prompt_means.pt and results.json.
+  # new vectors later, without the raw files: reuses diff_vectors.pt and prompt_means.pt
+  python analysis/model_diff/compare_variants.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
+      --prompt-set rm_syco/train_100 --use-best-vector --traits alignment/sycophancy --use-existing-diff
+
+Reads inference/{A|B}/raw/means/{set}/{id}.pt (per-prompt means) where they exist, raw/residual/ elsewhere.
+Writes model_diff/{A}_vs_{B}/{prompt_set}/diff_vectors.pt (trait-interp's [model layers, hidden] tensor),
+diff_vectors.json, prompt_means.pt and results.json (traits without a defined peak under incomplete_traits).
 Every delta is B - A; every std is the sample std (ddof=1); undefined values are null with a reason.
 """
 
@@ -703,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steering-variant", help="whose steering results pick the best vector (default: "
                                               "defaults.application of the vector experiment, as in projection)")
     p.add_argument("--use-existing-diff", action="store_true",
-                   help="reuse diff_vectors.pt and prompt_means.pt instead of reading the raw activations")
+                   help="reuse diff_vectors.pt and prompt_means.pt instead of reading the activations (also "
+                        "trait-interp's diff_vectors.pt; without per-prompt means the earlier effect sizes are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

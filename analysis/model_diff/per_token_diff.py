@@ -703,8 +703,14 @@ example (after projecting both variants, see the README's model-diff workflow):
       --prompt-set rm_syco/train_100 \\
       --trait all --top-pct 5
 
+  # one trait at a fixed layer
+  python analysis/model_diff/per_token_diff.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
+      --prompt-set rm_syco/train_100 --trait alignment/deception --layer 12
+
 Writes model_diff/{A}_vs_{B}/per_token_diff/{trait}/{prompt_set}/{id}.json and aggregate.json.
 Delta = B - A per response token; clauses end after , . ; : ! ? em dash or newline.
+Layer: --layer, else the best entry both projection files mark, else the only layer both hold, else the
+best layer by the experiment's steering results.
 """
 
 
@@ -719,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-set", required=True, help="B's projection and response set, and the output set")
     p.add_argument("--variant-a-prompt-set", help="A's projection set (default: --prompt-set)")
     p.add_argument("--trait", required=True, help="category/name, or all (every trait B has projections of)")
-    p.add_argument("--layer", type=int, help="projection layer (default: the best-vector layer both files share)")
+    p.add_argument("--layer", type=int, help="projection layer (default: the best-vector layer both files share, "
+                                            "else the steering results' best layer)")
     p.add_argument("--top-pct", type=float, default=5.0,
                    help="share of all clauses kept at each end in aggregate.json (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
