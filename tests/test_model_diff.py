@@ -159,7 +159,7 @@ def write_vector(exp: str, trait: str, variant: str, method: str, layer: int, ve
     return path
 
 
-def sanitize(position: str) -> str:   # DESIGN.md §3, written out here rather than imported
+def sanitize(position: str) -> str:   # the pos_dir rule of docs/formats.md, written out here rather than imported
     return position.replace("[:]", "_all").replace("[", "_").replace("]", "").replace(":", "_")
 
 
@@ -271,7 +271,7 @@ def test_compare_matches_oracle_and_skips_trait_without_overlap(experiments):
 
 
 def test_compare_averages_bf16_activations_in_fp32(experiments):
-    """A shift far below bf16 resolution of the activations: the fp32 mean keeps it (the original lost it)."""
+    """A shift far below bf16 resolution of the activations: the fp32 mean keeps it (trait-interp lost it)."""
     experiments("md", {"a": {"model": "none"}, "b": {"model": "none"}}, defaults={"extraction": "a", "application": "a"})
     g = torch.Generator().manual_seed(3)
     acts = {"a": {}, "b": {}}
@@ -287,7 +287,7 @@ def test_compare_averages_bf16_activations_in_fp32(experiments):
     cv.compare_variants("md", "a", "b", "s", method="probe", position=POS, progress=False)
     dv = load_pt(paths.model_diff_dir("md", "a", "b") / "s" / "diff_vectors.pt")   # row L = layer L
     assert float(dv[1, 0]) == pytest.approx(0.0125, rel=1e-3) and not dv[0].any()   # fp32 ulp at 64 is 7.6e-6
-    # averaging in bf16 first (the original) rounds 64.0125 back to 64.0: the shift vanishes
+    # averaging in bf16 first (trait-interp) rounds 64.0125 back to 64.0: the shift vanishes
     assert all(float(acts["b"][k][1].mean(0)[0]) == 64.0 for k in acts["b"])
     res = strict_json(paths.model_diff_dir("md", "a", "b") / "s" / "results.json")
     # every prompt projects to the same value: no effect size, so the entry is under incomplete_traits

@@ -43,7 +43,7 @@ from utils.layers import format_layers
 from utils.storage import StorageError, load_pt, read_json, write_json
 from utils.vectors import VectorError, resolve_vector_source
 
-PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as the original)
+PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as trait-interp)
 BEST_SOURCES = ("steering", "extraction")     # selection values that mean "chosen by evidence"
 
 
@@ -577,7 +577,7 @@ def trait_diff(plan: PerTokenPlan, ti: TraitInputs, texts: _PromptTexts, tokens_
                                         tb)
         result.files[pid] = _prompt_record(plan, ti.trait, pid, chosen, kb, deltas, tokens, tb, texts)
     if sha_missing:
-        plan.warn(f"trait {ti.trait}: projection files without a vector sha256 (original tool?): vector identity "
+        plan.warn(f"trait {ti.trait}: projection files without a vector sha256 (trait-interp's?): vector identity "
                   f"checked by layer, method, component and centering only")
     result.aggregate = _aggregate(plan, result, chosen, first[0])
     result.aggregate["layer_source"] = layer_source
