@@ -4,6 +4,8 @@
     modal deploy inference/modal_inference.py             the app "trait-capture": class TraitChat + web endpoint
     modal run inference/modal_inference.py --prompt "..."  one streamed chat on Modal, printed here (`chat`)
     python inference/modal_inference.py --local --experiment E --prompt "..." [--json]   the same class, here
+    python inference/modal_inference.py --local --experiment E --serve [--port 8770]   its web app (and chat
+                                                          page) on 127.0.0.1, for a local model
 
     app = modal.App("trait-capture")
     TraitChat                     @app.cls: one model per container, loaded once (@modal.enter load)
@@ -12,7 +14,7 @@
                                    system_prompt, steering, traits, layers, return_activations) -> Iterator[dict]
         web()                     ASGI app: GET /info, GET|POST /stream (server-sent events of the same dicts)
     SETTINGS, GPU, image          the deploy settings, the GPU they give, the image (inference/modal_common.py)
-    main(argv)                    the --local CLI (console script `trait-chat`)
+    main(argv)                    the --local CLI (console script `trait-chat`): one chat printed, or --serve
 
 The session itself (ChatSession, the streamed dicts) is inference/chat_session.py, the web app
 inference/chat_web.py; neither needs Modal.
@@ -133,14 +135,23 @@ class ChatRun:
     json: bool
 
 
+@dataclass(frozen=True)
+class ServeRun:
+    url: str
+
+
 def check_local_args(args: argparse.Namespace) -> None:
-    """What can be checked before the model loads: the mode, the variant, the traits."""
+    """What can be checked before the model loads: the mode, the variant, the traits, the port."""
     from utils.config import resolve_variant
     from utils.vectors import resolve_vector_source
 
     if not args.local:
         raise ChatError("without --local this file is a Modal app: run `modal run inference/modal_inference.py "
                         "--prompt ...` or `modal deploy inference/modal_inference.py`; add --local to run it here")
+    if not args.serve and not args.prompt:
+        raise ChatError("--prompt is required (or --serve to chat in the browser)")
+    if not 0 <= args.port <= 65535:
+        raise ChatError(f"--port {args.port}: a port number in 0-65535 is required (0: any free port)")
     resolve_variant(args.experiment, args.model_variant, "application")
     resolve_vector_source(args.experiment, traits=split_list(args.traits, "--traits"), require_traits=False)
 
@@ -160,7 +171,52 @@ def chat_local(args: argparse.Namespace) -> ChatRun:
     return ChatRun(n, done["stop_reason"], done["seconds"], args.json)
 
 
-def format_summary(run: ChatRun) -> str:
+def page_url(port: int, args: argparse.Namespace) -> str:
+    """The chat page's address; the CLI's chat flags become its query (`?prompt=` starts a chat at load)."""
+    from urllib.parse import urlencode
+
+    query = [(k, v) for k, v in (("prompt", args.prompt), ("traits", args.traits), ("layers", args.layers),
+                                 ("system_prompt", args.system_prompt)) if v]
+    query += [("steer", s) for s in args.steer or []]
+    query += [("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature)]
+    query += [("seed", args.seed)] if args.seed is not None else []
+    return f"http://127.0.0.1:{port}/?{urlencode(query)}"
+
+
+def serve_local(args: argparse.Namespace) -> ServeRun:
+    """--serve: TraitChat's web app (the one `modal deploy` serves, chat page included) on 127.0.0.1."""
+    import socket
+
+    import uvicorn
+
+    check_local_args(args)
+    for s in args.steer or []:
+        parse_steer(s)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", args.port))   # before the model loads: a busy port fails fast
+    except OSError as e:
+        sock.close()
+        raise ChatError(f"--port {args.port}: cannot listen on 127.0.0.1 ({e.strerror})") from e
+    warnings.filterwarnings("ignore", message=".*executing locally and will not have access.*")
+    web = TraitChat(experiment=args.experiment, model_variant=args.model_variant or "").web.local()
+    url = page_url(sock.getsockname()[1], args)
+    print(f"serving the live chat at {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:   # Ctrl-C is how a served chat ends (uvicorn re-raises it after shutting down)
+        pass
+    return ServeRun(url)
+
+
+def run_cli(args: argparse.Namespace):
+    return serve_local(args) if args.serve else chat_local(args)
+
+
+def format_summary(run) -> str:
+    if isinstance(run, ServeRun):
+        return f"stopped serving {run.url}"
     text = f"streamed {run.n_tokens} tokens (stop: {run.stop_reason}) in {run.seconds:.2f} s"
     if run.json:   # stdout carries only the JSON lines
         print(text, file=sys.stderr)
@@ -178,12 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
                "--traits behavioral/refusal --max-new-tokens 32 --json\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
                "--steer behavioral/refusal:2:4.0:prompt\n"
+               "  python inference/modal_inference.py --local --experiment demo --serve --port 8770 "
+               "--prompt \"Tell me a story\"   # then open the printed URL\n"
                "  TRAIT_EXPERIMENT=demo modal deploy inference/modal_inference.py")
     p.add_argument("--local", action="store_true", help="run here instead of on Modal (required for this entry point)")
     p.add_argument("--experiment", default=SETTINGS.experiment,
                    help=f"experiment folder (default $TRAIT_EXPERIMENT or demo: {SETTINGS.experiment})")
     p.add_argument("--model-variant", help="model variant of config.json (default: the application variant)")
-    p.add_argument("--prompt", required=True, help="the user message (formatted with the chat template)")
+    p.add_argument("--prompt", help="the user message (formatted with the chat template); required unless --serve, "
+                                    "where it starts the page's first chat")
     p.add_argument("--system-prompt", help="a system turn (folded into the user turn where the template has none)")
     p.add_argument("--traits", help="comma-separated category/name traits (default: every trait with a best vector)")
     p.add_argument("--layers", help="projection layers, e.g. best,best+2 or 6,12 (default: each trait's best)")
@@ -195,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add COEF x the trait's unit vector at LAYER; positions all (default), prompt or response; "
                         "repeatable")
     p.add_argument("--json", action="store_true", help="one JSON object per line (prompt, each token, done)")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the web app on 127.0.0.1 instead: the chat page at / (tokens coloured by score as "
+                        "they stream, trait picker, steering controls), /stream and /info; the chat flags above "
+                        "fill the page's first chat")
+    p.add_argument("--port", type=int, default=8770, help="port for --serve (default 8770; 0: any free port)")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run(build_parser(), chat_local, format_summary, argv)
+    return cli.run(build_parser(), run_cli, format_summary, argv)
 
 
 if __name__ == "__main__":

@@ -396,6 +396,7 @@ def test_cli_text_output_and_bad_input(chat_exp, capsys):
                  ["--local", "--experiment", "missing", "--prompt", "x"],
                  ["--local", "--experiment", "live", "--prompt", "x", "--steer", "behavioral/refusal:x:1"],
                  ["--local", "--experiment", "live", "--prompt", "x", "--steer", "behavioral/refusal:9:1"],
+                 ["--local", "--experiment", "live"],                      # no --prompt and no --serve
                  ["--experiment", "live", "--prompt", "x"]):
         assert mi.main(args) == 2, args
         cap = capsys.readouterr()
