@@ -6,6 +6,10 @@
     plan_projection(opts) -> ProjectPlan          every input checked (sets, files, vectors, layers, calibration);
                                                   nothing loaded but small headers, nothing written
     run_projection(plan) -> dict                  read each raw .pt, score it, write its JSONs; the summary
+    plan_fused(opts) -> ProjectPlan / run_fused(plan, loaded=None) -> dict
+                                                  --fused: the same JSONs from a prefill forward over the stored
+                                                  response token ids (core/fused.py), no raw file read or written
+    project(opts, loaded=None) -> dict            plan + run of whichever path opts.fused picks
     find_prompt_sets(exp, variant) -> [set]       every (nested) folder of raw/residual/ holding .pt files
     load_calibration(exp, variant) -> Calibration | None   the variant's file, else the experiment-wide one
     compute_calibration(exp, variant, files, prompt_sets) -> Calibration | None   from captured residuals, written
@@ -15,9 +19,12 @@
     ProjectError                                  bad input; the message names the file or flag
 
 Reads  experiments/{exp}/inference/{variant}/raw/residual/{set}/{id}.pt  (memory-mapped; only the layers
-       the chosen vectors need are touched)
+       the chosen vectors need are touched); with --fused instead inference/{responses_from or variant}/
+       responses/{set}/{id}.json and the variant's model (forward stopped after the deepest needed layer)
 Writes experiments/{exp}/inference/{variant}/projections/{category}/{trait}/{set}/{id}.json
-       (the multi-vector projection format of docs/formats.md), atomically.
+       (the multi-vector projection format of docs/formats.md), atomically; with --fused --save-means also
+       inference/{variant}/raw/means/{set}/{id}.pt (residual and projected component, every layer; the
+       forward then runs to the last layer), and with --responses-from the variant's missing response JSONs.
 
 Vectors are chosen once per prompt set by utils.vectors (steering evidence of one --steering-variant for
 every projected variant, else held-out extraction metrics, else an explicit --layer). Every trait's vectors
@@ -38,14 +45,18 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from core.capture import BatchReport, CaptureOOMError
 from core.errors import TraitError
-from core.hooks import COMPONENTS
-from core.projection import MassiveDimStats, project, token_norms
+from core.fused import BatchScores, ScoringSpec, calibrate_sequences, score_sequences
+from core.hooks import COMPONENTS, num_layers
+from core.projection import MassiveDimStats, project as project_onto, token_norms
 from utils import cli, paths
 from utils.config import Variant, resolve_variant
 from utils.layers import LayerSpecError, parse_projection_layers
-from utils.model import load_model_config
-from utils.storage import StorageError, load_pt, read_json, write_json
+from utils.means import validate_means
+from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
+from utils.responses import TokenStrings, load_responses, replayed_response
+from utils.storage import BackgroundWriter, StorageError, load_pt, read_json, write_json
 from utils.vectors import SelectedVector, VectorSource, parse_position, resolve_vector_source
 
 SIDES = ("prompt", "response")
@@ -81,6 +92,15 @@ class ProjectOptions:
     skip_existing: bool = False
     no_calibration: bool = False
     progress: bool = True
+    # the fused path (--fused): a prefill forward over the stored token ids instead of raw files
+    fused: bool = False
+    responses_from: str | None = None
+    save_means: bool = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    dtype: str | torch.dtype | None = None           # storage dtype the activations are rounded to (capture's --dtype)
+    batch_size: int | None = None
+    max_batch_tokens: int | None = None
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ProjectOptions":
@@ -104,6 +124,9 @@ class SetPlan:
     todo: tuple[tuple[str, tuple[str, ...]], ...]    # (prompt id, traits still to write)
     vectors: Mapping[str, tuple[SelectedVector, ...]]  # trait -> its vectors, in projection order
     hidden_size: int
+    responses: Mapping[str, dict] = field(default_factory=dict)   # fused: prompt id -> response JSON replayed
+    means_todo: frozenset[str] = frozenset()         # fused --save-means: prompt ids whose means file is due
+    replay: tuple[str, ...] = ()                     # fused --responses-from: ids whose own response JSON is missing
 
     @property
     def layers(self) -> list[int]:
@@ -118,15 +141,20 @@ class ProjectPlan:
     sets: tuple[SetPlan, ...]
     skipped: int                                     # (prompt, trait) outputs skipped by --skip-existing
     calibration: "Calibration | None"                # a calibration file found (None: compute one, or off)
+    fused: "FusedSetup | None" = None                # the fused path's model facts (None: two-stage)
 
     @property
     def has_work(self) -> bool:
         return any(s.todo for s in self.sets)
 
     @property
+    def has_scores(self) -> bool:
+        return any(pending for s in self.sets for _, pending in s.todo)
+
+    @property
     def wants_calibration(self) -> bool:
         """No calibration file was found, one is needed, and --no-calibration is not set."""
-        return self.calibration is None and not self.opts.no_calibration and self.has_work
+        return self.calibration is None and not self.opts.no_calibration and self.has_scores
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,7 +451,7 @@ def scores_from_raw(plan: ProjectPlan, set_plan: SetPlan, path: Path, pending: S
         present = [s for s in SIDES if acts[s] is not None]
         stacked = [(t, k) for t in pending for k, v in enumerate(set_plan.vectors[t]) if v.layer == layer]
         matrix = torch.stack([set_plan.vectors[t][k].vector for t, k in stacked])
-        all_scores = project(torch.cat([acts[s] for s in present]), matrix)            # [n_tokens, K]
+        all_scores = project_onto(torch.cat([acts[s] for s in present]), matrix)            # [n_tokens, K]
         split = dict(zip(present, torch.split(all_scores, [acts[s].shape[0] for s in present])))
         for j, key in enumerate(stacked):
             out.scores[key] = {s: (split[s][:, j].tolist() if s in split else []) for s in SIDES}
@@ -494,16 +522,19 @@ def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait:
     return out
 
 
+def prompt_records(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, pending: Sequence[str],
+                   sc: PromptScores) -> list[tuple[Path, dict]]:
+    """(path, JSON) of each pending trait of one prompt."""
+    date = _dt.datetime.now().isoformat()
+    return [(paths.projection_file(plan.opts.experiment, plan.variant.name, t, set_plan.prompt_set, prompt_id),
+             projection_record(plan, set_plan.prompt_set, prompt_id, t, set_plan.vectors[t], sc, date))
+            for t in pending]
+
+
 def write_prompt(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, pending: Sequence[str],
                  sc: PromptScores) -> list[tuple[Path, int]]:
     """Write the pending traits' JSONs of one prompt, each atomically; returns (path, bytes) per file."""
-    date = _dt.datetime.now().isoformat()
-    written = []
-    for trait in pending:
-        record = projection_record(plan, set_plan.prompt_set, prompt_id, trait, set_plan.vectors[trait], sc, date)
-        target = paths.projection_file(plan.opts.experiment, plan.variant.name, trait, set_plan.prompt_set, prompt_id)
-        written.append((target, write_json(target, record)))
-    return written
+    return [(path, write_json(path, rec)) for path, rec in prompt_records(plan, set_plan, prompt_id, pending, sc)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,6 +572,8 @@ def run_projection(plan: ProjectPlan) -> dict:
     if plan.wants_calibration:
         plan = replace(plan, calibration=_calibrate_from_raw(plan))
     summary = new_summary(plan)
+    if plan.calibration is not None and plan.calibration.source == "computed":
+        summary["bytes"] += plan.calibration.path.stat().st_size
     note_calibration(summary, plan.calibration)
     bar = tqdm(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project", file=sys.stderr,
                disable=not plan.opts.progress, dynamic_ncols=True)
@@ -554,22 +587,354 @@ def run_projection(plan: ProjectPlan) -> dict:
     return summary
 
 
-def project_raw_activations_onto_traits(experiment: str, **options) -> dict:
+# ---------------------------------------------------------------------------------------------------
+# The fused path: scores straight from a prefill forward over the stored token ids; no raw file
+
+@dataclass(frozen=True)
+class FusedSetup:
+    """What only the fused path needs: whose responses it replays, the tokenizer that checked their ids, the
+    model's depth and width from its config (no weights loaded), and the dtype activations are rounded to."""
+
+    responses: Variant
+    tokenizer: Any
+    n_layers: int
+    hidden_size: int
+    store_dtype: torch.dtype | None
+
+
+FUSED_ONLY = {"responses_from": "--responses-from", "save_means": "--save-means", "load_in_8bit": "--load-in-8bit",
+              "load_in_4bit": "--load-in-4bit", "dtype": "--dtype", "batch_size": "--batch-size",
+              "max_batch_tokens": "--max-batch-tokens"}
+
+
+def find_response_sets(exp: str, variant: str) -> list[str]:
+    """Every folder under responses/ that directly holds response JSONs, as a (possibly nested) set name."""
+    root = paths.inference_dir(exp, variant) / "responses"
+    if not root.is_dir():
+        return []
+    found = {p.parent.relative_to(root).as_posix() for p in root.rglob("*.json")
+             if not p.name.startswith(".") and not p.name.endswith("_annotations.json")}
+    return sorted(found)
+
+
+def _check_fused_options(opts: ProjectOptions) -> torch.dtype | None:
+    """The fused flags; returns the storage dtype (None: the model's)."""
+    if not opts.fused:
+        given = [flag for name, flag in FUSED_ONLY.items() if getattr(opts, name) not in (None, False)]
+        if given:
+            raise ProjectError(f"{given[0]} needs --fused (without it the projection reads captured raw files)")
+        return None
+    if opts.load_in_8bit and opts.load_in_4bit:
+        raise ProjectError("--load-in-8bit and --load-in-4bit are mutually exclusive: choose one")
+    for flag, value in (("--batch-size", opts.batch_size), ("--max-batch-tokens", opts.max_batch_tokens)):
+        if value is not None and value < 1:
+            raise ProjectError(f"{flag} must be >= 1, got {value}")
+    if opts.dtype is None or opts.dtype == "auto" or isinstance(opts.dtype, torch.dtype):
+        return None if opts.dtype in (None, "auto") else opts.dtype
+    if opts.dtype not in DTYPES:
+        raise ProjectError(f"--dtype {opts.dtype!r}: choose from auto (the model's dtype), {', '.join(DTYPES)}")
+    return DTYPES[opts.dtype]
+
+
+def _fused_setup(opts: ProjectOptions, variant: Variant, store_dtype: torch.dtype | None) -> FusedSetup:
+    exp = opts.experiment
+    responses = resolve_variant(exp, opts.responses_from) if opts.responses_from else variant
+    cfg = load_model_config(variant.model_path(exp))
+    n_layers, hidden = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
+    if not isinstance(n_layers, int) or not isinstance(hidden, int):
+        raise ProjectError(f"{variant.model_path(exp)}: its config has no num_hidden_layers / hidden_size")
+    tokenizer = load_tokenizer(variant.model_path(exp))
+    if responses.model_path(exp) != variant.model_path(exp) and \
+            load_tokenizer(responses.model_path(exp)).get_vocab() != tokenizer.get_vocab():
+        raise ProjectError(f"--responses-from {responses.name}: its tokenizer ({responses.model}) differs from "
+                           f"{variant.name}'s ({variant.model}), so the stored token ids would mean other tokens; "
+                           f"replay the responses of a variant with the same tokenizer")
+    return FusedSetup(responses, tokenizer, n_layers, hidden, store_dtype)
+
+
+def _plan_fused_set(opts: ProjectOptions, variant: Variant, source: VectorSource, setup: FusedSetup,
+                    prompt_set: str) -> tuple[SetPlan, int]:
+    """The set's response JSONs (each validated against the tokenizer), pending outputs and vectors."""
+    exp, name = opts.experiment, variant.name
+    items = dict(load_responses(exp, setup.responses.name, prompt_set, vocab_size=len(setup.tokenizer)))
+    if not items:
+        raise ProjectError(f"--fused: no response JSONs in {paths.responses_dir(exp, setup.responses.name, prompt_set)} "
+                           f"(create them with: python inference/generate_responses.py --experiment {exp} "
+                           f"--prompt-set {prompt_set} --model-variant {setup.responses.name})")
+    pending, skipped = _pending(opts, name, prompt_set, list(items), source.traits)
+    pending_of = dict(pending)
+    means = frozenset(pid for pid in items if opts.save_means and not (
+        opts.skip_existing and paths.means_file(exp, name, prompt_set, pid).exists()))
+    todo = tuple((pid, pending_of.get(pid, ())) for pid in items if pid in pending_of or pid in means)
+    replay = () if setup.responses.name == name else tuple(
+        pid for pid in items if not paths.response_file(exp, name, prompt_set, pid).exists())
+    traits = list(dict.fromkeys(t for _, ts in pending for t in ts))
+    vectors = select_set_vectors(opts, source, traits, range(setup.n_layers), setup.hidden_size, setup.n_layers,
+                                 f"--fused: the model {variant.model} has {setup.n_layers} layers, read from its "
+                                 f"config")
+    return SetPlan(prompt_set, {}, todo, vectors, setup.hidden_size, items, means, replay), skipped
+
+
+def plan_fused(opts: ProjectOptions) -> ProjectPlan:
+    """Check every input of the fused path (responses, tokenizers, vectors against the model's config)."""
+    _check_options(opts)
+    store_dtype = _check_fused_options(opts)
+    variant = resolve_variant(opts.experiment, opts.model_variant, "application")
+    setup = _fused_setup(opts, variant, store_dtype)
+    if opts.multi_vector is None:
+        parse_projection_layers(opts.layer_spec, setup.n_layers)
+    source = resolve_vector_source(opts.experiment, opts.vectors_experiment, opts.extraction_variant,
+                                   opts.steering_variant, opts.traits)
+    sets = (find_response_sets(opts.experiment, setup.responses.name) if opts.all_prompt_sets
+            else [opts.prompt_set.strip("/")])
+    if not sets:
+        raise ProjectError(f"--fused --all-prompt-sets: no response JSONs under "
+                           f"{paths.inference_dir(opts.experiment, setup.responses.name) / 'responses'}")
+    planned = [_plan_fused_set(opts, variant, source, setup, s) for s in sets]
+    set_plans = tuple(p for p, _ in planned)
+    plan = ProjectPlan(opts, variant, source, set_plans, sum(n for _, n in planned), None, setup)
+    if not opts.no_calibration and plan.has_scores:
+        plan = replace(plan, calibration=load_calibration(opts.experiment, variant.name))
+    return plan
+
+
+@dataclass(frozen=True)
+class _SetScoring:
+    """The device-side spec of one set, and where each (trait, k-th vector) lands in its layer's matmul."""
+
+    spec: ScoringSpec
+    columns: dict[tuple[str, int], tuple[int, int]]    # (trait, k) -> (layer, column)
+    first_layers: tuple[int, ...]                       # layers whose massive-dim values the JSONs carry
+
+
+def _set_scoring(plan: ProjectPlan, set_plan: SetPlan, n_layers: int) -> _SetScoring:
+    stacked: dict[int, list[tuple[str, int]]] = {}
+    for trait, vectors in set_plan.vectors.items():
+        for k, v in enumerate(vectors):
+            stacked.setdefault(v.layer, []).append((trait, k))
+    columns = {key: (layer, j) for layer, keys in stacked.items() for j, key in enumerate(keys)}
+    matrices = {layer: torch.stack([set_plan.vectors[t][k].vector for t, k in keys]) for layer, keys in stacked.items()}
+    dims = tuple(calibration_dims(plan.calibration, set_plan.hidden_size))
+    first = tuple(sorted({vs[0].layer for vs in set_plan.vectors.values()})) if dims else ()
+    means = plan.opts.save_means and bool(set_plan.means_todo)
+    spec = ScoringSpec(plan.opts.component, matrices, dims, first,
+                       mean_layers=tuple(range(n_layers)) if means else (),
+                       mean_components=tuple(dict.fromkeys(("residual", plan.opts.component))) if means else (),
+                       store_dtype=plan.fused.store_dtype)
+    return _SetScoring(spec, columns, first)
+
+
+def _split(values: list, prompt_end: int) -> dict[str, list]:
+    return {"prompt": values[:prompt_end], "response": values[prompt_end:]}
+
+
+def scores_from_batch(scoring: _SetScoring, set_plan: SetPlan, batch: BatchScores, b: int, prompt_end: int,
+                      model: str | None) -> PromptScores:
+    """One prompt of a fused batch as the PromptScores the JSON builder takes (the same as scores_from_raw's)."""
+    n = batch.lengths[b]
+    by_layer = {layer: batch.scores(b, layer).T.tolist() for layer in scoring.spec.units}
+    out = PromptScores({"prompt": prompt_end, "response": n - prompt_end}, {}, {}, {}, {}, "residual", model)
+    for key, (layer, j) in scoring.columns.items():
+        out.scores[key] = _split(by_layer[layer][j], prompt_end)
+    for layer in scoring.spec.units:
+        out.norms[layer] = _split(batch.norms(b, layer).tolist(), prompt_end)
+        out.captured[layer] = {s: True for s in SIDES}
+    for layer in scoring.first_layers:
+        values = batch.dim_values(b, layer).T.tolist()
+        out.dim_values[layer] = {side: {str(d): _split(values[i], prompt_end)[side]
+                                        for i, d in enumerate(scoring.spec.dims)} for side in SIDES}
+    for layer in set(scoring.spec.units) - set(out.dim_values):
+        out.dim_values[layer] = {s: {} for s in SIDES}
+    return out
+
+
+def means_record(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, batch: BatchScores, b: int,
+                 info: dict) -> dict:
+    """The means file of one prompt (utils/means.py's format), from the fused batch's device-side means."""
+    data = set_plan.responses[prompt_id]
+    ids, end = data["token_ids"], data["prompt_end"]
+    spec = batch.spec
+    return {
+        "prompt": {"n_tokens": end, "mean": batch.means(b, "prompt") if end else {}},
+        "response": {"n_tokens": len(ids) - end, "mean": batch.means(b, "response") if len(ids) > end else {}},
+        "token_ids": list(ids), "prompt_end": end,
+        "metadata": {
+            "model": info.get("model", plan.variant.model), "variant": plan.variant.name,
+            "lora": info.get("lora", plan.variant.lora), "quantization": info.get("quantization"),
+            "dtype": str(batch.stored_dtype).replace("torch.", ""), "compute_dtype": info.get("dtype"),
+            "layers": sorted(spec.mean_layers), "components": sorted(spec.mean_components),
+            "responses_from": plan.fused.responses.name, "prompt_id": prompt_id, "prompt_set": set_plan.prompt_set,
+            "capture_date": _dt.datetime.now().isoformat(), "source": "fused",
+        },
+    }
+
+
+def _load_fused(plan: ProjectPlan, loaded: LoadedModel | None) -> LoadedModel:
+    opts, setup = plan.opts, plan.fused
+    lm = loaded or load_variant(opts.experiment, plan.variant.name, load_in_8bit=opts.load_in_8bit,
+                                load_in_4bit=opts.load_in_4bit, tokenizer=setup.tokenizer)
+    if num_layers(lm.model) != setup.n_layers:  # only when `loaded` is not the variant's model
+        raise ProjectError(f"the loaded model has {num_layers(lm.model)} layers, {plan.variant.name}'s config says "
+                           f"{setup.n_layers}")
+    return lm
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0  # 0 is a valid pad id (B24)
+
+
+def _oom_error(pid: str, n_tokens: int) -> ProjectError:
+    return ProjectError(f"prompt {pid} ({n_tokens} tokens): out of memory even at batch size 1; load with "
+                        f"--load-in-8bit / --load-in-4bit")
+
+
+def _calibrate_fused(plan: ProjectPlan, lm: LoadedModel, summary: dict) -> Calibration:
+    """The two-stage calibration, computed on the device over every prompt of the run's sets (one extra pass)."""
+    opts, exp, variant = plan.opts, plan.opts.experiment, plan.variant.name
+    items = [(pid, d) for s in plan.sets for pid, d in s.responses.items()]
+    stats = MassiveDimStats(CALIBRATION_TOP_K)
+    bar = tqdm(total=len(items), unit="prompt", desc="calibration", file=sys.stderr, disable=not opts.progress)
+    try:
+        n = calibrate_sequences(lm.model, [d["token_ids"] for _, d in items], [d["prompt_end"] for _, d in items],
+                                stats, list(range(plan.fused.n_layers)), _pad_id(lm), plan.fused.store_dtype,
+                                opts.max_batch_tokens, opts.batch_size, _on_batch(bar, summary, advance=True))
+    except CaptureOOMError as e:
+        raise _oom_error(items[e.index][0], e.n_tokens) from e
+    finally:
+        bar.close()
+    calibration = write_calibration(exp, variant, stats, n, [s.prompt_set for s in plan.sets],
+                                    "project_raw_activations_onto_traits.py --fused (no calibration file was found)")
+    print(f"calibration: none found at {paths.calibration_file(exp, variant)} or {paths.calibration_file(exp)}; "
+          f"computed on the device from {n} prompts and written to {calibration.path}", file=sys.stderr)
+    return calibration
+
+
+def _on_batch(bar, summary: dict, advance: bool = False):
+    """Count out-of-memory retries (and say so); with `advance`, move the bar by each finished batch."""
+    def on_batch(report: BatchReport) -> None:
+        if report.ok:
+            if advance:
+                bar.update(len(report.indices))
+            return
+        summary["out_of_memory_retries"] += 1
+        bar.write(f"out of memory on a batch of {len(report.indices)} prompts ({report.padded_tokens} padded "
+                  f"tokens): retrying in halves", file=sys.stderr)
+    return on_batch
+
+
+def _score_set_fused(plan: ProjectPlan, set_plan: SetPlan, lm: LoadedModel, strings: TokenStrings,
+                     writer: BackgroundWriter, summary: dict, bar) -> None:
+    """Score one set's pending prompts batch by batch; each prompt's files are queued as soon as its batch is done."""
+    scoring = _set_scoring(plan, set_plan, num_layers(lm.model))
+    data = [set_plan.responses[pid] for pid, _ in set_plan.todo]
+    model_name, replay = lm.info.get("model", plan.variant.model), set(set_plan.replay)
+    try:
+        for idx, batch in score_sequences(lm.model, [d["token_ids"] for d in data], [d["prompt_end"] for d in data],
+                                          scoring.spec, _pad_id(lm), plan.opts.max_batch_tokens, plan.opts.batch_size,
+                                          _on_batch(bar, summary)):
+            for b, i in enumerate(idx):
+                pid, pending = set_plan.todo[i]
+                if pending:
+                    sc = scores_from_batch(scoring, set_plan, batch, b, data[i]["prompt_end"], model_name)
+                    for path, record in prompt_records(plan, set_plan, pid, pending, sc):
+                        writer.submit_json(path, record)
+                    summary["written"] += len(pending)
+                if pid in set_plan.means_todo:
+                    path = paths.means_file(plan.opts.experiment, plan.variant.name, set_plan.prompt_set, pid)
+                    writer.submit(path, validate_means(means_record(plan, set_plan, pid, batch, b, lm.info), path))
+                    summary["means_written"] += 1
+                if pid in replay:
+                    _submit_replay(plan, set_plan, pid, strings, writer)
+                    summary["responses_written"] += 1
+                summary["prompts"] += 1
+                bar.update(1)
+    except CaptureOOMError as e:
+        raise _oom_error(set_plan.todo[e.index][0], e.n_tokens) from e
+
+
+def _submit_replay(plan: ProjectPlan, set_plan: SetPlan, pid: str, strings: TokenStrings,
+                   writer: BackgroundWriter) -> None:
+    """The replaying variant's own response JSON (issue: the viewer needs token data under its name)."""
+    data = set_plan.responses[pid]
+    writer.submit_json(paths.response_file(plan.opts.experiment, plan.variant.name, set_plan.prompt_set, pid),
+                       replayed_response(data, strings.of(data), plan.variant.model, plan.fused.responses.name))
+
+
+def _submit_skipped_replays(plan: ProjectPlan, strings: TokenStrings, writer: BackgroundWriter) -> int:
+    """Replayed response JSONs of prompts that need no forward (their outputs exist)."""
+    n = 0
+    for set_plan in plan.sets:
+        todo = {pid for pid, _ in set_plan.todo}
+        for pid in set_plan.replay:
+            if pid not in todo:
+                _submit_replay(plan, set_plan, pid, strings, writer)
+                n += 1
+    return n
+
+
+def run_fused(plan: ProjectPlan, loaded: LoadedModel | None = None) -> dict:
+    """Load the variant (unless `loaded`), compute the calibration when none exists, then score every pending
+    prompt in batches; projection JSONs (and means files, replayed response JSONs) are written as each batch
+    finishes, on a background thread, each atomically. No raw file is written."""
+    t0 = time.perf_counter()
+    summary = dict(new_summary(plan), fused=True, means_written=0, responses_written=0, out_of_memory_retries=0)
+    strings = TokenStrings(plan.fused.tokenizer)
+    lm = None
+    try:
+        with BackgroundWriter() as writer:
+            summary["responses_written"] += _submit_skipped_replays(plan, strings, writer)
+            if plan.has_work:  # decided before loading the model
+                lm = _load_fused(plan, loaded)
+                if plan.wants_calibration:
+                    plan = replace(plan, calibration=_calibrate_fused(plan, lm, summary))
+                    summary["bytes"] += plan.calibration.path.stat().st_size
+                note_calibration(summary, plan.calibration)
+                with tqdm(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project --fused",
+                          file=sys.stderr, disable=not plan.opts.progress, dynamic_ncols=True) as bar:
+                    for set_plan in plan.sets:
+                        if set_plan.todo:
+                            _score_set_fused(plan, set_plan, lm, strings, writer, summary, bar)
+        summary["bytes"] += writer.bytes
+        summary["files"] = [f for f in writer.files if f.endswith(".json") and "/projections/" in f]
+    finally:
+        if loaded is None and lm is not None and torch.cuda.is_available():
+            del lm
+            torch.cuda.empty_cache()
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def project(opts: ProjectOptions, loaded: LoadedModel | None = None) -> dict:
+    """The stage: plan_fused + run_fused with --fused, else plan_projection + run_projection."""
+    if opts.fused:
+        return run_fused(plan_fused(opts), loaded)
+    _check_fused_options(opts)
+    return run_projection(plan_projection(opts))
+
+
+def project_raw_activations_onto_traits(experiment: str, loaded: LoadedModel | None = None, **options) -> dict:
     """Project every pending prompt of the set(s) onto each trait's vectors and write the projection JSONs.
 
-    Keywords are ProjectOptions' fields. Returns a summary: experiment, model_variant, prompt_sets, traits,
-    written, skipped, prompts, files, bytes, vectors (per set and trait), calibration (path and source, or
-    None), seconds.
+    Keywords are ProjectOptions' fields; `loaded` reuses an already-loaded LoadedModel of the variant (fused).
+    Returns a summary: experiment, model_variant, prompt_sets, traits, written, skipped, prompts, files,
+    bytes (everything the run wrote), vectors (per set and trait), calibration (path and source, or None),
+    seconds; with fused also means_written, responses_written, out_of_memory_retries.
     """
-    return run_projection(plan_projection(ProjectOptions(experiment, **options)))
+    return project(ProjectOptions(experiment, **options), loaded)
 
 
 def format_summary(s: dict) -> str:
     sets = ", ".join(s["prompt_sets"])
     per_prompt = s["bytes"] / s["prompts"] if s["prompts"] else 0.0
-    return (f"projected {s['prompts']} prompts of {sets} onto {len(s['traits'])} traits: {s['written']} files written, "
-            f"{s['skipped']} existing skipped, {s['bytes']:,} bytes ({per_prompt:,.0f} per prompt) in "
-            f"{s['seconds']:.1f} s ({paths.inference_dir(s['experiment'], s['model_variant']) / 'projections'}); "
+    how = "fused forward, no raw file read or written" if s.get("fused") else "read from raw files"
+    extra = "".join(f", {s[k]} {what}" for k, what in (("means_written", "means files"),
+                                                         ("responses_written", "replayed response JSONs"),
+                                                         ("out_of_memory_retries", "out-of-memory retries"))
+                    if s.get(k))
+    return (f"projected {s['prompts']} prompts of {sets} onto {len(s['traits'])} traits: {s['written']} files "
+            f"written{extra}, {s['skipped']} existing skipped, {s['bytes']:,} bytes written ({per_prompt:,.0f} per "
+            f"prompt; activations {how}) in {s['seconds']:.1f} s "
+            f"({paths.inference_dir(s['experiment'], s['model_variant']) / 'projections'}); "
             f"calibration: {s['calibration_note']}")
 
 
@@ -588,6 +953,13 @@ examples:
   # both sides of a model diff with the same vectors (one steering variant for both)
   python inference/project_raw_activations_onto_traits.py --experiment rm_syco --all-prompt-sets \\
       --model-variant rm_lora --steering-variant instruct --layers best,best+2
+
+  # fused: no capture step and no raw files; the model runs over the stored responses' token ids
+  python inference/project_raw_activations_onto_traits.py --experiment my_exp --prompt-set single_trait --fused
+
+  # fused model diff: instruct replays rm_lora's responses, and writes the means compare_variants.py reads
+  python inference/project_raw_activations_onto_traits.py --experiment rm_syco --prompt-set rm_syco/train_100 \\
+      --fused --model-variant instruct --responses-from rm_lora --save-means --skip-existing
 """
 
 
@@ -621,12 +993,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibration", action="store_true",
                    help="neither read nor compute massive-dims calibration (no massive_dim_data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    f = p.add_argument_group("fused scoring (no raw files: a prefill forward over the stored response token ids)")
+    f.add_argument("--fused", action="store_true",
+                   help="score inside the forward instead of reading raw/residual/ (same JSONs; runs the model)")
+    f.add_argument("--responses-from", metavar="VARIANT",
+                   help="replay this variant's responses (model diff on identical tokens), write under --model-variant")
+    f.add_argument("--save-means", action="store_true",
+                   help="also write raw/means/{set}/{id}.pt (per-prompt residual means of every layer, for "
+                        "compare_variants.py); the forward then runs to the last layer")
+    f.add_argument("--load-in-8bit", action="store_true", help="load the model in 8-bit (bitsandbytes)")
+    f.add_argument("--load-in-4bit", action="store_true", help="load the model in 4-bit NF4 (bitsandbytes)")
+    f.add_argument("--dtype", help="round activations to this storage dtype before scoring, as capture's --dtype "
+                                   "stores them: float16, bfloat16, float32 (default: the model's dtype)")
+    f.add_argument("--batch-size", type=int, help="at most N prompts per forward (default: automatic)")
+    f.add_argument("--max-batch-tokens", type=int, help="at most N padded tokens per forward (default: automatic)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(build_parser(), lambda ns: run_projection(plan_projection(ProjectOptions.from_args(ns))),
-                   format_summary, argv)
+    return cli.run(build_parser(), lambda ns: project(ProjectOptions.from_args(ns)), format_summary, argv)
 
 
 if __name__ == "__main__":
