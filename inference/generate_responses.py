@@ -1,9 +1,17 @@
 #!/usr/bin/env python3
-"""Stage 1: write one response JSON per prompt: responses/{prompt_set}/{id}.json (DESIGN.md §4).
+"""Stage 1: write one response JSON per prompt: responses/{prompt_set}/{id}.json (docs/formats.md).
 
-    generate_responses(experiment, prompt_set, ...) -> summary dict      the whole stage, importable
-    main(argv) -> int                                                    the CLI (exit 2 on bad input)
-    GenerateError                                                        bad arguments / input files
+    GenerateOptions(experiment, prompt_set, ...)  every setting of a run (the CLI flags); .from_args(namespace)
+    plan_generate(opts) -> GeneratePlan            every input checked (flags, experiment, prompt set, ids, the
+                                                   imported file); nothing loaded, nothing written
+    run_generate(plan, loaded=None) -> dict        load (server, local model or tokenizer), generate or import in
+                                                   batches, write each batch's files; the summary
+    generate(opts, loaded=None) -> dict            plan + run
+    generate_responses(experiment, prompt_set, model_variant=None, loaded=None, **options) -> dict
+                                                   the same for keyword callers (options: GenerateOptions' fields)
+    format_summary(summary) -> str                 the one line main() prints
+    main(argv=None) -> int                         the CLI: python inference/generate_responses.py --help
+    GenerateError / GenerateServerError            bad arguments or input files (exit 2) / the server failed (exit 1)
 
 Mode A (generate): format each prompt (chat template, the set's system prompt, `--prefill` appended), tokenize
 once (exactly one BOS), generate in batches (through a running model server when it serves the same model, else
@@ -22,22 +30,22 @@ import os
 import secrets
 import sys
 import zlib
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from core.generation import GenerationResult, auto_batch_size, generate_in_batches  # noqa: E402
-from inference.model_server import TOKEN_ENV, ServerClient, ServerError, default_url, probe_server  # noqa: E402
-from utils import paths  # noqa: E402
-from utils.config import resolve_variant, use_chat_template  # noqa: E402
-from utils.model import (LoadedModel, decode_tokens, format_prompt, load_tokenizer, load_variant,  # noqa: E402
-                         resolve_dtype, stop_token_ids, tokenize_continuation, tokenize_prompt)
-from utils.prompts import Prompt, PromptSet, load_prompt_set  # noqa: E402
-from utils.responses import build_response  # noqa: E402
-from utils.storage import StorageError, read_json, write_json  # noqa: E402
 from core.errors import TraitError
+from core.generation import GenerationResult, auto_batch_size, generate_in_batches
+from inference.model_server import TOKEN_ENV, ServerClient, ServerError, default_url, probe_server
+from utils import cli, paths
+from utils.config import Variant, resolve_variant, use_chat_template
+from utils.model import (LoadedModel, decode_tokens, format_prompt, load_tokenizer, load_variant, resolve_dtype,
+                         stop_token_ids, tokenize_continuation, tokenize_prompt)
+from utils.prompts import Prompt, PromptSet, PromptSetError, load_prompt_set, parse_prompt_ids
+from utils.responses import build_response
+from utils.storage import StorageError, read_json, write_json
 
 SERVER_BATCH_SIZE = 32  # prompts per request (and per write) when talking to a server without --batch-size
 
@@ -46,28 +54,86 @@ class GenerateError(TraitError):
     """Bad arguments or input files for generate_responses; the message names the flag or file."""
 
 
-# ---- argument checks (before anything is loaded or written) ---------------------------------------------------
-def _check_args(max_new_tokens, temperature, top_p, seed, batch_size, limit, output_suffix, load_in_8bit,
-                load_in_4bit) -> None:
+class GenerateServerError(GenerateError):
+    """The model server failed mid-run; every file written before is complete (rerun with --skip-existing)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What one generate (or import) run is asked to do; the fields are the CLI flags (see build_parser)."""
+
+    experiment: str
+    prompt_set: str
+    model_variant: str | None = None
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    prefill: str | None = None
+    from_responses: str | Path | None = None
+    prompt_ids: str | Sequence[str | int] | None = None
+    batch_size: int | None = None
+    limit: int | None = None
+    skip_existing: bool = False
+    output_suffix: str | None = None
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    no_server: bool = False
+    server_url: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "GenerateOptions":
+        values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+        return cls(**values, progress=not getattr(ns, "no_progress", False))
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    opts: GenerateOptions
+    variant: Variant
+    pset: PromptSet
+    template: bool | None               # config use_chat_template (None: when the tokenizer has one)
+    total: int                          # prompts selected by --prompt-ids / --limit
+    todo: list[Prompt]                  # those to write: in the imported file (Mode B), not skipped as existing
+    skipped_existing: int
+    imported: dict[str, str] | None     # Mode B: {prompt_id: response_text}
+    missing_ids: list[str]              # Mode B: selected ids the file lacks
+    unknown_ids: list[str]              # Mode B: file ids the set lacks
+    seed: int | None                    # --seed, or drawn (and recorded) when sampling without one
+
+    @property
+    def out_dir(self) -> Path:
+        return paths.responses_dir(self.opts.experiment, self.variant.name, self.pset.name, self.opts.output_suffix)
+
+    def out_file(self, prompt_id: str) -> Path:
+        return paths.response_file(self.opts.experiment, self.variant.name, self.pset.name, prompt_id,
+                                   self.opts.output_suffix)
+
+
+# ---- checking every input before anything is loaded or written ------------------------------------------------
+def _check_flags(o: GenerateOptions) -> None:
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
 
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise GenerateError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise GenerateError(f"--temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise GenerateError(f"--top-p must be in (0, 1], got {top_p!r}")
-    if seed is not None and not is_int(seed):
-        raise GenerateError(f"--seed must be an integer, got {seed!r}")
-    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
-        raise GenerateError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    if limit is not None and (not is_int(limit) or limit < 0):
-        raise GenerateError(f"--limit must be >= 0, got {limit!r}")
-    if output_suffix is not None and (not output_suffix or "/" in output_suffix or "\\" in output_suffix
-                                      or output_suffix in (".", "..")):
-        raise GenerateError(f"--output-suffix {output_suffix!r}: must be a plain name (it becomes '{{set}}_SUFFIX')")
-    if load_in_8bit and load_in_4bit:
+    if not is_int(o.max_new_tokens) or o.max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens must be a positive integer, got {o.max_new_tokens!r}")
+    if not isinstance(o.temperature, (int, float)) or not math.isfinite(o.temperature) or o.temperature < 0:
+        raise GenerateError(f"--temperature must be >= 0 (0 = greedy), got {o.temperature!r}")
+    if not isinstance(o.top_p, (int, float)) or not 0 < o.top_p <= 1:
+        raise GenerateError(f"--top-p must be in (0, 1], got {o.top_p!r}")
+    if o.seed is not None and not is_int(o.seed):
+        raise GenerateError(f"--seed must be an integer, got {o.seed!r}")
+    if o.batch_size is not None and (not is_int(o.batch_size) or o.batch_size < 1):
+        raise GenerateError(f"--batch-size must be a positive integer, got {o.batch_size!r}")
+    if o.limit is not None and (not is_int(o.limit) or o.limit < 0):
+        raise GenerateError(f"--limit must be >= 0, got {o.limit!r}")
+    suffix = o.output_suffix
+    if suffix is not None and (not suffix or "/" in suffix or "\\" in suffix or suffix in (".", "..")):
+        raise GenerateError(f"--output-suffix {suffix!r}: must be a plain name (it becomes '{{set}}_SUFFIX')")
+    if o.load_in_8bit and o.load_in_4bit:
         raise GenerateError("--load-in-8bit and --load-in-4bit are mutually exclusive: choose one")
 
 
@@ -76,7 +142,7 @@ def _read_from_responses(path: str | Path) -> dict[str, str]:
     try:
         data = read_json(path)
     except StorageError as e:
-        raise GenerateError(f"--from-responses {e}") from None
+        raise GenerateError(f"--from-responses {e}") from e
     if not isinstance(data, dict):
         raise GenerateError(f"--from-responses {path}: expected a JSON object {{prompt_id: response_text}}, "
                             f"got a {type(data).__name__}")
@@ -85,6 +151,39 @@ def _read_from_responses(path: str | Path) -> dict[str, str]:
             raise GenerateError(f"--from-responses {path}: the value for id {key!r} must be a string, "
                                 f"got {type(text).__name__}")
     return data
+
+
+def _select(pset: PromptSet, prompt_ids, limit: int | None) -> list[Prompt]:
+    """--prompt-ids (a subset, in natural id order), then --limit (the first N)."""
+    try:
+        prompts = pset.select(parse_prompt_ids(prompt_ids)) if prompt_ids is not None else list(pset.prompts)
+    except PromptSetError as e:
+        raise GenerateError(str(e)) from e
+    return prompts[:limit] if limit is not None else prompts
+
+
+def plan_generate(opts: GenerateOptions) -> GeneratePlan:
+    """Check flags, experiment, variant, prompt set, --prompt-ids and the imported file; load and write nothing."""
+    _check_flags(opts)
+    variant = resolve_variant(opts.experiment, opts.model_variant)
+    pset = load_prompt_set(opts.prompt_set)
+    imported = _read_from_responses(opts.from_responses) if opts.from_responses is not None else None
+    template = use_chat_template(opts.experiment)
+    selected = _select(pset, opts.prompt_ids, opts.limit)
+    missing, unknown, prompts = [], [], selected
+    if imported is not None:
+        missing = [p.id for p in selected if p.id not in imported]
+        known = set(pset.ids)
+        unknown = [k for k in imported if k not in known]
+        prompts = [p for p in selected if p.id in imported]
+    exists = (lambda p: paths.response_file(opts.experiment, variant.name, pset.name, p.id,
+                                            opts.output_suffix).exists())
+    todo = [p for p in prompts if not (opts.skip_existing and exists(p))]
+    seed = opts.seed
+    if opts.temperature > 0 and seed is None and imported is None:
+        seed = secrets.randbelow(2**31)  # recorded in every file, so the run can be repeated
+    return GeneratePlan(opts, variant, pset, template, len(selected), todo, len(prompts) - len(todo), imported,
+                        missing, unknown, seed)
 
 
 # ---- prompt formatting -----------------------------------------------------------------------------------------
@@ -163,7 +262,10 @@ class _Server:
         return self.batch_size
 
     def generate(self, ids, max_new_tokens, temperature, top_p, row_seeds) -> list[GenerationResult]:
-        out = self.client.generate(ids, max_new_tokens, temperature, top_p, None, row_seeds, None, self.requested)
+        try:
+            out = self.client.generate(ids, max_new_tokens, temperature, top_p, None, row_seeds, None, self.requested)
+        except ServerError as e:
+            raise GenerateServerError(f"{e} (files written so far are complete; rerun with --skip-existing)") from e
         return [GenerationResult(list(i), r) for i, r in zip(out["ids"], out["stop_reasons"])]
 
 
@@ -172,154 +274,165 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-# ---- the stage -------------------------------------------------------------------------------------------------
-def generate_responses(experiment: str, prompt_set: str, model_variant: str | None = None, max_new_tokens: int = 50,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       prefill: str | None = None, from_responses: str | Path | None = None,
-                       batch_size: int | None = None, limit: int | None = None, skip_existing: bool = False,
-                       output_suffix: str | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
-                       no_server: bool = False, server_url: str | None = None, loaded: LoadedModel | None = None,
-                       progress: bool = True) -> dict:
-    """Generate (Mode A) or import (Mode B, `from_responses`) the responses of a prompt set; returns a summary.
+def _backend(plan: GeneratePlan, loaded: LoadedModel | None) -> tuple[_Local | _Server, str, object]:
+    """(backend, why it was chosen, tokenizer): a caller's model, a server serving this variant, or a local load."""
+    o, variant, exp = plan.opts, plan.variant, plan.opts.experiment
+    if loaded is not None:
+        return _Local(loaded, o.batch_size), "model passed in by the caller", loaded.tokenizer
+    client, why = None, "--no-server"
+    if not o.no_server:
+        want = {"model_path": variant.model_path(exp), "lora_path": variant.lora_path(exp),
+                "quantization": "8bit" if o.load_in_8bit else "4bit" if o.load_in_4bit else None,
+                "dtype": str(resolve_dtype("auto")).replace("torch.", "")}
+        client, why = probe_server(o.server_url or default_url(), want, os.environ.get(TOKEN_ENV) or None)
+    if client is not None:
+        _log(o.progress, f"generate: using the {why}")
+        return _Server(client, client.served, o.batch_size), why, load_tokenizer(variant.model_path(exp))
+    _log(o.progress, f"generate: loading {variant.name} ({variant.model}) locally: {why}")
+    loaded = load_variant(exp, variant.name, load_in_8bit=o.load_in_8bit, load_in_4bit=o.load_in_4bit)
+    return _Local(loaded, o.batch_size), why, loaded.tokenizer
 
-    Order: check every argument and input file, then load (the server, a local model, or the tokenizer only),
-    then write files batch by batch. `loaded` reuses a model already in memory (never the server).
+
+# ---- the records written ---------------------------------------------------------------------------------------
+def generated_record(plan: GeneratePlan, prompt: Prompt, text: str, ids: list[int], note: str | None,
+                     result: GenerationResult, tokenizer, model_info: dict) -> dict:
+    """One Mode A response JSON (docs/formats.md): the prompt ids plus the generated ids, and a `generation` block."""
+    o = plan.opts
+    token_ids = ids + result.ids
+    return build_response(
+        prompt=text, response=tokenizer.decode(result.ids, skip_special_tokens=True), token_ids=token_ids,
+        prompt_end=len(ids), tokens=decode_tokens(tokenizer, token_ids), inference_model=plan.variant.model,
+        system_prompt=plan.pset.system_prompt, prompt_note=prompt.note,
+        generation={"max_new_tokens": o.max_new_tokens, "temperature": float(o.temperature), "top_p": float(o.top_p),
+                    "seed": plan.seed, "stop_reason": result.stop_reason, "prefill": o.prefill or None,
+                    "format_note": note, "variant": plan.variant.name, "lora": plan.variant.lora, **model_info})
+
+
+def imported_record(plan: GeneratePlan, prompt: Prompt, tokenizer, stops: list[str]) -> dict:
+    """One Mode B response JSON: the imported text (trailing stop strings removed) tokenized after the prompt."""
+    o = plan.opts
+    text, ids, note = format_and_tokenize(tokenizer, prompt, plan.pset.system_prompt, plan.template, o.prefill)
+    response, removed = strip_stop_strings(plan.imported[prompt.id], stops)
+    token_ids = ids + tokenize_continuation(tokenizer, response)
+    return build_response(
+        prompt=text, response=response, token_ids=token_ids, prompt_end=len(ids),
+        tokens=decode_tokens(tokenizer, token_ids), inference_model=plan.variant.model,
+        system_prompt=plan.pset.system_prompt, prompt_note=prompt.note,
+        imported={"from_responses": str(o.from_responses), "stripped_suffix": removed, "prefill": o.prefill or None,
+                  "format_note": note})
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+def _new_summary(plan: GeneratePlan) -> dict:
+    summary = {"mode": "import" if plan.imported is not None else "generate", "experiment": plan.opts.experiment,
+               "variant": plan.variant.name, "prompt_set": plan.pset.name, "output_dir": str(plan.out_dir),
+               "total": plan.total, "written": 0, "skipped_existing": plan.skipped_existing}
+    if plan.imported is not None:
+        summary.update({"missing_ids": plan.missing_ids, "unknown_ids": plan.unknown_ids})
+    return summary
+
+
+def run_generate(plan: GeneratePlan, loaded: LoadedModel | None = None) -> dict:
+    """Mode A or B on plan.todo; `loaded` reuses a model (or, importing, its tokenizer) already in memory.
+
+    Summary keys: mode, experiment, variant, prompt_set, output_dir, total, written, skipped_existing, backend,
+    backend_reason; Mode A: seed, batch_size, stop_reasons; Mode B: missing_ids, unknown_ids, stripped_stop_strings.
     """
-    _check_args(max_new_tokens, temperature, top_p, seed, batch_size, limit, output_suffix, load_in_8bit,
-                load_in_4bit)
-    variant = resolve_variant(experiment, model_variant)
-    pset = load_prompt_set(prompt_set)
-    imported = _read_from_responses(from_responses) if from_responses is not None else None
-    template = use_chat_template(experiment)
-    prompts = pset.prompts[:limit] if limit is not None else list(pset.prompts)
-    out_dir = paths.responses_dir(experiment, variant.name, pset.name, output_suffix)
-    summary: dict = {
-        "mode": "import" if imported is not None else "generate", "experiment": experiment,
-        "variant": variant.name, "prompt_set": pset.name, "output_dir": str(out_dir), "total": len(prompts),
-        "written": 0, "skipped_existing": 0,
-    }
-    if imported is not None:
-        missing = [p.id for p in prompts if p.id not in imported]
-        known = set(pset.ids)
-        summary["missing_ids"] = missing
-        summary["unknown_ids"] = [k for k in imported if k not in known]
-        prompts = [p for p in prompts if p.id in imported]
-    todo = prompts
-    if skip_existing:
-        todo = [p for p in prompts if not paths.response_file(experiment, variant.name, pset.name, p.id,
-                                                              output_suffix).exists()]
-        summary["skipped_existing"] = len(prompts) - len(todo)
-    if imported is not None:
-        return _import(experiment, variant, pset, todo, imported, from_responses, prefill, template, output_suffix,
-                       loaded, summary, progress)
-    if not todo:
+    summary = _new_summary(plan)
+    if plan.imported is not None:
+        return _run_import(plan, loaded, summary)
+    if not plan.todo:
         summary["backend"] = None
         return summary
-
-    # ---- pick the backend: a caller's model, a matching server, or a local load --------------------------------
-    if temperature > 0 and seed is None:
-        seed = secrets.randbelow(2**31)  # recorded in every file, so the run can be repeated
-    if loaded is not None:
-        backend, why = _Local(loaded, batch_size), "model passed in by the caller"
-    else:
-        client, why = None, "--no-server"
-        if not no_server:
-            want = {"model_path": variant.model_path(experiment), "lora_path": variant.lora_path(experiment),
-                    "quantization": "8bit" if load_in_8bit else "4bit" if load_in_4bit else None,
-                    "dtype": str(resolve_dtype("auto")).replace("torch.", "")}
-            client, why = probe_server(server_url or default_url(), want, os.environ.get(TOKEN_ENV) or None)
-        if client is not None:
-            _log(progress, f"generate: using the {why}")
-            tokenizer = load_tokenizer(variant.model_path(experiment))
-            backend = _Server(client, client.served, batch_size)
-            loaded = LoadedModel(None, tokenizer, {"model": variant.model})
-        else:
-            _log(progress, f"generate: loading {variant.name} ({variant.model}) locally: {why}")
-            loaded = load_variant(experiment, variant.name, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-            backend = _Local(loaded, batch_size)
-    summary.update({"backend": backend.name, "backend_reason": why, "seed": seed})
-    tok = loaded.tokenizer
-
+    backend, why, tok = _backend(plan, loaded)
+    summary.update({"backend": backend.name, "backend_reason": why, "seed": plan.seed})
     items = []
-    for p in todo:
-        text, ids, note = format_and_tokenize(tok, p, pset.system_prompt, template, prefill)
+    for p in plan.todo:
+        text, ids, note = format_and_tokenize(tok, p, plan.pset.system_prompt, plan.template, plan.opts.prefill)
         if not ids:  # e.g. an empty prompt, no chat template and a tokenizer without BOS: nothing to continue
-            raise GenerateError(f"{pset.path}: prompt {p.id!r} has no tokens to generate from")
+            raise GenerateError(f"{plan.pset.path}: prompt {p.id!r} has no tokens to generate from")
         items.append((p, text, ids, note))
     # longest first: similar lengths share a batch (less padding) and an out-of-memory shows up at once
     items.sort(key=lambda it: -len(it[2]))
-    size = backend.plan(len(items[0][2]) + max_new_tokens)
+    _generate_loop(plan, backend, tok, items, summary)
+    return summary
+
+
+def _generate_loop(plan: GeneratePlan, backend, tok, items: list, summary: dict) -> None:
+    """Batches of prompts through the backend; each batch's files are written as soon as it is done."""
+    o = plan.opts
+    size = backend.plan(len(items[0][2]) + o.max_new_tokens)
     stop_counts = {"eos": 0, "length": 0}
-    bar = tqdm(total=len(items), unit="prompt", desc=f"generate {pset.name}", disable=not progress, file=sys.stderr)
-    try:
+    with tqdm(total=len(items), unit="prompt", desc=f"generate {plan.pset.name}", disable=not o.progress,
+              file=sys.stderr) as bar:
         start = 0
         while start < len(items):
             batch = items[start:start + size]
-            seeds = [row_seed(seed, p.id) for p, *_ in batch] if temperature > 0 else None
-            results = backend.generate([ids for _, _, ids, _ in batch], max_new_tokens, float(temperature),
-                                       float(top_p), seeds)
+            seeds = [row_seed(plan.seed, p.id) for p, *_ in batch] if o.temperature > 0 else None
+            results = backend.generate([ids for _, _, ids, _ in batch], o.max_new_tokens, float(o.temperature),
+                                       float(o.top_p), seeds)
             for (p, text, ids, note), res in zip(batch, results):
-                token_ids = ids + res.ids
-                record = build_response(
-                    prompt=text, response=tok.decode(res.ids, skip_special_tokens=True), token_ids=token_ids,
-                    prompt_end=len(ids), tokens=decode_tokens(tok, token_ids), inference_model=variant.model,
-                    system_prompt=pset.system_prompt, prompt_note=p.note,
-                    generation={"max_new_tokens": max_new_tokens, "temperature": float(temperature),
-                                "top_p": float(top_p), "seed": seed, "stop_reason": res.stop_reason,
-                                "prefill": prefill or None, "format_note": note, "variant": variant.name,
-                                "lora": variant.lora, **backend.model_info})
-                write_json(paths.response_file(experiment, variant.name, pset.name, p.id, output_suffix), record)
+                write_json(plan.out_file(p.id), generated_record(plan, p, text, ids, note, res, tok,
+                                                                 backend.model_info))
                 stop_counts[res.stop_reason] = stop_counts.get(res.stop_reason, 0) + 1
                 summary["written"] += 1
             bar.update(len(batch))
             start += len(batch)
             size = backend.batch_size or size  # an out-of-memory may have lowered it
-    finally:
-        bar.close()
     summary.update({"batch_size": size, "stop_reasons": stop_counts})
-    return summary
 
 
-def _import(experiment, variant, pset: PromptSet, todo: list[Prompt], imported: dict[str, str], source, prefill,
-            template, output_suffix, loaded, summary: dict, progress: bool) -> dict:
+def _run_import(plan: GeneratePlan, loaded: LoadedModel | None, summary: dict) -> dict:
     """Mode B: tokenizer only; the response ids are the imported text tokenized without special tokens."""
     summary.update({"backend": "tokenizer", "backend_reason": "--from-responses: no model weights needed"})
-    if not todo:
+    if not plan.todo:
         return summary
-    tok = loaded.tokenizer if loaded is not None else load_tokenizer(variant.model_path(experiment))
-    stops = _stop_strings(tok, variant.model_path(experiment))
+    exp = plan.opts.experiment
+    tok = loaded.tokenizer if loaded is not None else load_tokenizer(plan.variant.model_path(exp))
+    stops = _stop_strings(tok, plan.variant.model_path(exp))
     stripped = 0
-    for p in tqdm(todo, unit="prompt", desc=f"import {pset.name}", disable=not progress, file=sys.stderr):
-        text, ids, note = format_and_tokenize(tok, p, pset.system_prompt, template, prefill)
-        response, removed = strip_stop_strings(imported[p.id], stops)
-        stripped += removed is not None
-        token_ids = ids + tokenize_continuation(tok, response)
-        record = build_response(
-            prompt=text, response=response, token_ids=token_ids, prompt_end=len(ids),
-            tokens=decode_tokens(tok, token_ids), inference_model=variant.model, system_prompt=pset.system_prompt,
-            prompt_note=p.note,
-            imported={"from_responses": str(source), "stripped_suffix": removed, "prefill": prefill or None,
-                      "format_note": note})
-        write_json(paths.response_file(experiment, variant.name, pset.name, p.id, output_suffix), record)
+    for p in tqdm(plan.todo, unit="prompt", desc=f"import {plan.pset.name}", disable=not plan.opts.progress,
+                  file=sys.stderr):
+        record = imported_record(plan, p, tok, stops)
+        stripped += record["imported"]["stripped_suffix"] is not None
+        write_json(plan.out_file(p.id), record)
         summary["written"] += 1
     summary["stripped_stop_strings"] = stripped
     return summary
 
 
+def generate(opts: GenerateOptions, loaded: LoadedModel | None = None) -> dict:
+    """plan_generate then run_generate."""
+    return run_generate(plan_generate(opts), loaded)
+
+
+def generate_responses(experiment: str, prompt_set: str, model_variant: str | None = None,
+                       loaded: LoadedModel | None = None, **options) -> dict:
+    """Generate (Mode A) or import (Mode B, `from_responses=`) the responses of a prompt set; returns a summary.
+
+    `options` are GenerateOptions' fields (max_new_tokens=, temperature=, prompt_ids=, no_server=, ...).
+    Order: check every argument and input file, then load (the server, a local model, or the tokenizer only),
+    then write files batch by batch. `loaded` reuses a model already in memory (never the server).
+    """
+    return generate(GenerateOptions(experiment, prompt_set, model_variant, **options), loaded)
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         description="Generate (or import) one response JSON per prompt of a prompt set: text plus the exact token "
                     "ids, under experiments/E/inference/VARIANT/responses/SET/ID.json.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python inference/generate_responses.py --experiment demo --prompt-set single_trait\n"
                "  python inference/generate_responses.py --experiment demo --prompt-set harmful \\\n"
                "      --model-variant instruct --temperature 0.7 --top-p 0.9 --seed 1 --output-suffix t07\n"
+               "  python inference/generate_responses.py --experiment demo --prompt-set single_trait --prompt-ids 1,3,10\n"
                "  python inference/generate_responses.py --experiment rm_syco --prompt-set rm_syco/train_100 \\\n"
                "      --model-variant rm_lora --from-responses texts.json      # Mode B: tokenizer only\n\n"
                "A model server (inference/model_server.py) at $TRAIT_SERVER_URL (default http://127.0.0.1:8765)\n"
-               "is used when it serves the same model and LoRA; otherwise the model is loaded here.")
+               "is used when it serves the same model and LoRA; otherwise the model is loaded here.\n"
+               "Exit status: 0 done, 2 bad input (nothing written), 1 the server failed mid-run (files written\n"
+               "so far are complete: rerun with --skip-existing).")
     p.add_argument("--experiment", required=True, help="experiments/E/config.json names the model variants")
     p.add_argument("--prompt-set", required=True, help="datasets/inference/SET.json (may be nested: a/b)")
     p.add_argument("--model-variant", help="variant to use (default: defaults.application of the config)")
@@ -330,8 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling seed: same seed, same sample per prompt (default: drawn and recorded)")
     p.add_argument("--prefill", default=None, help="text appended after the chat template (part of the prompt)")
     p.add_argument("--from-responses", metavar="FILE", help="Mode B: import {prompt_id: response_text}, no weights")
+    p.add_argument("--prompt-ids", metavar="A,B", default=None,
+                   help="only these prompt ids of the set (comma list; natural id order; unknown ids are an error)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: automatic)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the set")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (after --prompt-ids)")
     p.add_argument("--skip-existing", action="store_true", help="keep response files that already exist")
     p.add_argument("--output-suffix", default=None, help="write to responses/SET_SUFFIX instead")
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
@@ -343,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _summary_line(s: dict) -> str:
+def format_summary(s: dict) -> str:
     line = (f"{'imported' if s['mode'] == 'import' else 'generated'} {s['written']} of {s['total']} responses "
             f"-> {s['output_dir']} (skipped {s['skipped_existing']} existing")
     if s.get("backend"):
@@ -359,21 +474,7 @@ def _summary_line(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = generate_responses(
-            args.experiment, args.prompt_set, args.model_variant, args.max_new_tokens, args.temperature,
-            args.top_p, args.seed, args.prefill, args.from_responses, args.batch_size, args.limit,
-            args.skip_existing, args.output_suffix, args.load_in_8bit, args.load_in_4bit, args.no_server,
-            args.server_url, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ServerError as e:
-        print(f"error: {e} (files written so far are complete; rerun with --skip-existing)", file=sys.stderr)
-        return 1
-    print(_summary_line(summary))
-    return 0
+    return cli.run(build_parser(), lambda args: generate(GenerateOptions.from_args(args)), format_summary, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
     serve(loaded, host, port, token)               run uvicorn until SIGINT / SIGTERM, then return
     ServerClient(url, token)                       .health(timeout), .generate(prompt_ids, ...)
     probe_server(url, want, token)                 -> (ServerClient | None, reason): is it up and serving `want`?
-    main(argv) -> int
+    ServeOptions / run_server(opts)                the CLI's flags / check, load, serve (status lines on stderr)
+    main(argv) -> int                              the CLI: python inference/model_server.py --help
+    ServerError                                    the server failed while answering (a TraitError, exit status 1)
 
 Endpoints:
     GET  /health   -> {status, model, variant, lora, model_path, lora_path, dtype, device, quantization, stop_ids}
@@ -26,14 +28,15 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import requests
 
-import requests  # noqa: E402
-
-from core.generation import auto_batch_size, generate_in_batches  # noqa: E402
+from core.errors import TraitError
+from core.generation import auto_batch_size, generate_in_batches
+from utils import cli
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -43,8 +46,17 @@ URL_ENV = "TRAIT_SERVER_URL"
 HEALTH_TIMEOUT_S = 1.0
 
 
-class ServerError(RuntimeError):
-    """The model server failed while answering (connection lost, HTTP error); the message says which."""
+class ServerError(TraitError):
+    """The model server failed while answering (connection lost, HTTP error); the message says which.
+
+    Not bad input, so its exit status is 1 (cli.run), not 2; a client run stopped by it can be resumed.
+    """
+
+    exit_code = 1
+
+
+class ServeError(TraitError):
+    """Bad flags for starting a server (--port, --host); the message names the flag."""
 
 
 def default_url() -> str:
@@ -178,7 +190,7 @@ class ServerClient:
             r = requests.post(f"{self.url}/generate", json=body, headers=self._headers(),
                               timeout=(5.0, self.timeout_s))
         except requests.RequestException as e:
-            raise ServerError(f"model server at {self.url} failed: {e}") from None
+            raise ServerError(f"model server at {self.url} failed: {e}") from e
         if r.status_code != 200:
             raise ServerError(f"model server at {self.url} answered HTTP {r.status_code}: {r.text[:300]}")
         out = r.json()
@@ -255,11 +267,31 @@ def load_for_serving(experiment: str | None = None, model_variant: str | None = 
     return loaded
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """The server's CLI flags (see build_parser)."""
+
+    experiment: str | None = None
+    model_variant: str | None = None
+    model: str | None = None
+    lora: str | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: str | None = None             # None: $TRAIT_SERVER_TOKEN, else no token
+    dtype: str = "auto"
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "ServeOptions":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         description="Serve one model (and LoRA) over HTTP so generate_responses.py can skip loading it per run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python inference/model_server.py --experiment demo --model-variant instruct\n"
+        epilog="examples:\n  python inference/model_server.py --experiment demo --model-variant instruct\n"
                "  python inference/model_server.py --model google/gemma-2-2b-it --port 8766 --token s3cret\n\n"
                "generate_responses.py finds it at $TRAIT_SERVER_URL (default http://127.0.0.1:8765) and sends\n"
                "$TRAIT_SERVER_TOKEN. Stop with Ctrl-C or SIGTERM.")
@@ -280,36 +312,36 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_port(host: str, port: int) -> None:
     """Fail before the (slow) model load when the port is taken."""
     if not 0 < port < 65536:
-        raise ValueError(f"--port {port}: must be in 1..65535")
+        raise ServeError(f"--port {port}: must be in 1..65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+            raise ServeError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from e
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    try:
-        _check_port(args.host, args.port)
-        loaded = load_for_serving(args.experiment, args.model_variant, args.model, args.lora, args.dtype,
-                                  args.load_in_8bit, args.load_in_4bit, args.trust_remote_code)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host} without a token: anyone who can reach it can use the model",
+def run_server(opts: ServeOptions) -> str | None:
+    """Check the port, load the model, serve until a signal; returns the signal's name. Status lines go to stderr."""
+    token = opts.token or os.environ.get(TOKEN_ENV) or None
+    _check_port(opts.host, opts.port)
+    loaded = load_for_serving(opts.experiment, opts.model_variant, opts.model, opts.lora, opts.dtype,
+                              opts.load_in_8bit, opts.load_in_4bit, opts.trust_remote_code)
+    if not token and opts.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {opts.host} without a token: anyone who can reach it can use the model",
               file=sys.stderr)
     info = loaded.info
     print(f"model server: {info.get('variant') or '-'} = {info.get('model')}"
           f"{' + LoRA ' + str(info.get('lora')) if info.get('lora') else ''} ({info.get('dtype')}, {info.get('device')})"
-          f" on http://{args.host}:{args.port} ({'token required' if token else 'no token'})",
+          f" on http://{opts.host}:{opts.port} ({'token required' if token else 'no token'})",
           file=sys.stderr, flush=True)
-    stopped_by = serve(loaded, args.host, args.port, token)
+    stopped_by = serve(loaded, opts.host, opts.port, token)
     print(f"model server stopped{' (' + stopped_by + ')' if stopped_by else ''}", file=sys.stderr)
-    return 0
+    return stopped_by
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), lambda args: run_server(ServeOptions.from_args(args)), lambda _stopped: "", argv)
 
 
 if __name__ == "__main__":

@@ -277,7 +277,6 @@ def test_killed_mid_run_then_skip_existing_gives_the_uninterrupted_files(zoo, ex
     wrapper = tmp_path / "slow_generate.py"
     wrapper.write_text(
         "import sys, time\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
         "import core.generation as g\n"
         "real = g.generate_batch\n"
         "def slow(*a, **k):\n"
@@ -396,13 +395,71 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(zoo, experiments, da
 
 
 def test_cli_help_and_subprocess_error(zoo, experiments, datasets, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "example" in out and "--from-responses" in out and "--top-p" in out
+    assert "example" in out and "--from-responses" in out and "--top-p" in out and "--prompt-ids" in out
     exp_dir = experiments("e", {"base": {"model": zoo("llama")}})
     env = {**os.environ, "TRAIT_EXPERIMENTS_DIR": str(exp_dir.parent), "HF_HUB_OFFLINE": "1"}
-    script = str(REPO / "inference" / "generate_responses.py")  # run from elsewhere: the script finds the repo
+    script = str(REPO / "inference" / "generate_responses.py")  # run from elsewhere: the editable install finds the repo
     r = subprocess.run([sys.executable, script, "--experiment", "e", "--prompt-set", "tiny", "--limit", "-1"],
                        capture_output=True, text=True, env=env, cwd="/")
     assert r.returncode == 2 and r.stderr.strip() == "error: --limit must be >= 0, got -1"
+
+
+# ---- --prompt-ids, options, server failure ------------------------------------------------------------------------
+def test_prompt_ids_select_a_subset_in_natural_order(zoo, experiments, datasets, capsys):
+    experiments("e", {"base": {"model": zoo("llama")}})
+    s = generate_responses("e", "tiny", max_new_tokens=4, prompt_ids="10,b,2", no_server=True, progress=False,
+                           output_suffix="sub")
+    out = paths.responses_dir("e", "base", "tiny", "sub")
+    assert (s["written"], s["total"]) == (3, 3)
+    assert sorted(p.stem for p in out.glob("*.json")) == ["10", "2", "b"]
+    # the same bytes (but the date) as the whole set's files: a subset changes no file
+    generate_responses("e", "tiny", max_new_tokens=4, no_server=True, progress=False, output_suffix="all")
+    for pid in ("10", "b", "2"):
+        assert strip_date(read("e", "base", "tiny", pid, "sub")) == strip_date(read("e", "base", "tiny", pid, "all"))
+    # --limit applies after --prompt-ids, in natural id order (2 before 10 before b)
+    s = generate_responses("e", "tiny", max_new_tokens=4, prompt_ids=["b", 10, 2], limit=2, no_server=True,
+                           progress=False, output_suffix="lim")
+    assert sorted(p.stem for p in paths.responses_dir("e", "base", "tiny", "lim").glob("*.json")) == ["10", "2"]
+    # Mode B with --prompt-ids: missing ids counted among the selected only
+    texts = paths.experiment_dir("e") / "texts.json"
+    texts.write_text(json.dumps({"1": "one", "3": "three"}))
+    s = generate_responses("e", "tiny", from_responses=texts, prompt_ids="1,2", output_suffix="imp", progress=False)
+    assert (s["written"], s["total"], s["missing_ids"]) == (1, 2, ["2"])
+    err = bad_run(capsys, ["--experiment", "e", "--prompt-set", "tiny", "--prompt-ids", "1,nope,zz"])
+    assert "--prompt-ids" in err and "nope, zz" in err and "tiny" in err
+    err = bad_run(capsys, ["--experiment", "e", "--prompt-set", "tiny", "--prompt-ids", "1,,2"])
+    assert "--prompt-ids" in err and "comma list" in err
+
+
+def test_options_from_args_cover_every_flag():
+    from inference.generate_responses import GenerateOptions, build_parser
+
+    ns = build_parser().parse_args(["--experiment", "e", "--prompt-set", "s", "--prompt-ids", "1,2", "--seed", "3",
+                                    "--no-progress", "--no-server", "--limit", "4"])
+    opts = GenerateOptions.from_args(ns)
+    assert (opts.prompt_ids, opts.seed, opts.progress, opts.no_server, opts.limit) == ("1,2", 3, False, True, 4)
+    flags = {a.dest for a in build_parser()._actions} - {"help", "no_progress"}
+    assert flags <= {f for f in GenerateOptions.__dataclass_fields__}  # no flag is dropped on the way
+    with pytest.raises(TypeError):
+        generate_responses("e", "s", max_tokens=5)  # a misspelled option is not ignored
+
+
+def test_server_failing_mid_run_exits_1_with_one_line(zoo, experiments, datasets, monkeypatch, capsys):
+    import inference.generate_responses as gr
+    from inference.model_server import ServerClient
+
+    experiments("e", {"base": {"model": zoo("llama")}})
+    with __import__("socket").socket() as sock:  # a port nobody listens on: the server "died" after /health
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client = ServerClient(dead)
+    client.served = {"dtype": "float32", "quantization": None}
+    monkeypatch.setattr(gr, "probe_server", lambda *a, **k: (client, "fake server"))
+    rc = main(["--experiment", "e", "--prompt-set", "tiny", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model server at " + dead) and "--skip-existing" in err
+    assert "Traceback" not in err

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from utils import paths
-from utils.prompts import PromptSetError, list_prompt_sets, load_prompt_set
+from utils.prompts import PromptSetError, list_prompt_sets, load_prompt_set, parse_prompt_ids
 
 
 @pytest.fixture
@@ -116,3 +116,18 @@ def test_shipped_benign_parallels_harmful_and_adversarial_covers_edge_cases(monk
     assert any(any(ord(c) > 0x3000 for c in p.text) for p in adv)                             # CJK / emoji
     assert any("```" in p.text for p in adv)                                                   # code
     assert sum("injection" in (p.note or "") for p in adv) >= 2
+
+
+def test_select_and_parse_prompt_ids(datasets):
+    datasets("s", [{"id": i, "text": f"t{i}"} for i in ("b", 10, 2, 1, "a")])
+    ps = load_prompt_set("s")
+    assert parse_prompt_ids(None) is None
+    assert parse_prompt_ids(" 10, b ,2") == ["10", "b", "2"] and parse_prompt_ids([10, "b"]) == ["10", "b"]
+    for bad in ("", "1,,2", ",", []):
+        with pytest.raises(PromptSetError, match="--prompt-ids"):
+            parse_prompt_ids(bad)
+    assert [p.id for p in ps.select(["b", "10", "2", "1"])] == ["1", "2", "10", "b"]  # natural id order
+    assert [p.id for p in ps.select([2, "2"])] == ["2"]  # de-duplicated
+    assert [p.text for p in ps.select(["10"])] == ["t10"]
+    with pytest.raises(PromptSetError, match=r"id\(s\) 7, zz not in prompt set 's'"):
+        ps.select(["1", "7", "zz"])

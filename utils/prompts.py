@@ -1,8 +1,10 @@
-"""Prompt sets: `datasets/inference/{name}.json` (DESIGN.md §3), loaded and validated.
+"""Prompt sets: `datasets/inference/{name}.json` (docs/formats.md), loaded and validated.
 
     load_prompt_set(name) -> PromptSet       name may be nested ("rm_syco/train_100"); errors name file and item
     list_prompt_sets()    -> [name]          every set under datasets/inference/, nested names included
-    PromptSet                                name, path, prompts, system_prompt, description
+    PromptSet                                name, path, prompts, system_prompt, description;
+                                             .select(ids) -> [Prompt] a subset in natural id order
+    parse_prompt_ids(spec) -> [str] | None   --prompt-ids "1,2,10" (or a list) -> ids
     Prompt                                   id (str: the file stem), text, note, extra (other keys, kept)
     PromptSetError                           unknown set (close names listed) / malformed file
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from utils import paths
 from utils.storage import StorageError, read_json
@@ -46,6 +49,27 @@ class PromptSet:
     @property
     def ids(self) -> list[str]:
         return [p.id for p in self.prompts]
+
+    def select(self, ids: Sequence[str | int]) -> list[Prompt]:
+        """The prompts with these ids, in natural id order (1, 2, 10, b); an id the set lacks is an error."""
+        by_id = {p.id: p for p in self.prompts}
+        wanted = list(dict.fromkeys(str(i) for i in ids))
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise PromptSetError(f"--prompt-ids: id(s) {', '.join(missing)} not in prompt set {self.name!r} "
+                                 f"({self.path}; {len(self.prompts)} prompts)")
+        return [by_id[i] for i in sorted(wanted, key=paths.natural_key)]
+
+
+def parse_prompt_ids(prompt_ids: str | Sequence[str | int] | None) -> list[str] | None:
+    """--prompt-ids: a comma list ("1,2,10") or a sequence of ids -> [str]; None stays None (every prompt)."""
+    if prompt_ids is None:
+        return None
+    items = prompt_ids.split(",") if isinstance(prompt_ids, str) else [str(i) for i in prompt_ids]
+    items = [i.strip() for i in items]
+    if not items or any(not i for i in items):
+        raise PromptSetError(f"--prompt-ids {prompt_ids!r}: expected a comma list of ids such as 1,2,10")
+    return items
 
 
 def list_prompt_sets() -> list[str]:
@@ -114,7 +138,7 @@ def load_prompt_set(name: str) -> PromptSet:
     try:
         data = read_json(path)
     except StorageError as e:
-        raise PromptSetError(str(e)) from None
+        raise PromptSetError(str(e)) from e
     system_prompt = description = None
     if isinstance(data, dict):
         if not isinstance(data.get("prompts"), list):
