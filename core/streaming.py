@@ -39,7 +39,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from core.generation import SeededSampler, config_stop_ids, mix_seed
+from core.generation import SeededSampler, check_sampling, config_stop_ids, mix_seed
 from core.hooks import SteeringHook, SteeringSpec, component_module, input_device, num_layers
 from core.projection import unit_vectors
 from core.errors import TraitError
@@ -170,22 +170,13 @@ class ScoreProjector:
         return {layer: a.to(torch.float32).cpu() for layer, a in zip(self.layers, self._acts) if a is not None}
 
 
-def _check(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_p: float, vocab: int,
-           steering: Sequence[SteeringSpec]) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise StreamError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0.0 or temperature == float("inf"):
-        raise StreamError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise StreamError(f"top_p must be in (0, 1], got {top_p!r}")
+def _check(prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_p: float, vocab: int) -> None:
+    check_sampling(max_new_tokens, temperature, top_p, StreamError)
     if not prompt_ids:
         raise StreamError("the prompt needs at least one token id")
     bad = [i for i in prompt_ids if not 0 <= int(i) < vocab]
     if bad:
         raise StreamError(f"prompt token id {bad[0]} is outside the model's vocabulary (size {vocab})")
-    for s in steering:
-        if s.positions not in ("all", "prompt", "response"):
-            raise StreamError(f"steering positions must be all, prompt or response, got {s.positions!r}")
 
 
 def _module_device(model: nn.Module, layer: int, component: str) -> torch.device:
@@ -225,7 +216,7 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     steering = list(steering or [])
     vocab = int(model.get_input_embeddings().weight.shape[0])
     prompt_ids = [int(i) for i in prompt_ids]
-    _check(prompt_ids, max_new_tokens, temperature, top_p, vocab, steering)
+    _check(prompt_ids, max_new_tokens, temperature, top_p, vocab)   # SteeringSpec checked its positions
     stops = set(int(s) for s in (stop_ids if stop_ids is not None else config_stop_ids(model)))
     projector = ScoreProjector(model, vectors, keep_activations=return_activations)
     # one hook object per spec; each forward enters the ones that act on its positions (see module docstring).

@@ -173,7 +173,7 @@ class ChatSession:
         """One steering config -> (SteeringSpec, its JSON echo)."""
         import torch
 
-        from core.hooks import COMPONENTS, SteeringSpec
+        from core.hooks import HookError, SteeringSpec
 
         if not isinstance(c, dict):
             raise ChatError(f"{where}: expected an object")
@@ -185,12 +185,7 @@ class ChatSession:
             raise ChatError(f"{where}.layer: an integer in 0-{self.n_layers - 1} is required, got {layer!r}")
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
             raise ChatError(f"{where}.coefficient: a finite number is required, got {coef!r}")
-        positions = c.get("positions", "all")
-        if positions not in ("all", "prompt", "response"):
-            raise ChatError(f"{where}.positions: all, prompt or response, got {positions!r}")
-        component = c.get("component", "residual")
-        if component not in COMPONENTS:
-            raise ChatError(f"{where}.component: choose from {', '.join(COMPONENTS)}, got {component!r}")
+        positions, component = c.get("positions", "all"), c.get("component", "residual")
         if ("trait" in c) == ("vector" in c):
             raise ChatError(f"{where}: give exactly one of trait or vector")
         echo = {"layer": layer, "coefficient": float(coef), "positions": positions, "component": component}
@@ -205,8 +200,11 @@ class ChatSession:
                 raise ChatError(f"{where}.vector: {self.hidden_size} finite numbers are required")
             vector = torch.tensor(v, dtype=torch.float32)   # used as given: coefficient x vector is added
             echo = {"vector_norm": float(vector.norm()), **echo}
-        spec = SteeringSpec(vector=vector, layer=layer, coefficient=float(coef), component=component,
-                            positions=positions)
+        try:   # SteeringSpec checks positions and component
+            spec = SteeringSpec(vector=vector, layer=layer, coefficient=float(coef), component=component,
+                                positions=positions)
+        except HookError as e:
+            raise ChatError(f"{where}: {e}") from e
         return spec, echo
 
     def _steering(self, configs) -> tuple[list, list[dict]]:

@@ -309,10 +309,15 @@ def test_class_local_traits_layers_messages_steering(chat_exp):
            dict(prompt="x", max_new_tokens=0), dict(prompt="x", steering=[{"trait": "behavioral/refusal", "layer": 99}]),
            dict(prompt="x", steering=[{"vector": [1.0, 2.0], "layer": 1}]),
            dict(prompt="x", steering=[{"trait": "behavioral/refusal", "layer": 1, "colour": 1}]),
+           dict(prompt="x", steering=[{"trait": "behavioral/refusal", "layer": 1, "positions": "middle"}]),
+           dict(prompt="x", steering=[{"trait": "behavioral/refusal", "layer": 1, "component": "mlp"}]),
            dict(prompt="x", layers="1,7")]
     for kwargs in bad:
         with pytest.raises(ValueError):
             next(iter(chat.capture_activations_stream.local(**kwargs)))
+    with pytest.raises(cs.ChatError, match=r"^steering\[0\]: positions must be all, prompt or response"):
+        next(iter(chat.capture_activations_stream.local(prompt="x", steering=[
+            {"trait": "behavioral/refusal", "layer": 1, "positions": "middle"}])))
 
 
 def test_web_app_streams_the_same_items_as_sse(chat_exp):
