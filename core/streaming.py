@@ -197,6 +197,63 @@ def _returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+class _Decoder:
+    """One stream's model calls: the steered, scored forward, the next token picked on the device, and the
+    single device-to-host copy per forward."""
+
+    def __init__(self, model: nn.Module, projector: ScoreProjector, steering: Sequence[SteeringSpec],
+                 prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+        self.model, self.projector = model, projector
+        self.device = input_device(model)
+        self.cache_kw = _cache_kwarg(model)
+        # one hook object per spec; each forward enters the ones that act on its positions (see module
+        # docstring). Vectors go to their layer's device once, so no step copies one from the host.
+        def hook(s: SteeringSpec) -> SteeringHook:
+            return SteeringHook(model, s.vector.to(_module_device(model, s.layer, s.component)), s.layer,
+                                s.coefficient, s.component, "all")
+
+        self.prompt_hooks = [hook(s) for s in steering if s.positions in ("all", "prompt")]
+        self.response_hooks = [hook(s) for s in steering if s.positions in ("all", "response")]
+        self.sampler, self.history = None, None
+        if temperature > 0:
+            n = len(prompt_ids)
+            row_seed = mix_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()), 0)
+            self.sampler = SeededSampler(temperature, top_p,
+                                         torch.tensor([row_seed], dtype=torch.int64, device=self.device), n)
+            # the ids so far, on the device, for the logits processor (written there: no host copy per step)
+            self.history = torch.zeros((1, n + max_new_tokens), dtype=torch.long, device=self.device)
+            self.history[0, :n] = torch.tensor(prompt_ids, dtype=torch.long)
+
+    def forward(self, input_ids: torch.Tensor, past, hooks: list[SteeringHook]):
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for h in hooks:
+                stack.enter_context(h)
+            stack.enter_context(self.projector.capture())
+            out = self.model(input_ids=input_ids.to(self.device), use_cache=True, logits_to_keep=1,
+                             **{self.cache_kw: past})
+        return out.logits[0, -1].to(torch.float32), _returned_cache(out)
+
+    def pick(self, logits: torch.Tensor, n_ids: int) -> torch.Tensor:
+        """The next token, chosen on the device (greedy argmax, or the seeded sampler)."""
+        if self.sampler is None:
+            return torch.argmax(logits)
+        return torch.argmax(self.sampler(self.history[:, :n_ids], logits[None]), dim=-1)[0]
+
+    def remember(self, position: int, choice: torch.Tensor) -> None:
+        if self.history is not None:
+            self.history[0, position] = choice            # a device-to-device write
+
+    def to_host(self, choice: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """This forward's scores [seq, V] and the next token id in ONE device-to-host copy (the id rides
+        bit-cast as fp32); no scores without vectors."""
+        flat = self.projector.flat()
+        if flat is None:
+            return None, int(choice.item())
+        tail = choice.reshape(1).to(device=flat.device, dtype=torch.int32).view(torch.float32)
+        host = torch.cat([flat.reshape(-1), tail]).cpu()
+        return host[:-1].reshape(flat.shape), int(host[-1:].view(torch.int32)[0])
+
+
 def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
                        vectors: Mapping[str, Mapping[int, torch.Tensor]], max_new_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -219,55 +276,13 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     _check(prompt_ids, max_new_tokens, temperature, top_p, vocab)   # SteeringSpec checked its positions
     stops = set(int(s) for s in (stop_ids if stop_ids is not None else config_stop_ids(model)))
     projector = ScoreProjector(model, vectors, keep_activations=return_activations)
-    # one hook object per spec; each forward enters the ones that act on its positions (see module docstring).
-    # Vectors go to their layer's device once, so no step copies one from the host.
-    def hook(s: SteeringSpec) -> SteeringHook:
-        return SteeringHook(model, s.vector.to(_module_device(model, s.layer, s.component)), s.layer,
-                            s.coefficient, s.component, "all")
-
-    prompt_hooks = [hook(s) for s in steering if s.positions in ("all", "prompt")]
-    response_hooks = [hook(s) for s in steering if s.positions in ("all", "response")]
-    device = input_device(model)
-    n_prompt = len(prompt_ids)
-    sampler, history = None, None
-    if temperature > 0:
-        row_seed = mix_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()), 0)
-        sampler = SeededSampler(temperature, top_p, torch.tensor([row_seed], dtype=torch.int64, device=device),
-                                n_prompt)
-        # the ids so far, on the device, for the logits processor (written there: no host copy per step)
-        history = torch.zeros((1, n_prompt + max_new_tokens), dtype=torch.long, device=device)
-        history[0, :n_prompt] = torch.tensor(prompt_ids, dtype=torch.long)
-    cache_kw = _cache_kwarg(model)
+    dec = _Decoder(model, projector, steering, prompt_ids, max_new_tokens, temperature, top_p, seed)
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else (lambda i: None)
-    t0 = time.perf_counter()
+    n_prompt, t0 = len(prompt_ids), time.perf_counter()
 
-    def forward(input_ids: torch.Tensor, past, hooks: list[SteeringHook]):
-        with contextlib.ExitStack() as stack, torch.no_grad():
-            for h in hooks:
-                stack.enter_context(h)
-            stack.enter_context(projector.capture())
-            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_kw: past})
-        return out.logits[0, -1].to(torch.float32), _returned_cache(out)
-
-    def pick(logits: torch.Tensor, n_ids: int) -> torch.Tensor:
-        """The next token, chosen on the device (greedy argmax, or the seeded sampler)."""
-        if sampler is None:
-            return torch.argmax(logits)
-        return torch.argmax(sampler(history[:, :n_ids], logits[None]), dim=-1)[0]
-
-    def to_host(choice: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        """This forward's scores [seq, V] and the next token id in ONE device-to-host copy (the id rides
-        bit-cast as fp32); no scores without vectors."""
-        flat = projector.flat()
-        if flat is None:
-            return None, int(choice.item())
-        tail = choice.reshape(1).to(device=flat.device, dtype=torch.int32).view(torch.float32)
-        host = torch.cat([flat.reshape(-1), tail]).cpu()
-        return host[:-1].reshape(flat.shape), int(host[-1:].view(torch.int32)[0])
-
-    logits, past = forward(torch.tensor([prompt_ids], dtype=torch.long, device=device), None, prompt_hooks)
-    choice = pick(logits, n_prompt)
-    host, next_id = to_host(choice)
+    logits, past = dec.forward(torch.tensor([prompt_ids], dtype=torch.long), None, dec.prompt_hooks)
+    choice = dec.pick(logits, n_prompt)
+    host, next_id = dec.to_host(choice)
     msg = {"type": "prompt", "tokens": [decode(i) for i in prompt_ids], "token_ids": list(prompt_ids),
            "scores": projector.unflatten(host) if host is not None else {}}
     if return_activations:
@@ -282,13 +297,12 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
             break
         token_id = next_id
         generated.append(token_id)
-        if history is not None:
-            history[0, n_prompt + step] = choice            # a device-to-device write
+        dec.remember(n_prompt + step, choice)
         # feed the token back (the device tensor: no host-to-device copy): this forward gives its own
         # residual (its score) and the next token's logits
-        logits, past = forward(choice.reshape(1, 1).to(device), past, response_hooks)
-        choice = pick(logits, n_prompt + step + 1)
-        host, next_id = to_host(choice)
+        logits, past = dec.forward(choice.reshape(1, 1), past, dec.response_hooks)
+        choice = dec.pick(logits, n_prompt + step + 1)
+        host, next_id = dec.to_host(choice)
         msg = {"type": "token", "token": decode(token_id), "token_id": token_id, "step": step,
                "scores": projector.row(host[0].tolist()) if host is not None else {}}
         if return_activations:

@@ -9,6 +9,7 @@
     GET  /stream?prompt=..&traits=..&layers=..&max_new_tokens=..    for EventSource
     POST /stream                      a JSON body of the request fields (inference/chat_session.py STREAM_ARGS)
     sse(msg) -> str                   one `data: {json}` event
+    sse_response(gen)                 a stream of dicts as the SSE response (400 for a TraitError at the start)
     chat_page() -> str                the page's HTML (one document: CSS and JS inline, no request but to the app)
 
 Each streamed dict is one `data: {json}` event. Bad input (a TraitError from the session) is HTTP 400
@@ -302,36 +303,44 @@ def sse(msg: dict) -> str:
     return f"data: {json.dumps(msg, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
+def sse_response(gen):
+    """A stream of message dicts as a text/event-stream response. The first message is taken before any byte
+    is sent, so a TraitError (bad input) becomes HTTP 400; a failure after that is one {"type": "error"} event."""
+    from fastapi import HTTPException
+    from fastapi.responses import StreamingResponse
+
+    try:
+        first = next(gen)
+    except TraitError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from e
+
+    def events():
+        yield sse(first)
+        try:
+            for msg in gen:
+                yield sse(msg)
+        except Exception as e:  # the stream has started: report in-band, keep the traceback in the log
+            traceback.print_exc(file=sys.stderr)
+            yield sse({"type": "error", "message": f"{type(e).__name__}: {e}"})
+        finally:
+            gen.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_web_app(session):
     """The FastAPI app serving `session` (a ChatSession or anything with its info() and stream())."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse
     from starlette.concurrency import run_in_threadpool
 
     web = FastAPI(title="trait-capture", description="tokens with per-token trait scores, as server-sent events")
     web.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"])
 
     def respond(kwargs: dict):
-        gen = session.stream(**kwargs)
-        try:
-            first = next(gen)   # argument errors surface here, before any byte is sent
-        except TraitError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
-
-        def events():
-            yield sse(first)
-            try:
-                for msg in gen:
-                    yield sse(msg)
-            except Exception as e:  # the stream has started: report in-band, keep the traceback in the log
-                traceback.print_exc(file=sys.stderr)
-                yield sse({"type": "error", "message": f"{type(e).__name__}: {e}"})
-            finally:
-                gen.close()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(session.stream(**kwargs))
 
     page: list[str] = []   # built on the first request, so a missing asset never breaks /stream
 
