@@ -6,7 +6,7 @@
     plan_projection(opts) -> ProjectPlan          every input checked (sets, files, vectors, layers, calibration);
                                                   nothing loaded but small headers, nothing written
     run_projection(plan) -> dict                  read each raw .pt, score it, write its JSONs; the summary
-    plan_fused(opts) -> ProjectPlan / run_fused(plan, loaded=None) -> dict
+    plan_fused(opts, loaded=None) -> ProjectPlan / run_fused(plan, loaded=None) -> dict
                                                   --fused: the same JSONs from a prefill forward over the stored
                                                   response token ids (core/fused.py), no raw file read or written
     project(opts, loaded=None) -> dict            plan + run of whichever path opts.fused picks
@@ -55,6 +55,7 @@ from utils.config import Variant, resolve_variant
 from utils.layers import LayerSpecError, parse_projection_layers
 from utils.means import validate_means
 from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
+from utils.prompts import parse_prompt_ids
 from utils.responses import TokenStrings, load_responses, replayed_response
 from utils.storage import BackgroundWriter, StorageError, load_pt, read_json, write_json
 from utils.vectors import SelectedVector, VectorSource, parse_position, resolve_vector_source
@@ -78,6 +79,7 @@ class ProjectOptions:
     experiment: str
     prompt_set: str | None = None
     all_prompt_sets: bool = False
+    prompt_ids: str | Sequence[str | int] | None = None   # only these prompts of each set (--prompt-ids)
     model_variant: str | None = None
     traits: str | Sequence[str] | None = None
     layers: str | int | None = "best"
@@ -372,10 +374,22 @@ def select_set_vectors(opts: ProjectOptions, source: VectorSource, traits: Seque
     return out
 
 
+def _only_ids(files: dict[str, Path], prompt_ids, folder: Path) -> dict[str, Path]:
+    """--prompt-ids: only those prompts' raw files, in natural id order; an id without a file is an error."""
+    ids = parse_prompt_ids(prompt_ids)
+    if ids is None:
+        return files
+    missing = [i for i in ids if i not in files]
+    if missing:
+        raise ProjectError(f"--prompt-ids: no raw file for id(s) {', '.join(missing)} in {folder}")
+    return {i: files[i] for i in sorted(set(ids), key=paths.natural_key)}
+
+
 def _plan_raw_set(opts: ProjectOptions, variant: str, source: VectorSource, prompt_set: str,
                   n_layers: int | None) -> tuple[SetPlan, int]:
     """The set's files and pending outputs; vectors checked against its first pending file (no other file opened)."""
-    files = _raw_files(opts.experiment, variant, prompt_set)
+    files = _only_ids(_raw_files(opts.experiment, variant, prompt_set), opts.prompt_ids,
+                      paths.raw_dir(opts.experiment, variant, prompt_set))
     todo, skipped = _pending(opts, variant, prompt_set, list(files), source.traits)
     if not todo:
         return SetPlan(prompt_set, files, (), {}, 0), skipped
@@ -636,14 +650,15 @@ def _check_fused_options(opts: ProjectOptions) -> torch.dtype | None:
     return DTYPES[opts.dtype]
 
 
-def _fused_setup(opts: ProjectOptions, variant: Variant, store_dtype: torch.dtype | None) -> FusedSetup:
+def _fused_setup(opts: ProjectOptions, variant: Variant, store_dtype: torch.dtype | None,
+                 loaded: LoadedModel | None) -> FusedSetup:
     exp = opts.experiment
     responses = resolve_variant(exp, opts.responses_from) if opts.responses_from else variant
     cfg = load_model_config(variant.model_path(exp))
     n_layers, hidden = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
     if not isinstance(n_layers, int) or not isinstance(hidden, int):
         raise ProjectError(f"{variant.model_path(exp)}: its config has no num_hidden_layers / hidden_size")
-    tokenizer = load_tokenizer(variant.model_path(exp))
+    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(variant.model_path(exp))
     if responses.model_path(exp) != variant.model_path(exp) and \
             load_tokenizer(responses.model_path(exp)).get_vocab() != tokenizer.get_vocab():
         raise ProjectError(f"--responses-from {responses.name}: its tokenizer ({responses.model}) differs from "
@@ -656,7 +671,8 @@ def _plan_fused_set(opts: ProjectOptions, variant: Variant, source: VectorSource
                     prompt_set: str) -> tuple[SetPlan, int]:
     """The set's response JSONs (each validated against the tokenizer), pending outputs and vectors."""
     exp, name = opts.experiment, variant.name
-    items = dict(load_responses(exp, setup.responses.name, prompt_set, vocab_size=len(setup.tokenizer)))
+    items = dict(load_responses(exp, setup.responses.name, prompt_set, prompt_ids=parse_prompt_ids(opts.prompt_ids),
+                                vocab_size=len(setup.tokenizer)))
     if not items:
         raise ProjectError(f"--fused: no response JSONs in {paths.responses_dir(exp, setup.responses.name, prompt_set)} "
                            f"(create them with: python inference/generate_responses.py --experiment {exp} "
@@ -675,12 +691,14 @@ def _plan_fused_set(opts: ProjectOptions, variant: Variant, source: VectorSource
     return SetPlan(prompt_set, {}, todo, vectors, setup.hidden_size, items, means, replay), skipped
 
 
-def plan_fused(opts: ProjectOptions) -> ProjectPlan:
-    """Check every input of the fused path (responses, tokenizers, vectors against the model's config)."""
+def plan_fused(opts: ProjectOptions, loaded: LoadedModel | None = None) -> ProjectPlan:
+    """Check every input of the fused path (responses, tokenizers, vectors against the model's config).
+
+    Reads only JSONs, vector files, the model's config and tokenizer(s) (`loaded`'s tokenizer when given)."""
     _check_options(opts)
     store_dtype = _check_fused_options(opts)
     variant = resolve_variant(opts.experiment, opts.model_variant, "application")
-    setup = _fused_setup(opts, variant, store_dtype)
+    setup = _fused_setup(opts, variant, store_dtype, loaded)
     if opts.multi_vector is None:
         parse_projection_layers(opts.layer_spec, setup.n_layers)
     source = resolve_vector_source(opts.experiment, opts.vectors_experiment, opts.extraction_variant,
@@ -907,7 +925,7 @@ def run_fused(plan: ProjectPlan, loaded: LoadedModel | None = None) -> dict:
 def project(opts: ProjectOptions, loaded: LoadedModel | None = None) -> dict:
     """The stage: plan_fused + run_fused with --fused, else plan_projection + run_projection."""
     if opts.fused:
-        return run_fused(plan_fused(opts), loaded)
+        return run_fused(plan_fused(opts, loaded), loaded)
     _check_fused_options(opts)
     return run_projection(plan_projection(opts))
 
@@ -967,7 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         prog="project_raw_activations_onto_traits.py",
         description="Project captured activations (raw/residual/{set}/*.pt) onto trait vectors and write one "
-                    "projection JSON per trait per prompt (per-token scalar projections <h, v/|v|>).",
+                    "projection JSON per trait per prompt (per-token scalar projections <h, v/|v|>). With "
+                    "--fused, score inside a prefill forward over responses/{set}/*.json instead: the same "
+                    "JSONs, no raw files.",
         epilog=EPILOG)
     p.add_argument("--experiment", required=True, help="experiment folder under experiments/")
     sets = p.add_mutually_exclusive_group(required=True)
@@ -989,6 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "variant (default: defaults.application of the vectors experiment)")
     p.add_argument("--multi-vector", type=int, metavar="N", help="the top N ranked vectors of each trait")
     p.add_argument("--centered", action="store_true", help="subtract each vector's baseline (class midpoint)")
+    p.add_argument("--prompt-ids", metavar="A,B", help="only these prompt ids of each set (comma list; an id without "
+                                                     "a raw file, or with --fused a response JSON, is an error)")
     p.add_argument("--skip-existing", action="store_true", help="skip prompts whose projection JSON exists")
     p.add_argument("--no-calibration", action="store_true",
                    help="neither read nor compute massive-dims calibration (no massive_dim_data)")
