@@ -14,43 +14,11 @@ import torch
 from core import capture as core_capture
 from core.capture import BatchReport, CaptureOOMError, capture_sequences
 from inference.capture_raw_activations import CaptureError, capture_raw_activations, format_summary
+from tests.helpers import PAIRS, mlp_oracle, write_responses
 from utils import paths
-from utils.model import (decode_tokens, format_prompt, load_model, load_tokenizer, tokenize_continuation,
-                         tokenize_prompt)
-from utils.responses import build_response
+from utils.model import decode_tokens, load_model, load_tokenizer
 from utils.storage import load_pt, write_json
 from utils.zoo import ARCHS
-
-PAIRS = [  # (user prompt, response); one empty response: a prompt-only record
-    ("What is a model?", "I think the answer is good."),
-    ("Tell me a story about honest code, please.", "yes"),
-    ("hi", "the model will help you write code; it would be kind."),
-    ("Why?", ""),
-]
-
-
-def write_responses(exp: str, variant: str, prompt_set: str, model_dir: str, pairs=PAIRS, ids=None,
-                    multi_turn: int | None = None) -> dict[str, dict]:
-    """Response JSONs as generate_responses.py writes them: chat-formatted prompt ids + continuation ids.
-
-    multi_turn=k: record k follows the rollout convention (response == "", full token_ids, prompt_end inside).
-    """
-    tok = load_tokenizer(model_dir)
-    ids = ids or [str(i + 1) for i in range(len(pairs))]
-    out = {}
-    for k, (pid, (prompt, response)) in enumerate(zip(ids, pairs)):
-        text, note = format_prompt(tok, prompt)
-        p_ids = tokenize_prompt(tok, text)
-        r_ids = tokenize_continuation(tok, response)
-        if k == multi_turn:
-            p_ids, r_ids, response = p_ids + r_ids[:2], r_ids[2:], ""
-        all_ids = p_ids + r_ids
-        rec = build_response(text, response, all_ids, len(p_ids), decode_tokens(tok, all_ids), model_dir,
-                             prompt_note=note)
-        write_json(paths.response_file(exp, variant, prompt_set, pid), rec)
-        out[pid] = rec
-    return out
-
 
 def hf_hidden(model, ids: list[int]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
@@ -65,20 +33,6 @@ def final_norm(model):
 def blocks(model):
     base = model.base_model
     return base.layers if hasattr(base, "layers") else base.h
-
-
-def mlp_path(arch: str, block, mid: torch.Tensor) -> torch.Tensor:
-    """What the block's MLP half adds, computed from the block's own modules (independent of core.hooks)."""
-    if arch == "gemma2":
-        out = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(mid)))
-    elif arch == "olmo2":
-        out = block.post_feedforward_layernorm(block.mlp(mid))
-    elif arch == "gpt2":
-        out = block.mlp(block.ln_2(mid))
-    else:
-        out = block.mlp(block.post_attention_layernorm(mid))
-    out = out[0] if isinstance(out, tuple) else out
-    return out.reshape(mid.shape)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -126,7 +80,7 @@ def test_residuals_equal_hf_hidden_states_and_decompose(arch, zoo, experiments):
             attn, mlp = full[L]["attn_contribution"], full[L]["mlp_contribution"]
             assert close(got, prev + attn + mlp), f"{arch} identity at layer {L}"
             with torch.no_grad():
-                assert close(mlp_path(arch, blocks(hf)[L], (prev + attn)[None])[0], mlp), f"{arch} attn split at {L}"
+                assert close(mlp_oracle(arch, blocks(hf)[L], (prev + attn)[None])[0], mlp), f"{arch} attn split at {L}"
             assert attn.abs().max() > 1e-3 and mlp.abs().max() > 1e-3
 
 

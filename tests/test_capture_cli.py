@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from inference.capture_raw_activations import main
-from tests.test_capture import write_responses
+from tests.helpers import write_responses
 from utils import paths
 from utils.storage import load_pt, write_json
 

@@ -31,7 +31,7 @@ import inference.project_raw_activations_onto_traits as proj_mod
 from core import fused as core_fused
 from inference.capture_raw_activations import capture_raw_activations
 from inference.project_raw_activations_onto_traits import main, project_raw_activations_onto_traits as project
-from tests.test_vectors import write_steering, write_vector
+from tests.helpers import write_steering, write_vector
 from utils import paths
 from utils.model import decode_tokens, format_prompt, load_model, load_tokenizer, tokenize_continuation, tokenize_prompt
 from utils.responses import build_response

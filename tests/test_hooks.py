@@ -25,6 +25,7 @@ from core.hooks import (
     run_forward,
     steer,
 )
+from tests.helpers import mlp_oracle
 from utils.model import load_model, tokenize_prompt
 from utils.zoo import ARCHS
 
@@ -37,19 +38,6 @@ ATTN_ORACLE = {"llama": "self_attn.o_proj", "mistral": "self_attn.o_proj", "qwen
                "olmo2": "post_attention_layernorm", "gpt2": "attn.c_proj"}
 # ... and the final norm, whose input is the last block's un-normed output.
 FINAL_NORM = {arch: "model.norm" for arch in ARCHS} | {"gpt2": "transformer.ln_f"}
-
-
-def mlp_oracle(arch: str, block: nn.Module, h_mid: torch.Tensor) -> torch.Tensor:
-    """The MLP half of the block recomputed by calling its submodules by hand on residual + attention."""
-    if arch == "gemma2":
-        out = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h_mid)))
-    elif arch == "olmo2":
-        out = block.post_feedforward_layernorm(block.mlp(h_mid))
-    elif arch == "gpt2":
-        out = block.mlp(block.ln_2(h_mid))
-    else:  # llama, mistral, qwen2, phi3, mixtral (the whole sparse expert block)
-        out = block.mlp(block.post_attention_layernorm(h_mid))
-    return out[0] if isinstance(out, tuple) else out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ import torch
 import inference.chat_session as cs
 import inference.modal_common as mc
 import inference.modal_inference as mi
-from tests.test_streaming import TRAITS, write_vectors
+from tests.helpers import TRAITS, write_vectors
 from utils import paths
 from utils.config import resolve_variant
 from utils.model import format_messages, format_prompt, load_model, stop_token_ids, tokenize_prompt

@@ -24,7 +24,7 @@ import torch
 
 import inference.project_raw_activations_onto_traits as proj_mod
 from inference.project_raw_activations_onto_traits import main, project_raw_activations_onto_traits as project
-from tests.test_vectors import write_steering, write_vector
+from tests.helpers import write_steering, write_vector
 from utils import paths
 from utils.config import ConfigError
 from utils.storage import write_pt

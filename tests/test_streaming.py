@@ -12,39 +12,13 @@ import torch
 from core.generation import generate_batch
 from core.hooks import SteeringHook, SteeringSpec
 from core.streaming import StreamError, stream_with_scores
+from tests.helpers import TRAITS, write_vectors
 from utils import paths
 from utils.model import decode_tokens, format_prompt, load_model, stop_token_ids, tokenize_prompt
 from utils.responses import build_response
 from utils.storage import read_json, write_json
-from utils.vectors import sanitize_position
 
 HIDDEN = 64
-# val_accuracy per layer: the best layers (2 and 1) are not the last, whose HF hidden state is after the final norm
-TRAITS = {"behavioral/refusal": {1: 0.80, 2: 0.95, 3: 0.60}, "cognitive/honesty": {1: 0.90, 2: 0.50, 3: 0.70}}
-POSITION = "response[:5]"
-
-
-def write_vectors(exp: str, variant: str = "base", traits: dict = TRAITS, seed: int = 0, hidden: int = HIDDEN,
-                  method: str = "probe") -> dict[str, dict[int, torch.Tensor]]:
-    """Random unit vectors + metadata.json (val_accuracy decides the best layer) in the DESIGN.md §3 layout."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, dict[int, torch.Tensor]] = {}
-    pos_dir = sanitize_position(POSITION)
-    for trait, accs in traits.items():
-        meta = {"model": "zoo", "trait": trait, "method": method, "component": "residual", "position": POSITION,
-                "layers": {}}
-        for layer, acc in accs.items():
-            v = torch.randn(hidden, generator=g)
-            v = v / v.norm()
-            path = paths.vector_file(exp, trait, variant, pos_dir, "residual", method, layer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(v, path)
-            meta["layers"][str(layer)] = {"norm": 1.0, "baseline": 0.0, "val_accuracy": acc, "val_separation": 1.0}
-            out.setdefault(trait, {})[layer] = v
-        write_json(paths.vector_metadata(exp, trait, variant, pos_dir, "residual", method), meta)
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(zoo):
     cache: dict = {}

@@ -6,7 +6,7 @@
     variant chooses the evidence, extraction fallback, deterministic method / position order, top-N
     errors: malformed results.jsonl line named, missing baseline, unknown trait, no evidence says --layer
 
-Helpers write_vector / write_steering are reused by tests/test_project.py.
+The writers write_vector / write_steering live in tests/helpers.py (shared with test_project.py, test_fused.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import write_steering, write_vector
 from utils import paths
 from utils.layers import LayerSpecError
 from utils.vectors import (ACCURACY_FLOOR_FRACTION, SELECTION_SOURCES, NoEvidenceError, VectorError, VectorRef,
@@ -29,44 +30,7 @@ H = 8
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers (also used by test_project.py)
-
-def write_vector(exp: str, trait: str, variant: str, position: str, method: str, layer: int,
-                 vector: torch.Tensor, component: str = "residual", **layer_meta) -> Path:
-    """A layer{L}.pt as trait-interp writes it, and its entry in the method's metadata.json."""
-    pos_dir = sanitize_position(position)
-    path = paths.vector_file(exp, trait, variant, pos_dir, component, method, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(vector, path)
-    meta_path = paths.vector_metadata(exp, trait, variant, pos_dir, component, method)
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
-        "model": "m", "trait": trait, "method": method, "component": component, "position": position, "layers": {}}
-    meta["layers"][str(layer)] = {"norm": float(vector.float().norm()), **layer_meta}
-    meta_path.write_text(json.dumps(meta))
-    return path
-
-
-def write_steering(exp: str, trait: str, variant: str, position: str, runs: list[tuple], direction: str = "positive",
-                   baseline: float = 50.0, naturalness: dict | None = None, extra_lines: list[str] = ()) -> Path:
-    """results.jsonl with a header, a baseline line and runs (layer, method, trait_mean, coherence[, weight])."""
-    path = paths.steering_results(exp, trait, variant, sanitize_position(position))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"type": "header", "trait": trait, "direction": direction}),
-             json.dumps({"type": "baseline", "result": {"trait_mean": baseline}})]
-    for run in runs:
-        layer, method, trait_mean, coherence, *weight = run
-        lines.append(json.dumps({
-            "result": {"trait_mean": trait_mean, "coherence_mean": coherence},
-            "config": {"vectors": [{"layer": layer, "method": method, "component": "residual",
-                                    "position": position, "weight": weight[0] if weight else 4.0}]}}))
-    lines += list(extra_lines)
-    path.write_text("\n".join(lines) + "\n")
-    if naturalness is not None:
-        (path.parent / "naturalness.json").write_text(json.dumps({"scores": {
-            f"{l}_{m}": {"layer": l, "method": m, "component": "residual", "mean": s}
-            for (l, m), s in naturalness.items()}}))
-    return path
-
+# helpers (the shared writers are in tests/helpers.py)
 
 def rand(seed: int, n: int = H, scale: float = 3.0) -> torch.Tensor:
     return scale * torch.randn(n, generator=torch.Generator().manual_seed(seed))
