@@ -21,17 +21,14 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-import torch
 
 from inference.chat_session import ChatSession
 from inference.chat_web import create_web_app
 from tests.browser import Browser, require_chromium
+from tests.helpers import write_vectors
 from utils import paths
-from utils.storage import write_json
-from utils.vectors import sanitize_position
 
 REPO = Path(__file__).resolve().parents[1]
-HIDDEN = 64
 TRAITS = {"behavioral/refusal": {1: 0.80, 2: 0.95}, "cognitive/honesty": {1: 0.90, 2: 0.50}}   # best: L2, L1
 
 # every token element of a container: its text, data-* attributes and background colour
@@ -55,26 +52,10 @@ new MutationObserver(function () {
 }).observe(document, {childList: true, subtree: true, attributes: true});"""
 
 
-def write_vectors(exp: str) -> None:
-    """Random unit vectors + metadata (val_accuracy picks the best layer), in the extraction layout."""
-    g = torch.Generator().manual_seed(0)
-    pos = sanitize_position("response[:5]")
-    for trait, accs in TRAITS.items():
-        meta = {"model": "zoo", "trait": trait, "method": "probe", "component": "residual", "position": "response[:5]",
-                "layers": {}}
-        for layer, acc in accs.items():
-            v = torch.randn(HIDDEN, generator=g)
-            path = paths.vector_file(exp, trait, "base", pos, "residual", "probe", layer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(v / v.norm(), path)
-            meta["layers"][str(layer)] = {"norm": 1.0, "baseline": 0.0, "val_accuracy": acc, "val_separation": 1.0}
-        write_json(paths.vector_metadata(exp, trait, "base", pos, "residual", "probe"), meta)
-
-
 @pytest.fixture
 def chat_exp(experiments, zoo):
     experiments("live", {"base": {"model": zoo("llama")}})
-    write_vectors("live")
+    write_vectors("live", traits=TRAITS)
     return "live"
 
 
