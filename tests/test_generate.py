@@ -157,7 +157,7 @@ def test_lora_variant_generates_with_the_adapter(zoo, zoo_lora, experiments, dat
     assert r["token_ids"][r["prompt_end"]:] == hf_greedy(peft_model, r["token_ids"][:r["prompt_end"]], 8,
                                                          stops_of(peft_model, tok), tok.pad_token_id)
     assert r["token_ids"] != base["token_ids"]
-    assert r["inference_model"] == zoo("llama")  # the base model id, as in the original
+    assert r["inference_model"] == zoo("llama")  # the base model id, as trait-interp writes it
 
 
 def test_4bit_generation_matches_hf_on_the_same_quantized_model(zoo, experiments, datasets):

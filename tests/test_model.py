@@ -150,7 +150,7 @@ def test_load_model_config(tmp_path, zoo):
 
 
 def test_pad_token(tmp_path, llama):
-    # the zoo pad token has id 0: it must be kept, not mistaken for "missing" (B24)
+    # the zoo pad token has id 0: it must be kept, not mistaken for "missing" (B24, docs/original-bugs.md)
     assert llama.tokenizer.pad_token == "<pad>" and llama.tokenizer.pad_token_id == 0
     assert llama.tokenizer.padding_side == "left"
     tok = build_tokenizer()
@@ -166,7 +166,7 @@ def test_stop_token_ids(tmp_path, llama):
     eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
     assert stop_token_ids(tok, llama.model) == sorted({eos, im_end})
     assert stop_token_ids(tok) == sorted({eos, im_end})  # <|im_end|> is special: found without the model
-    # a tokenizer where end-of-turn-looking strings are ORDINARY tokens: never a stop token (B11)
+    # a tokenizer where end-of-turn-looking strings are ORDINARY tokens: never a stop token (B11, docs/original-bugs.md)
     plain = build_tokenizer()
     plain.add_tokens(["</s>", "<|end|>"], special_tokens=False)
     plain.save_pretrained(tmp_path)

@@ -53,7 +53,7 @@ def test_experiment_layout_and_nested_sets(tmp_path, monkeypatch):
     assert (paths.projection_file("e", "v", "alignment/deception", "rm_syco/train_100", 7)
             == inf / "projections/alignment/deception/rm_syco/train_100/7.json")
     assert paths.per_token_dir("e", "rm_syco/train_100") == tmp_path / "e/analysis/per_token/rm_syco/train_100"
-    # B3: the calibration lives under the variant; the experiment-wide file is still reachable
+    # B3 (docs/original-bugs.md): the calibration lives under the variant; the experiment-wide file is still reachable
     assert paths.calibration_file("e", "v") == inf / "massive_activations/calibration.json"
     assert paths.calibration_file("e") == tmp_path / "e/inference/massive_activations/calibration.json"
     vec = tmp_path / "e/extraction/alignment/deception/base/vectors/response__5/residual/probe"

@@ -57,7 +57,7 @@ def load_config(exp: str) -> dict:
     try:
         cfg = read_json(path)
     except StorageError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from e
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_variants"), dict) or not cfg["model_variants"]:
         raise ConfigError(f"{path}: needs a non-empty 'model_variants' object")
     if not isinstance(cfg.get("defaults") or {}, dict):

@@ -59,7 +59,7 @@ def load_tokenizer(model: str, padding_side: str = "left"):
     try:
         tok = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load tokenizer for {model!r}: {e}") from None
+        raise ModelLoadError(f"cannot load tokenizer for {model!r}: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = padding_side
@@ -73,7 +73,7 @@ def load_model_config(model: str, trust_remote_code: bool = False):
     try:
         cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load config for {model!r}: {e}") from None
+        raise ModelLoadError(f"cannot load config for {model!r}: {e}") from e
     return getattr(cfg, "text_config", None) or cfg
 
 
@@ -102,14 +102,14 @@ def load_model(model: str, lora: str | None = None, dtype: str | torch.dtype | N
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model {model!r}: {e}") from None
+        raise ModelLoadError(f"cannot load model {model!r}: {e}") from e
     if lora:
         from peft import PeftModel
 
         try:
             hf_model = PeftModel.from_pretrained(hf_model, lora)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load LoRA adapter {lora!r}: {e}") from None
+            raise ModelLoadError(f"cannot load LoRA adapter {lora!r}: {e}") from e
         if merge_lora:
             if quantization:
                 raise ModelLoadError("merging a LoRA into an 8/4-bit model is lossy: load without --merge-lora")

@@ -1,10 +1,10 @@
-"""Response JSONs (DESIGN.md §4): listing, loading and validating the files generate_responses.py writes.
+"""Response JSONs (docs/formats.md): listing, loading and validating the files generate_responses.py writes.
 
     list_response_files(exp, variant, prompt_set, suffix=None) -> [Path]   natural id order, *_annotations.json skipped
     load_response(path, vocab_size=None) -> dict                          validated: token_ids ints, prompt_end in range
     load_responses(exp, variant, prompt_set, prompt_ids=None, limit=None, vocab_size=None, suffix=None)
                                                                   -> [(prompt_id, dict)]
-    build_response(...) -> dict                                   the flat response record, keys in the original order
+    build_response(...) -> dict                                   the flat response record, keys in trait-interp's order
     replayed_response(source, tokens, inference_model, responses_from) -> dict
                                                                   the record a --responses-from variant gets
     TokenStrings(tokenizer).of(record) -> [str]                   token strings decoded from the ids (cached),
@@ -44,7 +44,7 @@ def load_response(path: str | Path, vocab_size: int | None = None) -> dict:
     try:
         data = read_json(path)
     except StorageError as e:
-        raise ResponseError(str(e)) from None
+        raise ResponseError(str(e)) from e
     if not isinstance(data, dict):
         raise ResponseError(f"{path}: expected a JSON object, got {type(data).__name__}")
     ids = data.get("token_ids")
@@ -81,7 +81,7 @@ def load_responses(exp: str, variant: str, prompt_set: str, prompt_ids: list[str
 def build_response(prompt: str, response: str, token_ids: list[int], prompt_end: int, tokens: list[str],
                    inference_model: str, system_prompt: str | None = None, prompt_note: str | None = None,
                    **extra) -> dict:
-    """The flat response record, keys in the original tool's order, extra keys (e.g. `generation`) after."""
+    """The flat response record, keys in trait-interp's order (docs/formats.md), extra keys (e.g. `generation`) after."""
     rec = {
         "prompt": prompt, "response": response, "system_prompt": system_prompt, "tokens": tokens,
         "token_ids": [int(i) for i in token_ids], "prompt_end": int(prompt_end), "inference_model": inference_model,
