@@ -154,3 +154,26 @@ def test_killed_run_resumes_to_the_files_of_an_uninterrupted_run(zoo, experiment
                                                                        "mlp_contribution"}
                 for c, t in comps.items():
                     assert torch.equal(a[side]["activations"][L][c], t), (pid, side, L, c)
+
+
+def test_a_run_imports_peft_only_for_a_lora_variant_and_no_other_backend(zoo, zoo_lora, experiments):
+    """Nothing a run does not need is imported: peft only for a LoRA variant, bitsandbytes only for
+    --load-in-8bit/4bit or through peft (`import peft` imports it itself), never modal / fastapi / uvicorn."""
+    experiments("e", {"base": {"model": zoo("llama")}, "lora": {"model": zoo("llama"), "lora": zoo_lora("llama")}})
+    write_responses("e", "base", "s", zoo("llama"), pairs=[("hi", "yes")])
+    optional = ("bitsandbytes", "peft", "modal", "fastapi", "uvicorn")
+
+    def imported(args: list[str]) -> list[str]:
+        code = ("import json, sys\nimport inference.capture_raw_activations as c\n"
+                f"rc = c.main({args!r})\n"
+                f"print(json.dumps([rc, sorted({{m.split('.')[0] for m in sys.modules}} & set({optional!r}))]))\n")
+        out = subprocess.run([sys.executable, "-c", code], cwd=paths.REPO_ROOT, capture_output=True, text=True,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), timeout=300)
+        rc, mods = json.loads(out.stdout.strip().splitlines()[-1])
+        assert rc == 0, out.stderr
+        return mods
+
+    common = ["--experiment", "e", "--prompt-set", "s", "--layers", "0"]
+    assert imported(common + ["--model-variant", "base"]) == []
+    assert imported(common + ["--model-variant", "lora", "--responses-from", "base"]) in (["peft"],
+                                                                                          ["bitsandbytes", "peft"])
