@@ -62,7 +62,7 @@ def hf_acts(model, ids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def write_raw(hf, exp, variant, prompt_set, pid, prompt, response, components=("residual",), layers=CAPTURED):
-    """A .pt in DESIGN.md §4's format from HF's tensors; returns (HF activations, number of prompt tokens)."""
+    """A raw .pt in the format of docs/formats.md from HF's tensors; returns (HF activations, number of prompt tokens)."""
     _, tok, model = hf
     p_ids = tok(prompt)["input_ids"]
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
