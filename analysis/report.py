@@ -238,7 +238,7 @@ def read_entries(path: Path, n_prompt: int, n_response: int) -> tuple[dict, list
         raise ReportError(str(e)) from e
     meta = (data.get("metadata") or {}) if isinstance(data, dict) else {}
     entries = data.get("projections") if isinstance(data, dict) else None
-    if isinstance(entries, dict):  # single-vector files of the original tool: one entry, layer in metadata
+    if isinstance(entries, dict):  # single-vector files of trait-interp: one entry, layer in metadata
         entries = [{**entries, "layer": meta.get("layer"), "method": meta.get("method")}]
     if not isinstance(entries, list) or not entries:
         raise ReportError(f"{path}: no 'projections' entries")

@@ -7,8 +7,8 @@
     cosine(u, v)                           cosine similarity of two vectors (None for a zero vector)
     peak_index(values)                     index of the largest |value| among the defined ones (first wins ties)
 
-One convention throughout: every standard deviation is the sample std, ddof = 1 (Bessel). The original
-tool mixed ddof 1 (unpaired d) with ddof 0 (paired d, per-side std); here N = 1 gives None with a
+One convention throughout: every standard deviation is the sample std, ddof = 1 (Bessel). trait-interp
+mixed ddof 1 (unpaired d) with ddof 0 (paired d, per-side std); here N = 1 gives None with a
 reason for all of them instead of NaN (invalid JSON) or a silent 0.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def paired_d(b: Sequence[float] | torch.Tensor, a: Sequence[float] | torch.Tenso
 
 
 def cosine(u: torch.Tensor, v: torch.Tensor) -> Stat:
-    """cos(u, v) in fp64; None when either vector is zero (the original returned 0, which reads as 'orthogonal')."""
+    """cos(u, v) in fp64; None when either vector is zero (trait-interp returned 0, which reads as 'orthogonal')."""
     u64, v64 = _as_f64(u), _as_f64(v)
     nu, nv = float(u64.norm()), float(v64.norm())
     if nu == 0.0 or nv == 0.0:

@@ -264,7 +264,7 @@ def test_skip_existing_decides_before_loading_and_file_sizes_match_tensor_bytes(
         tensor_bytes = sum(t.numel() * t.element_size() for side in ("prompt", "response")
                            for comps in d[side]["activations"].values() for t in comps.values())
         size = (paths.raw_dir("e", "base", "s") / f.split("/")[-1]).stat().st_size
-        # the original saved views of the whole [B, S, H] batch: 8 prompts in a batch would be ~8x this
+        # trait-interp saved views of the whole [B, S, H] batch: 8 prompts in a batch would be ~8x this
         assert tensor_bytes <= size <= 1.02 * tensor_bytes + 64 * 1024
         total += size
     assert summary["bytes"] == total

@@ -31,7 +31,7 @@ def test_json_round_trips_tricky_strings_exactly(tmp_path):
 
 
 def test_comma_token_not_mangled(tmp_path):
-    """B2: the original compact writer turned every "," token into ", "."""
+    """B2 (docs/original-bugs.md): trait-interp's compact writer turned every "," token into ", "."""
     path = tmp_path / "r.json"
     write_json(path, {"tokens": ["a", ",", "b", ",", ","]})
     assert read_json(path)["tokens"] == ["a", ",", "b", ",", ","]

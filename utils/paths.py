@@ -86,7 +86,7 @@ def projection_file(exp: str, variant: str, trait: str, prompt_set: str, prompt_
 
 
 def calibration_file(exp: str, variant: str | None = None) -> Path:
-    """The variant's calibration; with variant=None the experiment-wide file the original read."""
+    """The variant's calibration; with variant=None the experiment-wide file trait-interp read."""
     base = inference_dir(exp, variant) if variant else experiment_dir(exp) / "inference"
     return base / "massive_activations" / "calibration.json"
 
