@@ -108,6 +108,13 @@ class MassiveDimStats:
         self._count[layer] = self._count.get(layer, 0) + int(a.shape[0])
         self._prompts[layer] = self._prompts.get(layer, 0) + int(n_segments)
 
+    def to(self, device: str | torch.device) -> "MassiveDimStats":
+        """The sums moved to `device`, in place (e.g. "cpu" before the statistics leave a GPU worker)."""
+        for sums in (self._sum, self._norm_sum, self._align_sum):
+            for layer, t in sums.items():
+                sums[layer] = t.to(device)
+        return self
+
     @property
     def layers(self) -> list[int]:
         return sorted(self._sum)

@@ -30,6 +30,7 @@ from utils import paths
 REPO = Path(__file__).resolve().parents[1]   # the checkout here; /root in a container (inference/ is mounted there)
 REMOTE_ROOT = "/root"                        # core/, utils/, inference/, experiments/ inside the container
 CACHE_DIR = "/models"                        # the Volume: HF downloads persist across containers
+CACHE_VOLUME = "model-cache"                 # that Volume's name
 QUANTIZATIONS = ("", "8bit", "4bit")
 WEB_AUTHS = ("proxy", "none")
 
@@ -165,6 +166,8 @@ def image_mounts(experiment: str, variant: str = "") -> list[tuple[Path, str, Ca
     out = [(REPO / sub, f"{REMOTE_ROOT}/{sub}", _python_only) for sub in ("core", "utils", "inference")]
     if (REPO / "analysis" / "assets").is_dir():
         out.append((REPO / "analysis" / "assets", f"{REMOTE_ROOT}/analysis/assets", _python_only))
+    if not experiment:  # the code only: inference/modal_batch.py keeps the experiment on a Volume
+        return out
     for sub, ignore in (("extraction", _not_vector_file), ("steering", _not_evidence_file)):
         if (exp_dir / sub).is_dir():
             out.append((exp_dir / sub, f"{remote_exp}/{sub}", ignore))
@@ -196,8 +199,8 @@ def build_image(experiment: str, variant: str = "", env: Mapping[str, str] | Non
              .pip_install_from_requirements(str(REPO / "requirements.txt"))
              .env({"HF_HOME": f"{CACHE_DIR}/hf", "TRAIT_EXPERIMENTS_DIR": f"{REMOTE_ROOT}/experiments",
                    "TOKENIZERS_PARALLELISM": "false", **dict(env or {})}))
-    config = paths.config_path(experiment)
-    if config.is_file():
+    config = paths.config_path(experiment) if experiment else None
+    if config is not None and config.is_file():
         image = image.add_local_file(config, f"{REMOTE_ROOT}/experiments/{experiment}/config.json")
     for local, remote, ignore in image_mounts(experiment, variant):
         image = image.add_local_dir(local, remote, ignore=ignore)
