@@ -507,7 +507,7 @@ def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait:
         entries.append({
             "method": v.method, "layer": v.layer, "position": v.position, "component": v.component,
             "selection_source": v.selection_source, "baseline": v.baseline,
-            "prompt": [x - shift for x in got["prompt"]], "response": [x - shift for x in got["response"]],
+            **{side: ([x - shift for x in got[side]] if shift else got[side]) for side in SIDES},
             "token_norms": sc.norms[v.layer],
         })
     trait_layers = sorted({v.layer for v in vectors})

@@ -31,35 +31,22 @@ import inference.project_raw_activations_onto_traits as proj_mod
 from core import fused as core_fused
 from inference.capture_raw_activations import capture_raw_activations
 from inference.project_raw_activations_onto_traits import main, project_raw_activations_onto_traits as project
-from tests.helpers import write_steering, write_vector
+from tests.helpers import PAIRS, write_responses as _write_responses, write_steering, write_vector
 from utils import paths
-from utils.model import decode_tokens, format_prompt, load_model, load_tokenizer, tokenize_continuation, tokenize_prompt
-from utils.responses import build_response
-from utils.storage import load_pt, write_json
+from utils.model import load_model
+from utils.storage import load_pt
 from utils.zoo import ARCHS
 
-PAIRS = [("What is a model?", "I think the answer is good."),
-         ("Tell me a story about honest code, please.", "yes"),
-         ("hi", "the model will help you write code; it would be kind."),
-         ("Why?", "")]                                     # an empty response: calibration falls back to the prompt
 TRAITS = ("cat/a", "cat/b")
 CONTRIB = ("attn_contribution", "mlp_contribution")
+# PAIRS (tests/helpers.py) has an empty response: calibration falls back to that prompt's tokens.
 # Keys whose values differ between two runs by design: dates, and the variant a file belongs to.
 VOLATILE = {"projection_date", "date", "capture_date", "computed_by", "model_variant", "calibration", "variant"}
 
 
 def write_responses(exp: str, variant: str, prompt_set: str, model_dir: str, pairs=PAIRS) -> dict[str, dict]:
-    """Response JSONs as generate_responses.py writes them (chat-formatted prompt ids + continuation ids)."""
-    tok = load_tokenizer(model_dir)
-    out = {}
-    for i, (prompt, response) in enumerate(pairs):
-        text, note = format_prompt(tok, prompt)
-        ids = tokenize_prompt(tok, text)
-        end = len(ids)
-        ids = ids + tokenize_continuation(tok, response)
-        out[str(i)] = build_response(text, response, ids, end, decode_tokens(tok, ids), model_dir, prompt_note=note)
-        write_json(paths.response_file(exp, variant, prompt_set, i), out[str(i)])
-    return out
+    """tests/helpers.write_responses with ids 0, 1, ..."""
+    return _write_responses(exp, variant, prompt_set, model_dir, pairs=pairs, ids=[str(i) for i in range(len(pairs))])
 
 
 def make_world(experiments, model_dir: str, hidden: int, n_layers: int, lora: str | None = None,
