@@ -59,6 +59,7 @@ class MassiveDimStats:
         stats = MassiveDimStats(top_k=5)
         stats.add(layer, acts[n_tokens, hidden])                 # one prompt's tokens
         stats.add(layer, acts, segments=seg, n_segments=B)       # B prompts at once: seg[i] = prompt of row i
+        stats.merge(other_stats)                                  # e.g. a batch kept apart until it succeeded
         stats.aggregate()
         # {"layers": [L, ...], "top_dims_by_layer": {"L": [d, ...]}, "dim_magnitude_by_layer": {"d": [r per layer]},
         #  "layer_norms": {"L": mean |h|}, "mean_alignment_by_layer": {"L": a}, "n_tokens_by_layer": {"L": n}}
@@ -107,6 +108,17 @@ class MassiveDimStats:
         self._align_sum[layer] = self._align_sum.get(layer, 0) + alignment.sum()
         self._count[layer] = self._count.get(layer, 0) + int(a.shape[0])
         self._prompts[layer] = self._prompts.get(layer, 0) + int(n_segments)
+
+    def merge(self, other: "MassiveDimStats") -> None:
+        """Add everything `other` accumulated (e.g. one batch, kept apart until its forward succeeded)."""
+        for layer in other.layers:
+            if layer in self._sum and self._sum[layer].shape[0] != other._sum[layer].shape[0]:
+                raise ProjectionError(f"layer {layer}: hidden size changed from {self._sum[layer].shape[0]} to "
+                                      f"{other._sum[layer].shape[0]}")
+            for mine, theirs in ((self._sum, other._sum), (self._norm_sum, other._norm_sum),
+                                 (self._align_sum, other._align_sum), (self._count, other._count),
+                                 (self._prompts, other._prompts)):
+                mine[layer] = mine.get(layer, 0) + theirs[layer]
 
     def to(self, device: str | torch.device) -> "MassiveDimStats":
         """The sums moved to `device`, in place (e.g. "cpu" before the statistics leave a GPU worker)."""
