@@ -137,6 +137,9 @@ class BackgroundWriter:
     def _write(self, write, path: Path, obj: Any, size: int) -> int:
         try:
             return write(path, obj)
+        except Exception as e:
+            e.add_note(f"while writing {path}")  # re-raised on the caller's thread: name the file (its prompt id)
+            raise
         finally:
             with self._cond:
                 self._pending -= size
