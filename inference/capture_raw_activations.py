@@ -38,6 +38,7 @@ from utils import cli, paths
 from utils.config import Variant, resolve_variant
 from utils.layers import parse_layers
 from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
+from utils.prompts import parse_prompt_ids
 from utils.responses import TokenStrings, list_response_files, load_responses, replayed_response
 from utils.storage import BackgroundWriter
 
@@ -120,16 +121,6 @@ def parse_components(components: str | Sequence[str] | None, capture_mlp: bool =
     if capture_mlp:
         names += ["attn_contribution", "mlp_contribution"]
     return [c for c in COMPONENTS if c in names]
-
-
-def parse_prompt_ids(prompt_ids: str | Sequence[str | int] | None) -> list[str] | None:
-    if prompt_ids is None:
-        return None
-    items = prompt_ids.split(",") if isinstance(prompt_ids, str) else [str(i) for i in prompt_ids]
-    items = [i.strip() for i in items]
-    if not items or any(not i for i in items):
-        raise CaptureError(f"--prompt-ids {prompt_ids!r}: expected a comma list of ids such as 1,2,10")
-    return items
 
 
 def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
