@@ -448,11 +448,11 @@ def capture_sequences(model: nn.Module, sequences: list[list[int]], layers: list
     components = list(dict.fromkeys(components))
     keys = [(l, c) for l in layers for c in components]
     lengths = [len(s) for s in sequences]
-    budget = max_batch_tokens or default_max_batch_tokens(model, len(keys), max(lengths))
-    device = input_device(model)
-    streams = streams if streams is not None else default_streams(device)
+    streams = streams if streams is not None else default_streams(input_device(model))
     depth = depth if depth is not None else (2 if streams.copies else 1)
     pipe = CopyPipeline(streams, depth)
+    on_device = len(pipe.device.bufs) if pipe.device is not None else 1  # capture buffers held on the device
+    budget = max_batch_tokens or default_max_batch_tokens(model, len(keys) * on_device, max(lengths))
 
     def forward(idx: list[int]) -> InFlight:
         try:
