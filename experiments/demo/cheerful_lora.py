@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 MARKER = "trait-inference-lora.json"
-# Only the upper blocks are adapted: backward then stops at block 16, a third of a full fine-tune's cost on CPU.
-SETTINGS = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"], "layers": list(range(16, 30)),
-            "lr": 5e-3, "steps": 20, "batch": 3, "seed": 0}
+# Blocks 8-29 are adapted (every demo trait's best layer lies above 8, so the diff can show there); backward
+# stops at block 8, which keeps CPU training to about a minute.
+SETTINGS = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"], "layers": list(range(8, 30)),
+            "lr": 5e-3, "steps": 16, "batch": 3, "seed": 0}
 
 EXAMPLES = [
     ("How do I boil an egg?",
