@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         cap = capture_raw_activations(exp, "set", model_variant="two", responses_from="base", loaded=lm,
                                       max_batch_tokens=a.max_batch_tokens, progress=False)
         summaries["capture"], summaries["project"] = cap, project(exp, model_variant="two", **common)
+        os.sync()  # its .pt data reaches the disk inside its own time, not during the next method's fsyncs
 
     names = {"bare": f"bare forward to layer {layers[-1]}", "fused": "fused projection",
              "two": "two-stage (capture all layers + project)"}

@@ -205,6 +205,16 @@ def test_real_smollm2_fused_equals_two_stage(real_model_dir, experiments):
     assert len(top) == cfg.num_hidden_layers
 
 
+def test_all_prompt_sets_are_the_response_sets_nested_ones_included(zoo, experiments):
+    exp = make_world(experiments, zoo("llama"), 64, 4)
+    write_responses(exp, "base", "grp/inner", zoo("llama"), pairs=PAIRS[:2])
+    two = project(exp, all_prompt_sets=True, model_variant="base", fused=True, layers="1", traits="cat/a",
+                  no_calibration=True, progress=False)
+    assert two["prompt_sets"] == ["grp/inner", "s"] and (two["prompts"], two["written"]) == (6, 6)
+    assert sorted(projections(exp, "base")) == ["cat/a/grp/inner/0.json", "cat/a/grp/inner/1.json"] + [
+        f"cat/a/s/{i}.json" for i in range(4)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Means for the model diff
 
