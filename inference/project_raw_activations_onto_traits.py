@@ -506,7 +506,8 @@ def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait:
         got, shift = sc.scores[(trait, k)], (v.baseline if opts.centered else 0.0)
         entries.append({
             "method": v.method, "layer": v.layer, "position": v.position, "component": v.component,
-            "selection_source": v.selection_source, "baseline": v.baseline,
+            "selection_source": v.selection_source, "selected_by": v.selected_by,
+            "selection_reason": v.selection_reason, "baseline": v.baseline,
             **{side: ([x - shift for x in got[side]] if shift else got[side]) for side in SIDES},
             "token_norms": sc.norms[v.layer],
         })
