@@ -18,12 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONSOLE_SCRIPTS = ["trait-generate", "trait-capture", "trait-project", "trait-viz", "trait-compare",
-                   "trait-per-token-diff", "trait-extract", "trait-chat", "trait-server"]
+                   "trait-per-token-diff", "trait-extract", "trait-chat", "trait-server", "trait-report", "trait-batch"]
 SCRIPTS = ["inference/generate_responses.py", "inference/capture_raw_activations.py",
            "inference/project_raw_activations_onto_traits.py", "inference/extract_viz.py",
            "inference/model_server.py", "inference/modal_inference.py",
            "analysis/model_diff/compare_variants.py", "analysis/model_diff/per_token_diff.py",
-           "extraction/extract_vectors.py"]
+           "extraction/extract_vectors.py", "inference/modal_batch.py", "analysis/report.py"]
 
 
 def _env(**extra) -> dict:
@@ -125,7 +125,7 @@ def test_script_help(script):
 
 
 def test_every_script_is_in_the_help_list():
-    """A new script with a __main__ guard under inference/, analysis/model_diff/ or extraction/ gets checked too."""
-    found = {str(p.relative_to(REPO)) for d in ("inference", "analysis/model_diff", "extraction")
+    """A new script with a __main__ guard under inference/, analysis/, analysis/model_diff/ or extraction/ gets checked too."""
+    found = {str(p.relative_to(REPO)) for d in ("inference", "analysis", "analysis/model_diff", "extraction")
              for p in (REPO / d).glob("*.py") if '__name__ == "__main__"' in p.read_text(encoding="utf-8")}
     assert found <= set(SCRIPTS), sorted(found - set(SCRIPTS))
