@@ -594,7 +594,7 @@ def format_summary(s: ReportSummary) -> str:
 EPILOG = """\
 examples:
   python analysis/report.py --experiment demo --prompt-set harmful --model-variant lora
-  python analysis/report.py --experiment demo --prompt-set harmful --compare base,lora
+  python analysis/report.py --experiment demo --prompt-set single_trait --compare instruct,lora
   python analysis/report.py --experiment my_exp --prompt-set single_trait --traits behavioral/refusal --centered \\
       --out /tmp/refusal.html
 

@@ -307,7 +307,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="PNG screenshot of a page in headless Chromium (docs/report.png).",
-                                 epilog="example: python tests/browser.py experiments/demo/analysis/report/harmful_base_vs_lora.html "
+                                 epilog="example: python tests/browser.py experiments/demo/analysis/report/single_trait_instruct_vs_lora.html "
                                         "docs/report.png --script \"TraitReport.select(0, 30)\"")
     ap.add_argument("page", help="an HTML file or a URL")
     ap.add_argument("out", help="the PNG to write")
