@@ -174,8 +174,8 @@ def test_first_five_response_tokens_and_prompt_split(ext, hf, loaded):
                              "all[:]": h[1:].mean(0)}[position])
             feats.append(torch.stack(rows).double())
         diff = feats[0].mean(0) - feats[1].mean(0)
-        got = torch.load(paths.vector_file("x", "tone/kind", "base", pos_dir, "residual", "mean_diff", 1),
-                         weights_only=True).double()
+        path = paths.vector_file("x", "tone/kind", "base", pos_dir, "residual", "mean_diff", 1)
+        got = torch.load(path, weights_only=True).double()
         torch.testing.assert_close(got, diff / diff.norm(), atol=1e-5, rtol=0)
 
 
