@@ -931,15 +931,17 @@ def project(opts: ProjectOptions, loaded: LoadedModel | None = None) -> dict:
     return run_projection(plan_projection(opts))
 
 
-def project_raw_activations_onto_traits(experiment: str, loaded: LoadedModel | None = None, **options) -> dict:
+def project_raw_activations_onto_traits(experiment: str, prompt_set: str | None = None,
+                                        loaded: LoadedModel | None = None, **options) -> dict:
     """Project every pending prompt of the set(s) onto each trait's vectors and write the projection JSONs.
 
-    Keywords are ProjectOptions' fields; `loaded` reuses an already-loaded LoadedModel of the variant (fused).
+    Keywords are ProjectOptions' fields (prompt_set may also come second, as capture_raw_activations takes it);
+    `loaded` reuses an already-loaded LoadedModel of the variant (fused).
     Returns a summary: experiment, model_variant, prompt_sets, traits, written, skipped, prompts, files,
     bytes (everything the run wrote), vectors (per set and trait), calibration (path and source, or None),
     seconds; with fused also means_written, responses_written, out_of_memory_retries.
     """
-    return project(ProjectOptions(experiment, **options), loaded)
+    return project(ProjectOptions(experiment, prompt_set=prompt_set, **options), loaded)
 
 
 def format_summary(s: dict) -> str:
