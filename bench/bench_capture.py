@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import add_model_args, build_random_model, machine, model_dtype, table, timeit_interleaved, workload
+from bench.common import add_model_args, build_random_model, emit, machine, model_dtype, table, timeit_interleaved, workload
 from core.capture import capture_sequences, plan_batch
 from inference.capture_raw_activations import build_record
 from utils.storage import BackgroundWriter
@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         tail += (f"\ncapture in memory / nnsight: "
                  f"{statistics.median(times['ours in memory']) / statistics.median(times['nnsight']):.3f}")
     report = f"{head}\n\n{body}\n\n{tail}\n"
-    print(report)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(report + "\n")
+    emit(report, a.out)
     return 0
 
 

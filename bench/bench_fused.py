@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import add_model_args, build_random_model, machine, model_dtype, table, timeit_interleaved, workload
+from bench.common import add_model_args, build_random_model, emit, machine, model_dtype, table, timeit_interleaved, workload
 
 
 def word_tokenizer(vocab_size: int, folder: Path):
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bytes written per prompt: fused {fused_bytes:,.0f} (projection JSONs), two-stage {two_bytes:,.0f} "
             f"(.pt of {n_layers} layers + the same JSONs; {two_bytes / max(fused_bytes, 1):.1f}x)")
     report = f"{head}\n\n{table(times, names['bare'])}\n\n{tail}\n"
-    print(report)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(report + "\n")
+    emit(report, a.out)
     return 0
 
 

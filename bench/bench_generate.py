@@ -19,7 +19,7 @@ import statistics
 
 import torch
 
-from bench.common import add_model_args, build_random_model, machine, model_dtype, timeit_interleaved, workload
+from bench.common import add_model_args, build_random_model, emit, machine, model_dtype, timeit_interleaved, workload
 from core.generation import generate_batch, left_pad
 
 
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"ours / HF generate (throughput): {tput[f'ours batch {a.batch}'] / tput['HF generate']:.3f}; "
                   f"batch {a.batch} / batch 1: {tput[f'ours batch {a.batch}'] / tput[f'ours batch 1 x {a.batch}']:.2f}x"]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(report + "\n")
+    emit(report, a.out)
     return 0
 
 

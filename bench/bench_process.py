@@ -166,11 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         f"capture phases (last pair): {phases['capture'][-1].removeprefix('timings: ')}",
         f"bare phases (last pair): {phases['bare'][-1].removeprefix('timings: ')}",
     ])
-    print("\n" + report)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as fh:
-            fh.write(report + "\n\n")
+    from bench.common import emit
+    emit("\n" + report + "\n", a.out)
     return 0
 
 

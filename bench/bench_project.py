@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine, timeit_interleaved
+from bench.common import emit, machine, timeit_interleaved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, s in med.items():
         lines.append(f"| {k} | {s:.3f} | {a.files / s:.0f} | {s / med['read needed bytes']:.2f} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(report + "\n")
+    emit(report, a.out)
     shutil.rmtree(root, ignore_errors=True)
     return 0
 

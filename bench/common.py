@@ -106,3 +106,13 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def emit(report: str, out: str | None) -> None:
+    """Print a bench's report and, with --out, append it to that file (its folder made when missing)."""
+    print(report)
+    if out:
+        from pathlib import Path
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as fh:
+            fh.write(report + "\n")
