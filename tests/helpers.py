@@ -134,3 +134,15 @@ def mlp_oracle(arch: str, block: nn.Module, h_mid: torch.Tensor) -> torch.Tensor
         out = block.mlp(block.post_attention_layernorm(h_mid))
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(h_mid.shape)
+
+
+# ---- subprocess checks --------------------------------------------------------------------------------------------
+# Python source to put first in a `python -c` script: every socket call fails, so an import that reaches for the
+# network (Modal's client, a hub lookup) fails loudly instead of hanging.
+BLOCK_NETWORK = """import socket
+def _blocked(*a, **k):
+    raise OSError("network blocked by the test")
+socket.socket.connect = _blocked
+socket.create_connection = _blocked
+socket.getaddrinfo = _blocked
+"""

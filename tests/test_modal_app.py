@@ -20,7 +20,7 @@ import torch
 import inference.chat_session as cs
 import inference.modal_common as mc
 import inference.modal_inference as mi
-from tests.helpers import TRAITS, write_vectors
+from tests.helpers import BLOCK_NETWORK, TRAITS, write_vectors
 from utils import paths
 from utils.config import resolve_variant
 from utils.model import format_messages, format_prompt, load_model, stop_token_ids, tokenize_prompt
@@ -57,13 +57,8 @@ def flatten(msgs: list[dict], trait: str, layer: int) -> list[float]:
 
 def test_app_imports_and_declares_without_network():
     """A fresh interpreter with every socket call failing imports the app and finds class, methods, endpoint."""
-    script = textwrap.dedent("""
+    script = BLOCK_NETWORK + textwrap.dedent("""
         import inspect, json, socket
-        def blocked(*a, **k):
-            raise OSError("network blocked by the test")
-        socket.socket.connect = blocked
-        socket.create_connection = blocked
-        socket.getaddrinfo = blocked
         import modal
         import inference.modal_inference as mi
         from modal._partial_function import _PartialFunctionFlags as F, _find_partial_methods_for_user_cls as find

@@ -33,7 +33,7 @@ import inference.project_raw_activations_onto_traits as project_mod
 from inference.capture_raw_activations import capture_raw_activations
 from inference.generate_responses import generate_responses
 from inference.project_raw_activations_onto_traits import project_raw_activations_onto_traits
-from tests.helpers import write_vectors
+from tests.helpers import BLOCK_NETWORK, write_vectors
 from utils import paths
 from utils.storage import load_pt
 
@@ -129,13 +129,8 @@ def stamps(folder: Path) -> dict[str, tuple[int, int]]:
 # The module: no network, no torch for --help
 
 def test_app_imports_with_the_network_blocked_and_no_settings():
-    script = textwrap.dedent("""
+    script = BLOCK_NETWORK + textwrap.dedent("""
         import json, socket, sys
-        def blocked(*a, **k):
-            raise OSError("network blocked by the test")
-        socket.socket.connect = blocked
-        socket.create_connection = blocked
-        socket.getaddrinfo = blocked
         import inference.modal_batch as mb
         from modal._partial_function import _PartialFunctionFlags as F, _find_partial_methods_for_user_cls as find
         user_cls = mb.BatchWorker._get_user_cls()
