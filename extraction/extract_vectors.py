@@ -26,7 +26,8 @@ these vectors without being told a position. response[...] counts from the first
 covers the prompt tokens (a line without a TAB has none), all[...] the whole text; BOS is never included.
 Accuracy: a line counts as positive when its projection on the unit vector exceeds the baseline.
 Separation: (mean positive - mean negative projection on held-out lines) / the pooled within-class
-standard deviation of the training projections.
+standard deviation of the training projections. val_pos_mean / val_neg_mean / val_pos_std / val_neg_std: the
+held-out classes' projections (mean, population std), the reference points every summary reads scores against.
 """
 from __future__ import annotations
 
@@ -160,7 +161,10 @@ def evaluate(vector: torch.Tensor, train_pos: torch.Tensor, train_neg: torch.Ten
     gap = float(proj["vp"].mean() - proj["vn"].mean())
     return {"baseline": baseline, "train_accuracy": correct(proj["tp"], proj["tn"]),
             "val_accuracy": correct(proj["vp"], proj["vn"]),
-            "val_separation": gap / max(spread, 1e-12)}   # finite even for a zero spread (JSON has no inf)
+            "val_separation": gap / max(spread, 1e-12),   # finite even for a zero spread (JSON has no inf)
+            # the held-out classes' projections: the reference points scores are read against (utils.vectors.Reference)
+            "val_pos_mean": float(proj["vp"].mean()), "val_neg_mean": float(proj["vn"].mean()),
+            "val_pos_std": float(proj["vp"].std(unbiased=False)), "val_neg_std": float(proj["vn"].std(unbiased=False))}
 
 
 # ---------------------------------------------------------------------------------------------------

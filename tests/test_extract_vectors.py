@@ -20,7 +20,7 @@ import torch
 
 from extraction.extract_vectors import ExtractError, extract_vectors, main
 from utils import paths
-from utils.vectors import rank_vectors
+from utils.vectors import best_vector, rank_vectors
 
 POS_WORDS = "kind polite good help please thanks safe yes hello".split()
 NEG_WORDS = "rude harmful bad refuse cannot sorry no never deceive".split()
@@ -134,6 +134,11 @@ def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
             acc = float(((f_vp[L] @ vd > baseline).sum() + (f_vn[L] @ vd <= baseline).sum()) / (len(vp) + len(vn)))
             assert entry["val_accuracy"] == acc
             assert set(entry) >= {"norm", "baseline", "train_accuracy", "val_accuracy", "val_separation"}
+            # the reference points: held-out class means and population stds of the HF projections
+            pv, nv = f_vp[L] @ vd, f_vn[L] @ vd
+            for key, want in (("val_pos_mean", pv.mean()), ("val_neg_mean", nv.mean()),
+                              ("val_pos_std", pv.std(unbiased=False)), ("val_neg_std", nv.std(unbiased=False))):
+                assert entry[key] == pytest.approx(float(want), abs=1e-4), key
         best = max(meta["layers"].values(), key=lambda e: e["val_accuracy"])
         assert best["val_accuracy"] >= 0.875 and best["val_separation"] > 1.0
 
@@ -145,6 +150,19 @@ def test_vectors_match_hf_and_separate_held_out(ext, hf, loaded):
     meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", top.ref.pos_dir, "residual",
                                             top.ref.method).read_text())
     assert meta["layers"][str(top.ref.layer)]["val_separation"] == best["val_separation"] == top.separation
+
+    # the selected vector carries those reference points, and says in words why it was chosen
+    chosen = best_vector("x", "tone/kind", "base", "base")
+    entry, ref = meta["layers"][str(top.ref.layer)], chosen.reference
+    assert ref.source == "metadata" and ref.baseline == entry["baseline"] == chosen.baseline
+    assert (ref.pos_mean, ref.neg_mean, ref.pos_std, ref.neg_std) == tuple(
+        entry[k] for k in ("val_pos_mean", "val_neg_mean", "val_pos_std", "val_neg_std"))
+    assert ref.spread == pytest.approx(((entry["val_pos_std"] ** 2 + entry["val_neg_std"] ** 2) / 2) ** 0.5)
+    assert ref.relative(ref.pos_mean, "z") == pytest.approx((ref.pos_mean - ref.baseline) / ref.spread)
+    assert ref.relative(3.0, "baseline") == 3.0 - ref.baseline and ref.relative(3.0, "raw") == 3.0
+    assert chosen.explanation.startswith(f"chosen by held-out separation at layer {top.ref.layer} (no steering "
+                                         f"evidence")
+    assert chosen.describe()["reference"]["spread"] == ref.spread
 
 
 def test_first_five_response_tokens_and_prompt_split(ext, hf, loaded):

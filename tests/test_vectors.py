@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.helpers import write_steering, write_vector
+from core.errors import TraitError
 from utils import paths
 from utils.layers import LayerSpecError
 from utils.vectors import (ACCURACY_FLOOR_FRACTION, SELECTION_SOURCES, NoEvidenceError, VectorError, VectorRef,
@@ -471,3 +472,49 @@ def test_positions_trait_interp_looks_for_are_found(vec_exp):
     v, meta = load_vector("v", "cat/t", "base", "response[:]", "residual", "probe", 2, hidden_size=H)
     assert v.dtype == torch.float32 and meta["layers"]["2"] == pytest.approx(
         {"norm": meta["layers"]["2"]["norm"], "baseline": 0.2, "train_acc": 0.9})
+
+
+def test_reference_points_from_metadata_card_or_baseline_only(vec_exp):
+    """A trait-interp vector's metadata has only norm and baseline: its reference is the baseline alone (z units
+    refused with a VectorError that says how to get them); a card.json next to the vectors (trait-card) supplies
+    the held-out class statistics; a non-finite card number is refused naming the file."""
+    ti_write_vectors("v", "cat/ref", "base", "response[:]", "probe", range(3))
+    sel = select_vectors("v", "cat/ref", "base", "base", layers="2")[0]
+    ref = sel.reference
+    assert (ref.source, ref.baseline, ref.spread, ref.pos_mean) == ("baseline only", pytest.approx(0.2), None, None)
+    assert ref.relative(1.2, "baseline") == pytest.approx(1.0)
+    with pytest.raises(VectorError, match="--units z: this vector has no held-out spread.*trait-card"):
+        ref.relative(1.2, "z")
+    assert sel.explanation == "layer 2 as requested (--layers), not ranked"
+
+    card = paths.vectors_dir("v", "cat/ref", "base") / "card.json"
+    entry = {"auroc": 0.9, "accuracy": 0.8, "recall_at_fpr": 0.5, "neutral_threshold": 0.3, "random_auroc_mean": 0.5,
+             "random_auroc_max": 0.7, "sign_ok": True, "baseline": 9.0, "pos_mean": 2.0, "neg_mean": -1.0,
+             "pos_std": 3.0, "neg_std": 4.0, "spread": 3.5355}
+    card.write_text(json.dumps({"trait": "cat/ref", "fpr": 0.01, "n_random": 32,
+                                "sets": {"response_all/residual/probe": {"2": entry}}}))
+    ref = select_vectors("v", "cat/ref", "base", "base", layers="2")[0].reference
+    # the metadata's baseline wins over the card's; the class statistics come from the card
+    assert (ref.source, ref.baseline, ref.pos_mean, ref.neg_mean) == ("card", pytest.approx(0.2), 2.0, -1.0)
+    assert ref.spread == pytest.approx((12.5) ** 0.5)
+    assert ref.relative(0.2 + 2 * ref.spread, "z") == pytest.approx(2.0)
+    card.write_text(json.dumps({"trait": "cat/ref", "sets": {"response_all/residual/probe": {"2": {
+        **entry, "auroc": float("nan")}}}}))
+    with pytest.raises(TraitError, match=r"card\.json: sets\.response_all/residual/probe\.2: auroc must be a finite"):
+        select_vectors("v", "cat/ref", "base", "base", layers="2")
+
+
+def test_plain_words_for_a_steering_pick(vec_exp):
+    """The explanation a person reads names the evidence: steering delta, coherence, layer, coefficient (in residual
+    norms when the run recorded relative_weight); the files keep trait-interp's codes."""
+    ti_write_vectors("v", "cat/pw", "base", "response[:]", "probe", range(3))
+    path = ti_write_results("v", "cat/pw", "instruct", "response[:]",
+                            [(1, "probe", 4.0, 70.0, 85.0), (2, "probe", 6.0, 60.0, 90.0)], baseline=40.0)
+    best = best_vector("v", "cat/pw", "base", "instruct")
+    assert best.explanation == "chosen by steering: +30 trait at coherence 85, layer 1, coefficient 4"
+    assert best.selection_source == "steering" and best.describe()["explanation"] == best.explanation
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["config"]["vectors"][0]["relative_weight"] = 0.8
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_vector("v", "cat/pw", "base", "instruct").explanation == (
+        "chosen by steering: +30 trait at coherence 85, layer 1, 0.8x")

@@ -13,7 +13,10 @@
     select_vectors(exp, trait, extraction_variant, steering_variant, layers="best", available_layers=, ...,
                    multi_vector=None) -> [SelectedVector]          the vectors a projection uses, one per layer
     SelectedVector   trait, layer, method, component, position, path, sha256, baseline, selected_by, vector,
-                     selection_reason, ...; .selection_source (the value trait-interp's viewer knows), .describe()
+                     selection_reason, reference, ...; .selection_source (the value trait-interp's viewer knows),
+                     .explanation (the plain-words why), .describe()
+    Reference        baseline, pos_mean, neg_mean, pos_std, neg_std, spread, source: what a score is read against;
+                     .relative(score, units) with units raw | baseline | z;  reference_from_metadata(entry, ...)
     resolve_vector_source(experiment, vectors_experiment=None, extraction_variant=None, steering_variant=None,
                           traits=None, require_traits=True) -> VectorSource
                                                  the experiment, variants and traits a run's vectors come from
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from utils import paths
+from utils import cards, paths
 from utils.config import ConfigError, load_config, resolve_variant
 from utils.layers import (LayerSpecError, ProjectionLayer, format_layers, parse_projection_layers,
                           resolve_projection_layers)
@@ -63,7 +66,7 @@ __all__ = [
     "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
     "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
     "SELECTION_SOURCES", "viewer_selection_source", "VectorSource", "VectorConfigError", "resolve_vector_source",
-    "split_traits", "rank_by_extraction_metrics",
+    "split_traits", "rank_by_extraction_metrics", "Reference", "reference_from_metadata", "UNITS",
 ]
 
 METHOD_ORDER = ("probe", "mean_diff", "gradient")
@@ -417,6 +420,7 @@ class SteeringRun:
     trait_mean: float | None
     coherence_mean: float | None
     line: int
+    relative_weight: float | None = None   # ours: the weight in residual norms at the layer (Cx); trait-interp has none
 
 
 @dataclass
@@ -497,6 +501,7 @@ def read_steering_results(path: str | Path, default_position: str | None = None)
             position=str(position), weight=_number(spec.get("weight"), "config.vectors[0].weight", where),
             trait_mean=_number(result.get("trait_mean"), "result.trait_mean", where),
             coherence_mean=_number(result.get("coherence_mean"), "result.coherence_mean", where), line=n,
+            relative_weight=_number(spec.get("relative_weight"), "config.vectors[0].relative_weight", where),
         ))
     if baseline is None:
         _warn_once(str(path), f"{path}: no baseline line; taking baseline 0 as trait-interp does, so its "
@@ -543,6 +548,106 @@ class RankedVector:
     separation: float | None = None    # extraction: held-out separation (val_separation)
     accuracy: float | None = None      # extraction: held-out accuracy (val_accuracy)
     reason: str = ""                   # why it ranks where it does, one short line
+    coherence: float | None = None     # steering: the winning run's coherence
+    relative_coefficient: float | None = None   # steering: the winning run's coefficient in residual norms
+
+
+UNITS = ("raw", "baseline", "z")   # how a summary shows a score: as projected, minus the baseline, in held-out spreads
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a vector's scores are read against, at its layer.
+
+    baseline   the class midpoint on the training lines (metadata.json `baseline`): above it a token reads as
+               the trait, by the vector's own threshold
+    pos_mean / neg_mean / pos_std / neg_std   held-out projections of the positive and negative lines (mean,
+               population std); None when neither the metadata nor the trait's card records them
+    spread     the pooled held-out within-class std, sqrt((pos_std^2 + neg_std^2) / 2): one "z" unit
+    source     where the numbers came from: "metadata" (our extractor), "card" (card.json, e.g. trait-card on
+               vectors from elsewhere), or "baseline only" (no held-out statistics: z units unavailable)
+
+        ref = selected.reference
+        ref.relative(7.9, "z")   # (7.9 - baseline) / spread
+    """
+
+    baseline: float
+    pos_mean: float | None = None
+    neg_mean: float | None = None
+    pos_std: float | None = None
+    neg_std: float | None = None
+    spread: float | None = None
+    source: str = "baseline only"
+
+    @classmethod
+    def from_stats(cls, baseline: float, pos_mean: float | None, neg_mean: float | None, pos_std: float | None,
+                   neg_std: float | None, source: str) -> "Reference":
+        """The spread pooled from the two stds (None unless both are known and it is positive)."""
+        spread = None
+        if pos_std is not None and neg_std is not None:
+            pooled = math.sqrt((pos_std * pos_std + neg_std * neg_std) / 2)
+            spread = pooled if pooled > 0 else None
+        return cls(float(baseline), pos_mean, neg_mean, pos_std, neg_std, spread, source)
+
+    @property
+    def has_spread(self) -> bool:
+        return self.spread is not None
+
+    def relative(self, score: float, units: str = "baseline") -> float:
+        """A raw score in `units`: raw (as projected), baseline (minus the baseline), z (that over the spread)."""
+        if units == "raw":
+            return float(score)
+        if units == "baseline":
+            return float(score) - self.baseline
+        if units == "z":
+            if self.spread is None:
+                raise VectorError("--units z: this vector has no held-out spread (its metadata.json and card.json "
+                                  "record no class statistics; run trait-card on it, or use --units baseline)")
+            return (float(score) - self.baseline) / self.spread
+        raise VectorError(f"--units {units!r}: expected one of {', '.join(UNITS)}")
+
+    def unit_label(self, units: str = "baseline") -> str:
+        """What a number in `units` is relative to, in words (for summary lines)."""
+        return {"raw": "raw projection",
+                "baseline": f"relative to the vector's baseline {self.baseline:.3g}",
+                "z": (f"relative to the baseline {self.baseline:.3g}, in held-out spreads of {self.spread:.3g}"
+                      if self.spread is not None else "z units unavailable (no held-out spread)")}[units]
+
+    def to_json(self) -> dict:
+        return {"baseline": self.baseline, "pos_mean": self.pos_mean, "neg_mean": self.neg_mean,
+                "pos_std": self.pos_std, "neg_std": self.neg_std, "spread": self.spread, "source": self.source}
+
+
+_REFERENCE_KEYS = ("val_pos_mean", "val_neg_mean", "val_pos_std", "val_neg_std")
+
+
+def reference_from_metadata(entry: dict, card_entry: dict | None = None, where: str = "metadata.json") -> Reference:
+    """The Reference of one layer's metadata entry; the class statistics from the card when the metadata lacks them.
+
+    The baseline is the metadata's `baseline`, else the card's, else the midpoint of the held-out class means,
+    else 0 (trait-interp's default). Non-numbers are a VectorError naming `where`.
+    """
+    def num(d: dict | None, key: str) -> float | None:
+        if not d or d.get(key) is None:
+            return None
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise VectorError(f"{where}: {key} must be a finite number, got {v!r}")
+        return float(v)
+
+    stats = [num(entry, k) for k in _REFERENCE_KEYS]
+    source = "metadata"
+    if any(v is None for v in stats) and card_entry:
+        stats = [num(card_entry, k) for k in ("pos_mean", "neg_mean", "pos_std", "neg_std")]
+        source = "card"
+    if any(v is None for v in stats):
+        stats, source = [None] * 4, "baseline only"
+    baseline = num(entry, "baseline")
+    if baseline is None:
+        baseline = num(card_entry, "baseline")
+    if baseline is None:
+        baseline = (stats[0] + stats[1]) / 2 if stats[0] is not None else 0.0
+    return Reference.from_stats(baseline, *stats, source=source)
 
 
 SELECTION_SOURCES = ("steering", "layers_arg")   # the selection_source values trait-interp writes and reads
@@ -551,6 +656,29 @@ SELECTION_SOURCES = ("steering", "layers_arg")   # the selection_source values t
 def viewer_selection_source(selected_by: str | None) -> str:
     """Our `selected_by` as a trait-interp `selection_source`: steering stays, anything else is layers_arg."""
     return "steering" if selected_by == "steering" else "layers_arg"
+
+
+def explain_selection(selected_by: str, layer: int, *, score: float | None = None, coherence: float | None = None,
+                      coefficient: float | None = None, relative_coefficient: float | None = None,
+                      separation: float | None = None, accuracy: float | None = None) -> str:
+    """The plain-words reason for a pick, e.g. "chosen by steering: +31 trait at coherence 82, layer 10, 0.8x" or
+    "chosen by held-out separation at layer 5 (no steering evidence)"."""
+    if selected_by == "steering":
+        parts = []
+        if score is not None:
+            parts.append(f"{score:+.0f} trait" + (f" at coherence {coherence:.0f}" if coherence is not None else ""))
+        parts.append(f"layer {layer}")
+        if relative_coefficient is not None:
+            parts.append(f"{relative_coefficient:g}x")
+        elif coefficient is not None:
+            parts.append(f"coefficient {coefficient:g}")
+        return "chosen by steering: " + ", ".join(parts)
+    if selected_by == "extraction":
+        detail = ", ".join(x for x in (None if separation is None else f"separation {separation:.2f}",
+                                       None if accuracy is None else f"accuracy {accuracy:.2f}") if x)
+        return (f"chosen by held-out separation at layer {layer} (no steering evidence"
+                + (f"; {detail})" if detail else ")"))
+    return f"layer {layer} as requested (--layers), not ranked"
 
 
 @dataclass
@@ -574,6 +702,13 @@ class SelectedVector:
     selection_reason: str = ""         # one short line: the evidence that made it win (for summaries)
     accuracy: float | None = None      # held-out accuracy from metadata.json, when the fallback ranked it
     separation: float | None = None    # held-out separation from metadata.json, when the fallback ranked it
+    reference: Reference | None = None  # baseline and held-out class statistics at this layer (None: baseline only)
+    coherence: float | None = None     # steering: coherence of the winning run
+    relative_coefficient: float | None = None   # steering: the winning run's coefficient in residual norms (Cx)
+
+    def __post_init__(self):
+        if self.reference is None:
+            self.reference = Reference(self.baseline)
 
     @property
     def pos_dir(self) -> str:
@@ -585,6 +720,13 @@ class SelectedVector:
         no steering result chose; its viewer aims at the "steering" entry and knows no other value)."""
         return viewer_selection_source(self.selected_by)
 
+    @property
+    def explanation(self) -> str:
+        """Why this vector, in plain words (every human-facing text shows this, never the selection codes)."""
+        return explain_selection(self.selected_by, self.layer, score=self.score, coherence=self.coherence,
+                                 coefficient=self.coefficient, relative_coefficient=self.relative_coefficient,
+                                 separation=self.separation, accuracy=self.accuracy)
+
     def describe(self, relative_to: Path | None = None) -> dict:
         """JSON-ready provenance: which file, its hash, and why it was chosen."""
         path = self.path
@@ -595,8 +737,10 @@ class SelectedVector:
                 pass
         out = {"layer": self.layer, "method": self.method, "component": self.component, "position": self.position,
                "path": str(path), "sha256": self.sha256, "selection_source": self.selection_source,
-               "selected_by": self.selected_by, "selection_reason": self.selection_reason, "baseline": self.baseline}
-        for key in ("score", "coefficient", "direction", "accuracy", "separation"):
+               "selected_by": self.selected_by, "selection_reason": self.selection_reason, "baseline": self.baseline,
+               "explanation": self.explanation, "reference": self.reference.to_json()}
+        for key in ("score", "coefficient", "relative_coefficient", "coherence", "direction", "accuracy",
+                    "separation"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -621,7 +765,7 @@ def _steering_evidence(exp: str, trait: str, steering_variant: str, refs: list[V
         seen_files += 1
         results = read_steering_results(results_path, default_position=_position_of(pos_dir))
         sign = 1.0 if results.direction == "positive" else -1.0
-        best: dict[VectorRef, tuple[float, float | None, float]] = {}
+        best: dict[VectorRef, tuple[float, float | None, float, float | None]] = {}
         index = {(r.layer, r.method, r.component, r.pos_dir): r for r in group}
         for run in results.runs:
             r = index.get((run.layer, run.method, run.component, sanitize_position(run.position)))
@@ -633,15 +777,16 @@ def _steering_evidence(exp: str, trait: str, steering_variant: str, refs: list[V
                 continue
             delta = run.trait_mean - results.baseline
             if r not in best or sign * delta > sign * best[r][0]:
-                best[r] = (delta, run.weight, run.coherence_mean)
-        for r, (delta, weight, coherence) in best.items():
+                best[r] = (delta, run.weight, run.coherence_mean, run.relative_weight)
+        for r, (delta, weight, coherence, relative) in best.items():
             if r not in dropped:
                 coef = "" if weight is None else f" at coefficient {weight:g}"
                 reason = (f"steering delta {delta:+.1f}{coef} (coherence {coherence:.0f}, {results.direction}, "
                           f"variant {steering_variant}"
                           f"{', no baseline line: baseline 0' if results.baseline_missing else ''})")
                 ranked.append(RankedVector(r, "steering", delta, weight, results.direction,
-                                           naturalness.get((r.layer, r.method, r.component)), reason=reason))
+                                           naturalness.get((r.layer, r.method, r.component)), reason=reason,
+                                           coherence=coherence, relative_coefficient=relative))
     note = (f"{seen_files} steering results file(s) under variant {steering_variant!r} with {seen_runs} matching "
             f"run(s), {low_coherence} below coherence {min_coherence:g}, {len(dropped)} vector(s) dropped for "
             f"naturalness < {min_naturalness:g}")
@@ -746,10 +891,13 @@ def _load_selected(exp: str, extraction_variant: str, ref: VectorRef, source: st
                    ranked: RankedVector | None = None, reason: str = "") -> SelectedVector:
     vector, meta = load_vector(exp, ref.trait, extraction_variant, ref.pos_dir, ref.component, ref.method, ref.layer,
                                hidden_size=hidden_size)
-    baseline = _layer_meta(meta, ref.layer).get("baseline", 0.0)
+    meta_path = paths.vector_metadata(exp, ref.trait, extraction_variant, ref.pos_dir, ref.component, ref.method)
+    entry = _layer_meta(meta, ref.layer)
+    baseline = entry.get("baseline", 0.0)
     if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
-        raise VectorError(f"{paths.vector_metadata(exp, ref.trait, extraction_variant, ref.pos_dir, ref.component, ref.method)}: "
-                          f"layers.{ref.layer}.baseline must be a number, got {baseline!r}")
+        raise VectorError(f"{meta_path}: layers.{ref.layer}.baseline must be a number, got {baseline!r}")
+    reference = reference_from_metadata(entry, _card_layer(exp, ref, extraction_variant),
+                                        where=f"{meta_path} layers.{ref.layer}")
     return SelectedVector(
         trait=ref.trait, layer=ref.layer, method=ref.method, component=ref.component, position=ref.position,
         path=ref.path, sha256=file_sha256(ref.path), baseline=float(baseline), selected_by=source,
@@ -757,7 +905,14 @@ def _load_selected(exp: str, extraction_variant: str, ref: VectorRef, source: st
         direction=ranked.direction if ranked else None, metadata=meta,
         selection_reason=ranked.reason if ranked else reason,
         accuracy=ranked.accuracy if ranked else None, separation=ranked.separation if ranked else None,
+        reference=reference, coherence=ranked.coherence if ranked else None,
+        relative_coefficient=ranked.relative_coefficient if ranked else None,
     )
+
+
+def _card_layer(exp: str, ref: VectorRef, variant: str) -> dict | None:
+    """The trait card's entry for this vector's layer (class statistics for vectors whose metadata lacks them)."""
+    return cards.card_layer_entry(exp, ref.trait, variant, ref.pos_dir, ref.component, ref.method, ref.layer)
 
 
 def best_vector(exp: str, trait: str, extraction_variant: str, steering_variant: str,
