@@ -357,7 +357,7 @@ def _capture_loop(plan: CapturePlan, lm: LoadedModel, base_meta: dict, strings: 
     started = time.perf_counter()
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0  # 0 is a valid pad id (B24)
     replay = set(plan.replay)
-    bar = tqdm(total=len(plan.todo), unit="prompt", desc=f"capture {plan.prompt_set}", file=sys.stderr,
+    bar = cli.Progress(total=len(plan.todo), unit="prompt", desc=f"capture {plan.prompt_set}", file=sys.stderr,
                disable=not plan.opts.progress, dynamic_ncols=True)
 
     def on_batch(report: BatchReport) -> None:

@@ -358,7 +358,7 @@ def run_viz(plan: VizPlan, loaded: LoadedModel | None = None, started: float | N
         def id_to_token(i: int) -> str:
             return strings.decode([i])[0]
 
-        bar = tqdm(total=len(plan.todo), desc="extract_viz", unit="prompt", disable=not plan.opts.progress,
+        bar = cli.Progress(total=len(plan.todo), desc="extract_viz", unit="prompt", disable=not plan.opts.progress,
                    file=sys.stderr)
         for batch in _batches(plan.todo, plan.opts.batch_size):
             probs, lens = fwd(batch)

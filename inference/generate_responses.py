@@ -363,7 +363,7 @@ def _generate_loop(plan: GeneratePlan, backend, tok, items: list, summary: dict)
     o = plan.opts
     size = backend.plan(len(items[0][2]) + o.max_new_tokens)
     stop_counts = {"eos": 0, "length": 0}
-    with tqdm(total=len(items), unit="prompt", desc=f"generate {plan.pset.name}", disable=not o.progress,
+    with cli.Progress(total=len(items), unit="prompt", desc=f"generate {plan.pset.name}", disable=not o.progress,
               file=sys.stderr) as bar:
         start = 0
         while start < len(items):
@@ -391,7 +391,7 @@ def _run_import(plan: GeneratePlan, loaded: LoadedModel | None, summary: dict) -
     tok = loaded.tokenizer if loaded is not None else load_tokenizer(plan.variant.model_path(exp))
     stops = _stop_strings(tok, plan.variant.model_path(exp))
     stripped = 0
-    for p in tqdm(plan.todo, unit="prompt", desc=f"import {plan.pset.name}", disable=not plan.opts.progress,
+    for p in cli.Progress(plan.todo, unit="prompt", desc=f"import {plan.pset.name}", disable=not plan.opts.progress,
                   file=sys.stderr):
         record = imported_record(plan, p, tok, stops)
         stripped += record["imported"]["stripped_suffix"] is not None

@@ -590,7 +590,7 @@ def run_projection(plan: ProjectPlan) -> dict:
     if plan.calibration is not None and plan.calibration.source == "computed":
         summary["bytes"] += plan.calibration.path.stat().st_size
     note_calibration(summary, plan.calibration)
-    bar = tqdm(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project", file=sys.stderr,
+    bar = cli.Progress(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project", file=sys.stderr,
                disable=not plan.opts.progress, dynamic_ncols=True)
     with bar:
         for set_plan in plan.sets:
@@ -908,7 +908,7 @@ def run_fused(plan: ProjectPlan, loaded: LoadedModel | None = None) -> dict:
                     plan = replace(plan, calibration=_calibrate_fused(plan, lm, summary))
                     summary["bytes"] += plan.calibration.path.stat().st_size
                 note_calibration(summary, plan.calibration)
-                with tqdm(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project --fused",
+                with cli.Progress(total=sum(len(s.todo) for s in plan.sets), unit="prompt", desc="project --fused",
                           file=sys.stderr, disable=not plan.opts.progress, dynamic_ncols=True) as bar:
                     for set_plan in plan.sets:
                         if set_plan.todo:
