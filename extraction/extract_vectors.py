@@ -367,15 +367,21 @@ def fit_layers(trait: str, method: str, feats: dict[int, torch.Tensor], n_pos: i
 
 def write_vectors(plan: ExtractPlan, trait: str, position: str, method: str, layer_meta: dict,
                   pos_lines: list, neg_lines: list, va_p: list[int], va_n: list[int]) -> list[Path]:
-    """Each layer's vector, then the method's metadata.json (merged with layers of earlier runs)."""
+    """Each layer's vector, then the method's metadata.json (merged with layers of earlier runs), written last.
+
+    The set is one unit: an earlier metadata.json is removed before the first layer file is replaced and
+    written again only after the last one, so an interrupted run leaves a set without metadata, which
+    utils.vectors never uses (and reports), never old metadata describing new vectors.
+    """
     opts, variant, pos_dir = plan.opts, plan.variant, sanitize_position(position)
+    meta_path = paths.vector_metadata(opts.experiment, trait, variant.name, pos_dir, COMPONENT, method)
+    merged = _previous_layers(meta_path)
+    meta_path.unlink(missing_ok=True)
     files = []
     for layer, (unit, _) in layer_meta.items():
         out = paths.vector_file(opts.experiment, trait, variant.name, pos_dir, COMPONENT, method, int(layer))
         write_pt(out, unit.clone())
         files.append(out)
-    meta_path = paths.vector_metadata(opts.experiment, trait, variant.name, pos_dir, COMPONENT, method)
-    merged = _previous_layers(meta_path)
     merged.update({layer: entry for layer, (_, entry) in layer_meta.items()})
     folder = paths.traits_data_dir(trait)
     write_json(meta_path, {

@@ -245,3 +245,36 @@ def test_cli(ext, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --methods")
     assert main(["--help"]) == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_interrupted_extraction_is_never_used(ext, loaded, monkeypatch, capsys):
+    """A re-extraction interrupted after some layer files leaves the set without metadata.json (removed before the
+    first file, written after the last): selection never uses it and says so; the next run completes it."""
+    from extraction import extract_vectors as ev
+    from utils.vectors import VectorError, incomplete_sets, list_vectors, load_vector
+
+    extract_vectors("x", position="response[:]", methods="mean_diff", layers="0-2", loaded=loaded, progress=False)
+    folder = paths.vector_metadata("x", "tone/kind", "base", "response_all", "residual", "mean_diff").parent
+    assert [r.layer for r in list_vectors("x", "tone/kind", "base")] == LAYERS
+    real_write, calls = ev.write_pt, []
+
+    def dying_write(path, obj):   # the second layer file of the re-run never lands: Ctrl-C in the middle
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, obj)
+
+    monkeypatch.setattr(ev, "write_pt", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract_vectors("x", position="response[:]", methods="mean_diff", layers="0-2", loaded=loaded, progress=False)
+    assert not (folder / "metadata.json").exists() and (folder / "layer0.pt").exists()
+    assert incomplete_sets("x") == [folder]
+    assert list_vectors("x", "tone/kind", "base") == []    # its only set is incomplete
+    with pytest.raises(VectorError, match=r"no vector files"):
+        rank_vectors("x", "tone/kind", "base", "base")
+    assert capsys.readouterr().err.count(f"{folder}: vector files without metadata.json") == 1   # once per process
+    with pytest.raises(VectorError, match=r"no metadata\.json: an incomplete vector set"):
+        load_vector("x", "tone/kind", "base", "response_all", "residual", "mean_diff", 0)
+    monkeypatch.setattr(ev, "write_pt", real_write)
+    extract_vectors("x", position="response[:]", methods="mean_diff", layers="0-2", loaded=loaded, progress=False)
+    assert incomplete_sets("x") == [] and [r.layer for r in list_vectors("x", "tone/kind", "base")] == LAYERS

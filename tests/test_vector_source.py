@@ -23,6 +23,7 @@ def _vector(exp: str, trait: str, variant: str, layer: int = 1) -> None:
     path = paths.vector_file(exp, trait, variant, "response__5", "residual", "probe", layer)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torch.ones(4), path)
+    (path.parent / "metadata.json").write_text('{"layers": {}}')   # a complete set (the extractor writes it last)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@
     list_vectors(exp, trait, variant, component=, position=, method=, layer=) -> [VectorRef]   deterministic order
     load_vector(exp, trait, variant, position_or_pos_dir, component, method, layer, hidden_size=None)
                                                  -> (fp32 unit Tensor[H], metadata.json dict)
+    incomplete_sets(exp, trait=None, variant=None) -> [Path]       method folders with layer files but no metadata.json
+                                                 (an interrupted extraction): never used, reported (one warning each)
     read_steering_results(path) -> SteeringResults                  header / baseline / runs; malformed line named
     rank_vectors(exp, trait, extraction_variant, steering_variant, ...) -> [RankedVector]   best first
     rank_by_extraction_metrics([(VectorRef, accuracy, separation)]) -> [RankedVector]   the no-steering fallback
@@ -66,7 +68,7 @@ __all__ = [
     "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
     "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
     "SELECTION_SOURCES", "viewer_selection_source", "VectorSource", "VectorConfigError", "resolve_vector_source",
-    "split_traits", "rank_by_extraction_metrics", "Reference", "reference_from_metadata", "UNITS",
+    "split_traits", "rank_by_extraction_metrics", "incomplete_sets", "Reference", "reference_from_metadata", "UNITS",
 ]
 
 METHOD_ORDER = ("probe", "mean_diff", "gradient")
@@ -183,7 +185,29 @@ def discover_traits(exp: str, variant: str | None = None) -> list[str]:
 
 
 def _has_vector_file(folder: Path) -> bool:
-    return folder.is_dir() and any(_LAYER_FILE.match(p.name) for p in folder.rglob("layer*.pt"))
+    """A complete set (layer files with their metadata.json) somewhere under `folder`."""
+    return folder.is_dir() and any(_LAYER_FILE.match(p.name) and _set_complete(p.parent)
+                                   for p in folder.rglob("layer*.pt"))
+
+
+def _set_complete(method_dir: Path) -> bool:
+    """A (position, component, method) set is used only with its metadata.json, which the extractor writes last."""
+    if (method_dir / "metadata.json").is_file():
+        return True
+    _warn_once(f"incomplete:{method_dir}",
+               f"{method_dir}: vector files without metadata.json (an interrupted extraction, or copied without "
+               f"it): this set is not used; re-run extraction/extract_vectors.py for this trait")
+    return False
+
+
+def incomplete_sets(exp: str, trait: str | None = None, variant: str | None = None) -> list[Path]:
+    """Method folders holding layer files but no metadata.json (never used; listed so summaries can report them)."""
+    root = paths.extraction_dir(exp)
+    if not root.is_dir():
+        return []
+    pattern = f"{trait or '*/*'}/{variant or '*'}/vectors/*/*/*"
+    return sorted(d for d in root.glob(pattern)
+                  if d.is_dir() and not (d / "metadata.json").is_file() and any(d.glob("layer*.pt")))
 
 
 @dataclass(frozen=True)
@@ -228,7 +252,7 @@ def list_vectors(exp: str, trait: str, variant: str, component: str | None = Non
                 p.name for p in (root / pos_dir / comp).glob("*") if p.is_dir())
             for meth in method_dirs:
                 folder = root / pos_dir / comp / meth
-                if not folder.is_dir():
+                if not folder.is_dir() or not any(folder.glob("layer*.pt")) or not _set_complete(folder):
                     continue
                 for f in folder.glob("layer*.pt"):
                     m = _LAYER_FILE.match(f.name)
@@ -355,10 +379,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_vector_metadata(exp: str, trait: str, variant: str, pos_dir: str, component: str, method: str) -> dict:
-    """The method folder's metadata.json, or {} when there is none."""
+    """The method folder's metadata.json; a set without one is incomplete and never used (VectorError)."""
     path = paths.vector_metadata(exp, trait, variant, pos_dir, component, method)
     if not path.exists():
-        return {}
+        raise VectorError(f"{path.parent}: no metadata.json: an incomplete vector set (interrupted extraction?) is "
+                          f"never used; re-run extraction/extract_vectors.py for trait {trait!r}")
     try:
         meta = read_json(path)
     except StorageError as e:
