@@ -254,11 +254,22 @@ class _Decoder:
         return host[:-1].reshape(flat.shape), int(host[-1:].view(torch.int32)[0])
 
 
+def _logprobs(logits: torch.Tensor, choice: torch.Tensor, k: int | None):
+    """(log-probability of `choice`, [(id, logprob)] of the k most likely tokens) under log_softmax(logits)."""
+    if k is None:
+        return None
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    top = torch.topk(logp, k) if k > 0 else None
+    chosen = float(logp[choice].item())
+    return chosen, ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
+
+
 def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
                        vectors: Mapping[str, Mapping[int, torch.Tensor]], max_new_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        stop_ids: Sequence[int] | None = None, steering: Sequence[SteeringSpec] | None = None,
-                       return_activations: bool = False, tokenizer=None) -> Iterator[dict]:
+                       return_activations: bool = False, tokenizer=None, logprobs: int | None = None
+                       ) -> Iterator[dict]:
     """Generate from `prompt_ids` (batch 1, KV cache) and yield the prompt, each token, and the end, with scores.
 
     Messages (layer keys are ints; `token` strings need `tokenizer`, else None):
@@ -269,6 +280,9 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     With return_activations, prompt and token messages also carry "activations": {layer: fp32 CPU Tensor}
     ([n_prompt, H] for the prompt, [H] per token) at the layers of the vectors.
     `stop_ids` default to the model's generation_config eos ids; the stop id is not streamed.
+    With `logprobs` = k (0 or more), each token message also carries "logprob" (the token's log-probability under
+    the model's distribution, log_softmax of the raw logits, before temperature / top-p) and "top_logprobs"
+    ([(id, logprob)] of the k most likely tokens); this costs one more device-to-host copy per token.
     """
     steering = list(steering or [])
     vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -280,8 +294,11 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else (lambda i: None)
     n_prompt, t0 = len(prompt_ids), time.perf_counter()
 
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise StreamError(f"logprobs must be a non-negative integer (the number of top tokens), got {logprobs!r}")
     logits, past = dec.forward(torch.tensor([prompt_ids], dtype=torch.long), None, dec.prompt_hooks)
     choice = dec.pick(logits, n_prompt)
+    lp = _logprobs(logits, choice, logprobs)
     host, next_id = dec.to_host(choice)
     msg = {"type": "prompt", "tokens": [decode(i) for i in prompt_ids], "token_ids": list(prompt_ids),
            "scores": projector.unflatten(host) if host is not None else {}}
@@ -305,6 +322,9 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
         host, next_id = dec.to_host(choice)
         msg = {"type": "token", "token": decode(token_id), "token_id": token_id, "step": step,
                "scores": projector.row(host[0].tolist()) if host is not None else {}}
+        if lp is not None:
+            msg["logprob"], msg["top_logprobs"] = lp
+        lp = _logprobs(logits, choice, logprobs)
         if return_activations:
             msg["activations"] = {layer: a[0] for layer, a in projector.activations().items()}
         yield msg

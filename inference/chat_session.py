@@ -89,6 +89,7 @@ class ChatPlan:
     top_p: float
     seed: Optional[int]
     return_activations: bool
+    logprobs: Optional[int] = None   # top tokens per step with log-probabilities (None: no log-probabilities)
 
 
 class ChatSession:
@@ -99,20 +100,30 @@ class ChatSession:
             print(msg)
     """
 
-    def __init__(self, experiment: str, model_variant: Optional[str] = None, quantization: str = ""):
+    def __init__(self, experiment: Optional[str], model_variant: Optional[str] = None, quantization: str = "",
+                 loaded=None):
+        """Load the experiment's variant, or use `loaded` (a utils.model.LoadedModel, e.g. the model server's).
+
+        experiment None (only with `loaded`): a plain model, no trait vectors (scores need explicit vectors
+        elsewhere); the chat template is used when the tokenizer has one."""
         from core.hooks import num_layers
         from utils.config import resolve_variant, use_chat_template
         from utils.model import load_variant, stop_token_ids
 
         if quantization not in ("", "8bit", "4bit"):
             raise ChatError(f"quantization {quantization!r}: choose 8bit, 4bit or nothing")
+        if experiment is None and loaded is None:
+            raise ChatError("a chat session needs an experiment or a loaded model")
         t0 = time.perf_counter()
         self.experiment = experiment
-        variant = resolve_variant(experiment, model_variant or None, "application")
-        self.lm = load_variant(experiment, variant.name, load_in_8bit=quantization == "8bit",
-                               load_in_4bit=quantization == "4bit")
-        self.variant = variant.name
-        self.use_chat_template = use_chat_template(experiment)
+        if loaded is None:
+            variant = resolve_variant(experiment, model_variant or None, "application")
+            self.lm = load_variant(experiment, variant.name, load_in_8bit=quantization == "8bit",
+                                   load_in_4bit=quantization == "4bit")
+            self.variant = variant.name
+        else:
+            self.lm, self.variant = loaded, model_variant or loaded.info.get("variant")
+        self.use_chat_template = use_chat_template(experiment) if experiment is not None else None
         self.stop_ids = stop_token_ids(self.lm.tokenizer, self.lm.model)
         self.n_layers = num_layers(self.lm.model)
         self.hidden_size = int(self.lm.model.get_input_embeddings().weight.shape[-1])
@@ -120,17 +131,20 @@ class ChatSession:
         self._selected: dict[tuple[str, str], list] = {}
         self._lock = threading.Lock()   # one stream at a time on this model
         self.load_seconds = time.perf_counter() - t0
-        LOADS.append({"experiment": experiment, "variant": self.variant, "model": self.lm.info.get("model"),
-                      "seconds": self.load_seconds})
+        if loaded is None:
+            LOADS.append({"experiment": experiment, "variant": self.variant, "model": self.lm.info.get("model"),
+                          "seconds": self.load_seconds})
 
     def _load_vectors(self) -> None:
         """Each trait's best vector, from the same source the projection script uses by default
         (utils.vectors.resolve_vector_source); a trait without evidence stays usable with explicit layers."""
         from utils.vectors import NoEvidenceError, VectorError, resolve_vector_source
 
-        self.source = resolve_vector_source(self.experiment, require_traits=False)
         self.best: dict[str, Any] = {}
         self.unavailable: dict[str, str] = {}
+        self.source = resolve_vector_source(self.experiment, require_traits=False) if self.experiment else None
+        if self.source is None:
+            return
         for trait in self.source.traits:
             try:
                 self.best[trait] = self.source.best(trait, hidden_size=self.hidden_size)
@@ -138,14 +152,17 @@ class ChatSession:
                 self.unavailable[trait] = str(e)
 
     # --- what is loaded --------------------------------------------------------------------------
+    def _root(self):
+        return paths.experiment_dir(self.experiment) if self.experiment else None
+
     def info(self) -> dict:
-        root = paths.experiment_dir(self.experiment)
+        root = self._root()
         return {"status": "ready", "experiment": self.experiment, "variant": self.variant,
                 "model": self.lm.info.get("model"), "lora": self.lm.info.get("lora"),
                 "dtype": self.lm.info.get("dtype"), "device": self.lm.info.get("device"),
                 "quantization": self.lm.info.get("quantization"), "num_layers": self.n_layers,
                 "load_time": round(self.load_seconds, 2), "loads_in_process": len(LOADS),
-                "vector_source": self.source.describe(), "traits": {t: v.describe(root) for t, v in self.best.items()},
+                "vector_source": self.source.describe() if self.source else None, "traits": {t: v.describe(root) for t, v in self.best.items()},
                 "unavailable_traits": dict(self.unavailable), "stop_ids": list(self.stop_ids),
                 "special_ids": sorted(int(i) for i in self.lm.tokenizer.all_special_ids)}
 
@@ -215,17 +232,23 @@ class ChatSession:
         pairs = [self._steer(c, f"steering[{i}]") for i, c in enumerate(configs)]
         return [s for s, _ in pairs], [e for _, e in pairs]
 
-    def _prompt_ids(self, messages, prompt, system_prompt) -> tuple[str, Optional[str], list[int]]:
-        from utils.model import format_messages, format_prompt, tokenize_prompt
+    def _prompt_ids(self, messages, prompt, system_prompt, raw: bool = False) -> tuple[str, Optional[str], list[int]]:
+        from utils.model import ModelLoadError, format_messages, format_prompt, tokenize_prompt
 
         if (messages is None) == (prompt is None):
             raise ChatError("give exactly one of messages or prompt")
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise ChatError("prompt: a non-empty string is required")
-            text, note = format_prompt(self.lm.tokenizer, prompt, system_prompt, self.use_chat_template)
+            text, note = format_prompt(self.lm.tokenizer, prompt, system_prompt,
+                                       False if raw else self.use_chat_template)
+        elif raw:
+            raise ChatError("a raw prompt is a string, not messages")
         else:
-            text, note = format_messages(self.lm.tokenizer, messages, system_prompt, self.use_chat_template)
+            try:
+                text, note = format_messages(self.lm.tokenizer, messages, system_prompt, self.use_chat_template)
+            except ModelLoadError as e:
+                raise ChatError(f"messages: {e}") from e
         return text, note, tokenize_prompt(self.lm.tokenizer, text)   # exactly one BOS
 
     def _selection(self, traits, layers) -> dict:
@@ -243,8 +266,11 @@ class ChatSession:
     def plan(self, messages: Optional[list] = None, prompt: Optional[str] = None, max_new_tokens: int = 200,
              temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
              system_prompt: Optional[str] = None, steering: Optional[list] = None, traits=None, layers=None,
-             return_activations: bool = False) -> ChatPlan:
-        """Check every field of one request (ChatError naming the field); nothing is generated."""
+             return_activations: bool = False, logprobs: Optional[int] = None, raw: bool = False) -> ChatPlan:
+        """Check every field of one request (ChatError naming the field); nothing is generated.
+
+        raw: `prompt` is the model's input text as is (no chat template; a BOS is added when the tokenizer adds
+        one), as /v1/completions wants. logprobs: k >= 0 top tokens per step (see core.streaming)."""
         if not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ChatError(f"max_new_tokens: an integer in 1-{MAX_NEW_TOKENS} is required, got {max_new_tokens!r}")
         if seed is not None and not _is_int(seed):
@@ -254,9 +280,11 @@ class ChatSession:
                 raise ChatError(f"{name}: a number is required, got {x!r}")
         selected = self._selection(traits, layers)
         specs, echo = self._steering(steering)
-        text, note, ids = self._prompt_ids(messages, prompt, system_prompt)
+        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
+            raise ChatError(f"logprobs: an integer in 0-20 is required, got {logprobs!r}")
+        text, note, ids = self._prompt_ids(messages, prompt, system_prompt, raw)
         return ChatPlan(text, note, ids, selected, specs, echo, max_new_tokens, float(temperature), float(top_p),
-                        seed, bool(return_activations))
+                        seed, bool(return_activations), logprobs)
 
     # --- streaming -------------------------------------------------------------------------------
     def stream(self, messages: Optional[list] = None, prompt: Optional[str] = None, max_new_tokens: int = 200,
@@ -278,7 +306,8 @@ class ChatSession:
             for msg in stream_with_scores(self.lm.model, plan.ids, vectors, plan.max_new_tokens,
                                           temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
                                           stop_ids=self.stop_ids, steering=plan.steering,
-                                          return_activations=plan.return_activations, tokenizer=self.lm.tokenizer):
+                                          return_activations=plan.return_activations, tokenizer=self.lm.tokenizer,
+                                          logprobs=plan.logprobs):
                 out = self._done_message(msg) if msg["type"] == "done" else self._scored_message(msg, plan)
                 if plan.return_activations and "activations" in msg:
                     out["activations"] = {str(layer): a.tolist() for layer, a in msg["activations"].items()}
@@ -288,9 +317,12 @@ class ChatSession:
         ordered = {t: msg["scores"][t] for t in plan.selected if t in msg["scores"]}   # the request's order
         scores = _layer_keys(ordered, per_token=msg["type"] == "prompt")
         if msg["type"] == "token":
-            return {"type": "token", "token": msg["token"], "token_id": msg["token_id"], "step": msg["step"],
-                    "scores": scores}
-        root = paths.experiment_dir(self.experiment)
+            out = {"type": "token", "token": msg["token"], "token_id": msg["token_id"], "step": msg["step"],
+                   "scores": scores}
+            if "logprob" in msg:
+                out["logprob"], out["top_logprobs"] = msg["logprob"], [list(p) for p in msg["top_logprobs"]]
+            return out
+        root = self._root()
         return {"type": "prompt", "text": plan.text, "prompt_note": plan.prompt_note, "tokens": msg["tokens"],
                 "token_ids": msg["token_ids"], "scores": scores, "model": self.lm.info.get("model"),
                 "variant": self.variant, "steering": plan.steering_echo,

@@ -4,7 +4,8 @@
     python inference/model_server.py --experiment E [--model-variant V]     serve a config variant (with its LoRA)
     python inference/model_server.py --model ID_OR_FOLDER [--lora PATH]     serve a model directly
 
-    create_app(loaded, token=None) -> FastAPI      GET /health, POST /generate (also usable in-process)
+    create_app(loaded, token=None, experiment=None) -> FastAPI   GET /health, POST /generate, the OpenAI routes
+                                                                 (also usable in-process)
     serve(loaded, host, port, token)               run uvicorn until SIGINT / SIGTERM, then return
     ServerClient(url, token)                       .health(timeout), .generate(prompt_ids, ...)
     probe_server(url, want, token)                 -> (ServerClient | None, reason): is it up and serving `want`?
@@ -16,7 +17,10 @@ Endpoints:
     GET  /health   -> {status, model, variant, lora, model_path, lora_path, dtype, device, quantization, stop_ids}
     POST /generate {prompt_ids: [[int]], max_new_tokens, temperature, top_p, seed, row_seeds?, stop_ids?, batch_size?}
                    -> {ids: [[int]], texts: [str], stop_reasons: [str]}
-Generation is core.generation.generate_in_batches, the same code the local path of generate_responses.py
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions   OpenAI-compatible (inference/openai_api.py):
+                   the `openai` client works with base_url=http://127.0.0.1:8765/v1 and api_key=the token; each
+                   choice carries `trait_scores` (per-token scores with the experiment's vectors, ids, provenance)
+/generate is core.generation.generate_in_batches, the same code the local path of generate_responses.py
 runs, so both write identical files. With --token (or $TRAIT_SERVER_TOKEN) every request needs
 `Authorization: Bearer <token>` (401 otherwise). Binds 127.0.0.1 by default; no trust_remote_code unless asked.
 """
@@ -36,6 +40,8 @@ import requests
 
 from core.errors import TraitError
 from core.generation import auto_batch_size, generate_in_batches
+from inference.chat_session import ChatSession
+from inference.openai_api import add_openai_routes
 from utils import cli
 
 DEFAULT_HOST = "127.0.0.1"
@@ -76,8 +82,16 @@ def health_info(loaded) -> dict:
     }
 
 
-def create_app(loaded, token: str | None = None):
-    """The FastAPI app around one loaded model (utils.model.LoadedModel). Requests are served one at a time."""
+def served_model_id(loaded) -> str:
+    """The id /v1/models lists: the hub id, or a local folder's name."""
+    model = str(loaded.info.get("model_path") or loaded.info.get("model"))
+    return Path(model).name if Path(model).exists() else model
+
+
+def create_app(loaded, token: str | None = None, experiment: str | None = None):
+    """The FastAPI app around one loaded model (utils.model.LoadedModel). Requests are served one at a time.
+
+    With `experiment` (the one the model was loaded for), the OpenAI routes score tokens with its trait vectors."""
     from fastapi import Depends, FastAPI, HTTPException, Request
     from pydantic import BaseModel, Field, StrictInt
 
@@ -107,6 +121,10 @@ def create_app(loaded, token: str | None = None):
         batch_size: StrictInt | None = Field(None, ge=1)
 
     app = FastAPI(title="trait-inference model server", dependencies=[Depends(check_token)])
+    session = ChatSession(experiment, loaded.info.get("variant"), loaded=loaded)
+    session._lock = lock   # /generate and the OpenAI routes share the model: one request at a time
+    add_openai_routes(app, session, served_model_id(loaded),
+                      aliases=(loaded.info.get("model"), loaded.info.get("model_path"), loaded.info.get("variant")))
 
     @app.get("/health")
     def get_health() -> dict:
@@ -135,7 +153,8 @@ def create_app(loaded, token: str | None = None):
     return app
 
 
-def serve(loaded, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None) -> str | None:
+def serve(loaded, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
+          experiment: str | None = None) -> str | None:
     """Run the server in this (main) thread until SIGINT / SIGTERM; returns the name of the signal that stopped it."""
     import uvicorn
 
@@ -147,7 +166,7 @@ def serve(loaded, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str
 
     previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        config = uvicorn.Config(create_app(loaded, token), host=host, port=port, log_level="warning",
+        config = uvicorn.Config(create_app(loaded, token, experiment), host=host, port=port, log_level="warning",
                                 access_log=False)
         uvicorn.Server(config).run()
     finally:
@@ -294,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python inference/model_server.py --experiment demo --model-variant instruct\n"
                "  python inference/model_server.py --model google/gemma-2-2b-it --port 8766 --token s3cret\n\n"
                "generate_responses.py finds it at $TRAIT_SERVER_URL (default http://127.0.0.1:8765) and sends\n"
-               "$TRAIT_SERVER_TOKEN. Stop with Ctrl-C or SIGTERM.")
+               "$TRAIT_SERVER_TOKEN. OpenAI-compatible clients: base_url http://127.0.0.1:8765/v1, api_key the\n"
+               "token (any string without one), model as GET /v1/models lists it; per-token trait scores (with\n"
+               "--experiment's vectors) come in each choice's `trait_scores`. Stop with Ctrl-C or SIGTERM.")
     p.add_argument("--experiment", help="experiment whose config.json names the model variant")
     p.add_argument("--model-variant", help="variant of --experiment (default: defaults.application)")
     p.add_argument("--model", help="hub id or local folder (instead of --experiment)")
@@ -335,7 +356,7 @@ def run_server(opts: ServeOptions) -> str | None:
           f"{' + LoRA ' + str(info.get('lora')) if info.get('lora') else ''} ({info.get('dtype')}, {info.get('device')})"
           f" on http://{opts.host}:{opts.port} ({'token required' if token else 'no token'})",
           file=sys.stderr, flush=True)
-    stopped_by = serve(loaded, opts.host, opts.port, token)
+    stopped_by = serve(loaded, opts.host, opts.port, token, opts.experiment)
     print(f"model server stopped{' (' + stopped_by + ')' if stopped_by else ''}", file=sys.stderr)
     return stopped_by
 
