@@ -1,0 +1,552 @@
+"""The score store (docs/formats.md): every per-token score of an experiment as Parquet, queried with DuckDB.
+
+    store_dir(exp)                        experiments/{exp}/analysis/scores/
+    TOKEN_COLUMNS, PROMPT_COLUMNS         the two tables' columns (tokens/: one row per scored token; prompts/: one row
+                                          per scored side of a response, with its aggregates)
+    update_store(exp, variants=None, prompt_sets=None, traits=None, rebuild=False, progress=False) -> dict
+                                          index what is new or changed since the last run (a rerun equals a rebuild)
+    read_manifest(exp) -> dict            which part files make up the store, and what each indexed source was
+    part_files(exp, table) -> [Path]      the Parquet files of `tokens` or `prompts` (only those the manifest lists)
+    connect(exp) -> duckdb connection     views `tokens` and `prompts` over the part files (in memory, no server)
+    read_table(exp, table) -> pyarrow.Table   one whole table (tests, small stores)
+    StoreError                            bad input; the message names the file or flag
+
+Sources, per (variant, prompt set, trait, prompt id): the projection JSON, the variant's response JSON (tokens,
+ids, prompt_end) and, where per_token_diff wrote one, model_diff/{A}_vs_{variant}/per_token_diff/{trait}/{set}/
+{id}.json (its per_token_delta fills `delta` on the response rows of the vector it used). A source is indexed again
+when the size or mtime of any of its files changed; a part whose sources changed or vanished is rewritten without
+them. Parts are written atomically and the manifest last, so a killed run leaves the previous store readable.
+
+    summary = update_store("demo")            # then: python analysis/spans.py --experiment demo
+    con = connect("demo")
+    con.sql("SELECT trait, max(score) FROM tokens GROUP BY trait").fetchall()
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from core.aggregates import EMA_ALPHA, response_aggregates
+from core.clauses import clause_ids
+from core.errors import TraitError
+from utils import paths
+from utils.responses import ResponseError, load_response
+from utils.storage import StorageError, atomic_write, read_json, write_json
+
+FORMAT = "trait-inference score store"
+VERSION = 1
+SIDES = ("prompt", "response")
+KEY_COLUMNS = ("variant", "prompt_set", "prompt_id", "trait", "layer", "method", "vector", "side")
+TOKEN_COLUMNS = KEY_COLUMNS + ("position", "token_index", "token_id", "token", "score", "delta", "clause")
+PROMPT_COLUMNS = KEY_COLUMNS + ("n_tokens", "mean", "max", "ema_max", "frac_above", "threshold", "baseline",
+                                "centered", "m2", "max_position", "max_token_index", "delta_mean", "delta_against")
+ROWS_PER_PART = 2_000_000   # a part is flushed past this many token rows (bounded memory at any scale)
+
+
+class StoreError(TraitError):
+    """Bad input for the score store; the message names the file or flag."""
+
+
+def store_dir(exp: str) -> Path:
+    return paths.experiment_dir(exp) / "analysis" / "scores"
+
+
+def manifest_file(exp: str) -> Path:
+    return store_dir(exp) / "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema
+
+def _schemas():
+    import pyarrow as pa
+
+    dstr = pa.dictionary(pa.int32(), pa.string())
+    key = [("variant", dstr), ("prompt_set", dstr), ("prompt_id", dstr), ("trait", dstr), ("layer", pa.int32()),
+           ("method", dstr), ("vector", pa.int32()), ("side", dstr)]
+    tokens = pa.schema(key + [("position", pa.int32()), ("token_index", pa.int32()), ("token_id", pa.int64()),
+                              ("token", dstr), ("score", pa.float64()), ("delta", pa.float64()),
+                              ("clause", pa.int32())])
+    f8 = pa.float64()
+    prompts = pa.schema(key + [("n_tokens", pa.int32()), ("mean", f8), ("max", f8), ("ema_max", f8),
+                               ("frac_above", f8), ("threshold", f8), ("baseline", f8), ("centered", pa.bool_()),
+                               ("m2", f8), ("max_position", pa.int32()), ("max_token_index", pa.int32()),
+                               ("delta_mean", f8), ("delta_against", dstr)])
+    return tokens, prompts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+
+@dataclass(frozen=True)
+class Group:
+    """One (variant, prompt set, trait): a folder of projection JSONs, indexed into parts of its own."""
+    variant: str
+    prompt_set: str
+    trait: str
+
+    def key(self) -> str:
+        return "\t".join((self.variant, self.prompt_set, self.trait))
+
+
+@dataclass
+class Source:
+    prompt_id: str
+    projection: Path
+    response: Path
+    diff: Path | None
+    diff_against: str | None
+
+    def signature(self) -> list:
+        out = []
+        for p in (self.projection, self.response, self.diff):
+            if p is None:
+                out.append(None)
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            out.append([st.st_size, st.st_mtime_ns])
+        return out + [self.diff_against]
+
+
+def _json_folders(root: Path) -> list[str]:
+    """Every folder under `root` that directly holds JSON files, relative and in sorted order."""
+    if not root.is_dir():
+        return []
+    found = set()
+    for dirpath, _, files in os.walk(root):
+        if any(f.endswith(".json") and not f.startswith(".") for f in files):
+            found.add(Path(dirpath).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def find_groups(exp: str, variants: Sequence[str] | None = None, prompt_sets: Sequence[str] | None = None,
+                traits: Sequence[str] | None = None) -> list[Group]:
+    """Every (variant, set, trait) with projection JSONs, filtered; traits are `category/name` (two folders)."""
+    inf = paths.experiment_dir(exp) / "inference"
+    out = []
+    names = sorted(p.name for p in inf.iterdir() if (p / "projections").is_dir()) if inf.is_dir() else []
+    for variant in names:
+        if variants and variant not in variants:
+            continue
+        root = inf / variant / "projections"
+        for rel in _json_folders(root):
+            parts = rel.split("/")
+            if len(parts) < 3:
+                continue
+            trait, pset = "/".join(parts[:2]), "/".join(parts[2:])
+            if (traits and trait not in traits) or (prompt_sets and pset not in prompt_sets):
+                continue
+            out.append(Group(variant, pset, trait))
+    return out
+
+
+def _diff_folders(exp: str, group: Group) -> list[tuple[str, Path]]:
+    """(variant A, per_token_diff folder) of every model diff whose B is this group's variant, sorted by A."""
+    root = paths.experiment_dir(exp) / "model_diff"
+    suffix = f"_vs_{group.variant}"
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and d.name.endswith(suffix) and len(d.name) > len(suffix):
+            folder = d / "per_token_diff" / group.trait / group.prompt_set
+            if folder.is_dir():
+                out.append((d.name[:-len(suffix)], folder))
+    return out
+
+
+def group_sources(exp: str, group: Group) -> dict[str, Source]:
+    """{prompt id: its files} of one group, in natural id order; the first model diff (sorted by A) gives deltas."""
+    files = paths.files_by_id(paths.projection_dir(exp, group.variant, group.trait, group.prompt_set), ".json")
+    diffs = [(a, paths.files_by_id(folder, ".json")) for a, folder in _diff_folders(exp, group)]
+    out = {}
+    for pid, path in files.items():
+        against = next(((a, f[pid]) for a, f in diffs if pid in f), (None, None))
+        out[pid] = Source(pid, path, paths.response_file(exp, group.variant, group.prompt_set, pid), against[1],
+                          against[0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading one source (format owners: utils/responses.py; projection and per_token_diff files read here)
+
+def _number_list(values: Any) -> bool:
+    return isinstance(values, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+
+
+def read_projection_entries(path: Path) -> tuple[dict, list[dict]]:
+    """A projection JSON's metadata and vector entries (multi-vector format; trait-interp's single-vector one too)."""
+    try:
+        data = read_json(path)
+    except StorageError as e:
+        raise StoreError(str(e)) from e
+    if not isinstance(data, dict) or "projections" not in data:
+        raise StoreError(f"{path}: not a projection JSON (no 'projections')")
+    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    entries = data["projections"]
+    if isinstance(entries, dict):  # legacy single-vector file: the layer and method in metadata
+        src = meta.get("vector_source") if isinstance(meta.get("vector_source"), dict) else {}
+        entries = [{**entries, "layer": meta.get("layer", src.get("layer")),
+                    "method": meta.get("method", src.get("method"))}]
+    if not isinstance(entries, list) or not entries:
+        raise StoreError(f"{path}: 'projections' must be a non-empty list")
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("layer"), int) or isinstance(e.get("layer"), bool):
+            raise StoreError(f"{path}: every projection entry needs an integer 'layer'")
+        if not _number_list(e.get("response")) or not _number_list(e.get("prompt") or []):
+            raise StoreError(f"{path}: the entry at layer {e['layer']} needs numeric 'prompt' / 'response' lists")
+    return meta, entries
+
+
+def _read_delta(path: Path) -> dict:
+    try:
+        d = read_json(path)
+    except StorageError as e:
+        raise StoreError(str(e)) from e
+    if not isinstance(d, dict) or not _number_list(d.get("per_token_delta")) or not isinstance(d.get("layer"), int):
+        raise StoreError(f"{path}: a per_token_diff file needs 'per_token_delta' (numbers) and an integer 'layer'")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building parts
+
+class _Columns:
+    """Columns of one part under construction; constant key columns are kept as runs (value, length)."""
+
+    def __init__(self):
+        self.run_keys: list[tuple] = []
+        self.run_len: list[int] = []
+        self.run_offset: list[int] = []
+        self.token_id: list[int] = []
+        self.token: list[str] = []
+        self.score: list[float] = []
+        self.delta: list[float | None] = []
+        self.clause: list[int | None] = []
+        self.prompt_rows: list[dict] = []
+        self.prompt_ids: list[str] = []
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.score)
+
+    def add_source(self, group: Group, src: Source) -> None:
+        meta, entries = read_projection_entries(src.projection)
+        try:
+            resp = load_response(src.response)
+        except ResponseError as e:
+            raise StoreError(f"{e} (the tokens of {src.projection})") from e
+        ids, end = resp["token_ids"], resp["prompt_end"]
+        tokens = resp.get("tokens")
+        if not isinstance(tokens, list) or len(tokens) != len(ids):
+            raise StoreError(f"{src.response}: 'tokens' must hold one string per token id ({len(ids)})")
+        side_ids = {"prompt": ids[:end], "response": ids[end:]}
+        side_tokens = {"prompt": [str(t) for t in tokens[:end]], "response": [str(t) for t in tokens[end:]]}
+        offset = {"prompt": 0, "response": end}
+        clauses: dict[str, list] = {}
+        diff = _read_delta(src.diff) if src.diff is not None else None
+        if diff is not None and len(diff["per_token_delta"]) != len(side_ids["response"]):
+            raise StoreError(f"{src.diff}: {len(diff['per_token_delta'])} deltas but {src.response} has "
+                             f"{len(side_ids['response'])} response tokens")
+        centered = bool(meta.get("centered"))
+        for k, e in enumerate(entries):
+            layer, method = int(e["layer"]), str(e.get("method"))
+            baseline = e.get("baseline")
+            baseline = float(baseline) if isinstance(baseline, (int, float)) and not isinstance(baseline, bool) else None
+            threshold = 0.0 if centered else baseline
+            for side in SIDES:
+                values = e.get(side) or []
+                if not values:
+                    continue
+                if len(values) != len(side_ids[side]):
+                    raise StoreError(f"{src.projection}: {len(values)} {side} scores at layer {layer} but "
+                                     f"{src.response} has {len(side_ids[side])} {side} tokens; re-project this prompt")
+                n = len(values)
+                self.run_keys.append((group.variant, group.prompt_set, src.prompt_id, group.trait, layer, method, k,
+                                      side))
+                self.run_len.append(n)
+                self.run_offset.append(offset[side])
+                self.token_id.extend(side_ids[side])
+                self.token.extend(side_tokens[side])
+                self.score.extend(values)
+                if side not in clauses:
+                    clauses[side] = clause_ids(side_tokens[side])
+                self.clause.extend(clauses[side])
+                deltas = None
+                if (diff is not None and side == "response" and diff.get("layer") == layer
+                        and diff.get("method") in (None, method)):
+                    deltas = diff["per_token_delta"]
+                self.delta.extend(deltas if deltas is not None else [None] * n)
+                agg = response_aggregates(values, threshold)
+                mean = agg["mean"]
+                argmax = max(range(n), key=values.__getitem__)
+                self.prompt_rows.append({
+                    "variant": group.variant, "prompt_set": group.prompt_set, "prompt_id": src.prompt_id,
+                    "trait": group.trait, "layer": layer, "method": method, "vector": k, "side": side,
+                    "n_tokens": n, "mean": mean, "max": agg["max"], "ema_max": agg["ema_max"],
+                    "frac_above": agg["frac_above"], "threshold": threshold, "baseline": baseline,
+                    "centered": centered, "m2": sum((x - mean) * (x - mean) for x in values),
+                    "max_position": argmax, "max_token_index": argmax + offset[side],
+                    "delta_mean": (sum(deltas) / n) if deltas is not None else None,
+                    "delta_against": src.diff_against if deltas is not None else None,
+                })
+        self.prompt_ids.append(src.prompt_id)
+
+    def tables(self):
+        import numpy as np
+        import pyarrow as pa
+
+        tok_schema, prompt_schema = _schemas()
+        lens = np.asarray(self.run_len, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else np.zeros(0, np.int64)
+        position = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(starts, lens)
+        cols: dict[str, Any] = {}
+        for j, name in enumerate(KEY_COLUMNS):
+            values = [k[j] for k in self.run_keys]
+            if name in ("layer", "vector"):
+                cols[name] = pa.array(np.repeat(np.asarray(values, dtype=np.int32), lens), pa.int32())
+            else:
+                uniq = list(dict.fromkeys(values))
+                code = {v: i for i, v in enumerate(uniq)}
+                idx = np.repeat(np.asarray([code[v] for v in values], dtype=np.int32), lens)
+                cols[name] = pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(uniq, pa.string()))
+        cols["position"] = pa.array(position.astype(np.int32), pa.int32())
+        cols["token_index"] = pa.array((position + np.repeat(np.asarray(self.run_offset, np.int64), lens))
+                                       .astype(np.int32), pa.int32())
+        cols["token_id"] = pa.array(self.token_id, pa.int64())
+        cols["token"] = pa.array(self.token, pa.string()).dictionary_encode()
+        cols["score"] = pa.array(self.score, pa.float64())
+        cols["delta"] = pa.array(self.delta, pa.float64())
+        cols["clause"] = pa.array(self.clause, pa.int32())
+        tokens = pa.table([cols[c] for c in TOKEN_COLUMNS], schema=tok_schema)
+        prompts = pa.Table.from_pylist(self.prompt_rows, schema=prompt_schema)
+        return tokens, prompts
+
+
+def _write_parquet(table, path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    # float columns byte-stream-split: an fp32 score held as float64 has zero low mantissa bytes, which zstd
+    # then removes; dictionary pages for the repeated strings and ids
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=3, row_group_size=1 << 20,
+                       use_byte_stream_split=[c for c in ("score", "delta", "mean", "max", "ema_max", "m2",
+                                                          "delta_mean") if c in table.column_names])
+        size = tmp.stat().st_size
+    return size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The manifest and the update
+
+def read_manifest(exp: str) -> dict:
+    path = manifest_file(exp)
+    if not path.exists():
+        return {"format": FORMAT, "version": VERSION, "experiment": exp, "parts": {}, "groups": {}}
+    try:
+        m = read_json(path)
+    except StorageError as e:
+        raise StoreError(f"{e}; delete {store_dir(exp)} and index again with --rebuild") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise StoreError(f"{path}: not a version-{VERSION} score store manifest; index again with --rebuild")
+    return m
+
+
+def part_files(exp: str, table: str = "tokens") -> list[Path]:
+    """The part files of `tokens` or `prompts` that the manifest lists, in name order."""
+    if table not in ("tokens", "prompts"):
+        raise ValueError(f"table {table!r}: tokens or prompts")
+    return [store_dir(exp) / table / f"{name}.parquet" for name in sorted(read_manifest(exp)["parts"])]
+
+
+def _new_part_name() -> str:
+    return f"{_dt.datetime.now().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _Update:
+    exp: str
+    manifest: dict
+    progress: bool
+    summary: dict = field(default_factory=lambda: {"prompts_indexed": 0, "prompts_removed": 0, "rows_added": 0,
+                                                   "parts_written": 0, "parts_removed": 0, "bytes_written": 0})
+    obsolete: list[str] = field(default_factory=list)
+
+    def write(self, group: Group, cols: _Columns) -> None:
+        if not cols.prompt_ids:
+            return
+        tokens, prompts = cols.tables()
+        name = _new_part_name()
+        root = store_dir(self.exp)
+        self.summary["bytes_written"] += _write_parquet(tokens, root / "tokens" / f"{name}.parquet")
+        self.summary["bytes_written"] += _write_parquet(prompts, root / "prompts" / f"{name}.parquet")
+        self.manifest["parts"][name] = {"variant": group.variant, "prompt_set": group.prompt_set,
+                                        "trait": group.trait, "rows": tokens.num_rows, "prompts": len(cols.prompt_ids)}
+        units = self.manifest["groups"].setdefault(group.key(), {})
+        self.summary["rows_added"] += tokens.num_rows
+        self.summary["parts_written"] += 1
+        for pid in cols.prompt_ids:
+            units[pid]["part"] = name
+
+    def drop(self, group: Group, part: str, pids: set[str]) -> None:
+        """Rewrite `part` without `pids` (or drop it when nothing else is left)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        root = store_dir(self.exp)
+        info = self.manifest["parts"].pop(part)
+        self.obsolete.append(part)
+        self.summary["parts_removed"] += 1
+        keep = [pid for pid, u in self.manifest["groups"].get(group.key(), {}).items() if u.get("part") == part
+                and pid not in pids]
+        if not keep:
+            return
+        name = _new_part_name()
+        for table in ("tokens", "prompts"):
+            t = pq.read_table(root / table / f"{part}.parquet")
+            mask = pc.is_in(t["prompt_id"].cast(pa.string()), value_set=pa.array(keep, pa.string()))
+            t = t.filter(mask)
+            if table == "tokens":
+                rows = t.num_rows
+            self.summary["bytes_written"] += _write_parquet(t, root / table / f"{name}.parquet")
+        self.manifest["parts"][name] = {**info, "rows": rows, "prompts": len(keep)}
+        self.summary["parts_written"] += 1
+        for pid in keep:
+            self.manifest["groups"][group.key()][pid]["part"] = name
+
+
+def update_store(exp: str, variants: Sequence[str] | None = None, prompt_sets: Sequence[str] | None = None,
+                 traits: Sequence[str] | None = None, rebuild: bool = False, progress: bool = False) -> dict:
+    """Index every projection JSON of the experiment (filtered by variant / set / trait) that is new or changed.
+
+    With `rebuild` the store is deleted and written again from nothing. Returns a summary: groups, prompts (indexed
+    in all), prompts_indexed / prompts_removed (this run), rows (in the store), rows_added, parts_written,
+    parts_removed, bytes_written, store_bytes, source_bytes (of every indexed JSON), seconds, path.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if not paths.experiment_dir(exp).is_dir():
+        raise StoreError(f"--experiment {exp!r}: {paths.experiment_dir(exp)} does not exist")
+    root = store_dir(exp)
+    if rebuild and root.exists():
+        shutil.rmtree(root)
+    manifest = read_manifest(exp)
+    groups = find_groups(exp, variants, prompt_sets, traits)
+    if not groups and not manifest["groups"]:
+        what = "".join(f" {flag} {','.join(v)}" for flag, v in (("--variants", variants), ("--prompt-sets", prompt_sets),
+                                                                ("--traits", traits)) if v)
+        raise StoreError(f"no projection JSONs under {paths.experiment_dir(exp) / 'inference'}/*/projections/"
+                         f"{what} (run project_raw_activations_onto_traits.py first)")
+    up = _Update(exp, manifest, progress)
+    found = {g.key() for g in groups}
+    filtered = bool(variants or prompt_sets or traits)
+    for key in list(manifest["groups"]):  # groups whose folder is gone (only when nothing is filtered out)
+        if key not in found and not filtered:
+            g = Group(*key.split("\t"))
+            for part in sorted({u["part"] for u in manifest["groups"][key].values()}):
+                up.drop(g, part, set(manifest["groups"][key]))
+            up.summary["prompts_removed"] += len(manifest["groups"].pop(key))
+    plan = []
+    for g in groups:
+        sources = group_sources(exp, g)
+        known = manifest["groups"].get(g.key(), {})
+        sigs = {pid: s.signature() for pid, s in sources.items()}
+        stale = {pid for pid, u in known.items() if pid not in sources or u.get("sig") != sigs[pid]}
+        new = [pid for pid in sources if pid not in known or pid in stale]
+        plan.append((g, sources, sigs, stale, new))
+    total = sum(len(new) for *_, new in plan)
+    with tqdm(total=total, desc="trait-index", unit="prompt", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for g, sources, sigs, stale, new in plan:
+            known = manifest["groups"].setdefault(g.key(), {})
+            for part in sorted({known[pid]["part"] for pid in stale}):
+                up.drop(g, part, stale)
+            for pid in stale:
+                known.pop(pid)
+                if pid not in sources:
+                    up.summary["prompts_removed"] += 1
+            cols = _Columns()
+            for pid in new:
+                cols.add_source(g, sources[pid])
+                known[pid] = {"part": None, "sig": sigs[pid]}
+                up.summary["prompts_indexed"] += 1
+                bar.update(1)
+                if cols.n_rows >= ROWS_PER_PART:
+                    up.write(g, cols)
+                    cols = _Columns()
+            up.write(g, cols)
+            if not known:
+                manifest["groups"].pop(g.key())
+    manifest["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
+    manifest["ema_alpha"] = EMA_ALPHA
+    if up.summary["parts_written"] or up.summary["parts_removed"] or not manifest_file(exp).exists():
+        write_json(manifest_file(exp), manifest)
+    _remove_unlisted(exp, manifest)
+    store_bytes = sum(p.stat().st_size for t in ("tokens", "prompts") for p in part_files(exp, t))
+    source_bytes = 0
+    for key, units in manifest["groups"].items():
+        for u in units.values():
+            source_bytes += sum(s[0] for s in u["sig"][:3] if s)
+    return {"experiment": exp, "path": str(root), "groups": len(manifest["groups"]),
+            "prompts": sum(len(u) for u in manifest["groups"].values()),
+            "rows": sum(p["rows"] for p in manifest["parts"].values()), **up.summary, "store_bytes": store_bytes,
+            "source_bytes": source_bytes, "rebuild": rebuild, "seconds": time.perf_counter() - t0}
+
+
+def _remove_unlisted(exp: str, manifest: dict) -> None:
+    """Part files the manifest no longer lists (rewritten parts, a killed run's leftovers)."""
+    for table in ("tokens", "prompts"):
+        folder = store_dir(exp) / table
+        if folder.is_dir():
+            for p in folder.glob("*.parquet"):
+                if p.stem not in manifest["parts"]:
+                    p.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+def read_table(exp: str, table: str = "tokens"):
+    """One whole table as a pyarrow.Table (string columns decoded), in part order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = part_files(exp, table)
+    schema = _schemas()[0 if table == "tokens" else 1]
+    if not files:
+        return schema.empty_table()
+    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    return t.cast(pa.schema([pa.field(f.name, pa.string() if pa.types.is_dictionary(f.type) else f.type)
+                             for f in t.schema]))
+
+
+def _sql_list(files: Iterable[Path]) -> str:
+    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+
+
+def connect(exp: str):
+    """An in-memory DuckDB connection with views `tokens` and `prompts` over the store's part files."""
+    import duckdb
+
+    tok, prm = part_files(exp, "tokens"), part_files(exp, "prompts")
+    if not tok:
+        raise StoreError(f"no score store at {store_dir(exp)}: index it first (python analysis/scores.py "
+                         f"--experiment {exp})")
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW tokens AS SELECT * FROM read_parquet({_sql_list(tok)})")
+    con.execute(f"CREATE VIEW prompts AS SELECT * FROM read_parquet({_sql_list(prm)})")
+    return con
