@@ -45,6 +45,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from core.aggregates import response_aggregates
 from core.capture import BatchReport, CaptureOOMError
 from core.errors import TraitError
 from core.fused import BatchScores, ScoringSpec, calibrate_sequences, score_sequences
@@ -57,6 +58,7 @@ from utils.means import validate_means
 from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
 from utils.prompts import parse_prompt_ids
 from utils.responses import TokenStrings, load_responses, replayed_response
+from utils.score_store import update_store
 from utils.storage import BackgroundWriter, StorageError, load_pt, read_json, write_json
 from utils.vectors import SelectedVector, VectorSource, parse_position, resolve_vector_source
 
@@ -103,6 +105,7 @@ class ProjectOptions:
     dtype: str | torch.dtype | None = None           # storage dtype the activations are rounded to (capture's --dtype)
     batch_size: int | None = None
     max_batch_tokens: int | None = None
+    index: bool = False                              # fused --index: add the run's scores to the score store
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ProjectOptions":
@@ -524,6 +527,9 @@ def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait:
             "position_arg": opts.position, "token_norms_component": sc.norms_component,
             "vectors": [v.describe(vec_root) for v in vectors],
             "calibration": None if plan.calibration is None else str(plan.calibration.path),
+            # per vector and side: n, mean, max, ema_max, frac_above (over the threshold: the baseline, 0 when centered)
+            "aggregates": [{"layer": e["layer"], "method": e["method"], **{side: response_aggregates(
+                e[side], 0.0 if opts.centered else v.baseline) for side in SIDES}} for e, v in zip(entries, vectors)],
         },
         "projections": entries,
         "activation_norms": {
@@ -619,7 +625,7 @@ class FusedSetup:
 
 FUSED_ONLY = {"responses_from": "--responses-from", "save_means": "--save-means", "load_in_8bit": "--load-in-8bit",
               "load_in_4bit": "--load-in-4bit", "dtype": "--dtype", "batch_size": "--batch-size",
-              "max_batch_tokens": "--max-batch-tokens"}
+              "max_batch_tokens": "--max-batch-tokens", "index": "--index"}
 
 
 def find_response_sets(exp: str, variant: str) -> list[str]:
@@ -919,6 +925,9 @@ def run_fused(plan: ProjectPlan, loaded: LoadedModel | None = None) -> dict:
         if loaded is None and lm is not None and torch.cuda.is_available():
             del lm
             torch.cuda.empty_cache()
+    if plan.opts.index:  # the JSONs just written, into analysis/scores/ (utils/score_store.py)
+        summary["index"] = update_store(plan.opts.experiment, [plan.variant.name], [s.prompt_set for s in plan.sets],
+                                        list(plan.source.traits))
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
@@ -952,6 +961,8 @@ def format_summary(s: dict) -> str:
                                                          ("responses_written", "replayed response JSONs"),
                                                          ("out_of_memory_retries", "out-of-memory retries"))
                     if s.get(k))
+    if s.get("index"):
+        extra += f", {s['index']['prompts_indexed']} files indexed into {s['index']['path']}"
     return (f"projected {s['prompts']} prompts of {sets} onto {len(s['traits'])} traits: {s['written']} files "
             f"written{extra}, {s['skipped']} existing skipped, {s['bytes']:,} bytes written ({per_prompt:,.0f} per "
             f"prompt; activations {how}) in {s['seconds']:.1f} s "
@@ -1030,6 +1041,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--load-in-4bit", action="store_true", help="load the model in 4-bit NF4 (bitsandbytes)")
     f.add_argument("--dtype", help="round activations to this storage dtype before scoring, as capture's --dtype "
                                    "stores them: float16, bfloat16, float32 (default: the model's dtype)")
+    f.add_argument("--index", action="store_true",
+                   help="also add the written scores to the score store analysis/scores/ (as analysis/scores.py does)")
     f.add_argument("--batch-size", type=int, help="at most N prompts per forward (default: automatic)")
     f.add_argument("--max-batch-tokens", type=int, help="at most N padded tokens per forward (default: automatic)")
     return p

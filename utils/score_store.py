@@ -381,12 +381,14 @@ class _Update:
     summary: dict = field(default_factory=lambda: {"prompts_indexed": 0, "prompts_removed": 0, "rows_added": 0,
                                                    "parts_written": 0, "parts_removed": 0, "bytes_written": 0})
     obsolete: list[str] = field(default_factory=list)
+    new_parts: list[str] = field(default_factory=list)   # removed again when the run fails
 
     def write(self, group: Group, cols: _Columns) -> None:
         if not cols.prompt_ids:
             return
         tokens, prompts = cols.tables()
         name = _new_part_name()
+        self.new_parts.append(name)
         root = store_dir(self.exp)
         self.summary["bytes_written"] += _write_parquet(tokens, root / "tokens" / f"{name}.parquet")
         self.summary["bytes_written"] += _write_parquet(prompts, root / "prompts" / f"{name}.parquet")
@@ -413,6 +415,7 @@ class _Update:
         if not keep:
             return
         name = _new_part_name()
+        self.new_parts.append(name)
         for table in ("tokens", "prompts"):
             t = pq.read_table(root / table / f"{part}.parquet")
             mask = pc.is_in(t["prompt_id"].cast(pa.string()), value_set=pa.array(keep, pa.string()))
@@ -469,28 +472,34 @@ def update_store(exp: str, variants: Sequence[str] | None = None, prompt_sets: S
         new = [pid for pid in sources if pid not in known or pid in stale]
         plan.append((g, sources, sigs, stale, new))
     total = sum(len(new) for *_, new in plan)
-    with tqdm(total=total, desc="trait-index", unit="prompt", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True) as bar:
-        for g, sources, sigs, stale, new in plan:
-            known = manifest["groups"].setdefault(g.key(), {})
-            for part in sorted({known[pid]["part"] for pid in stale}):
-                up.drop(g, part, stale)
-            for pid in stale:
-                known.pop(pid)
-                if pid not in sources:
-                    up.summary["prompts_removed"] += 1
-            cols = _Columns()
-            for pid in new:
-                cols.add_source(g, sources[pid])
-                known[pid] = {"part": None, "sig": sigs[pid]}
-                up.summary["prompts_indexed"] += 1
-                bar.update(1)
-                if cols.n_rows >= ROWS_PER_PART:
-                    up.write(g, cols)
-                    cols = _Columns()
-            up.write(g, cols)
-            if not known:
-                manifest["groups"].pop(g.key())
+    try:
+        with tqdm(total=total, desc="trait-index", unit="prompt", file=sys.stderr, disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for g, sources, sigs, stale, new in plan:
+                known = manifest["groups"].setdefault(g.key(), {})
+                for part in sorted({known[pid]["part"] for pid in stale}):
+                    up.drop(g, part, stale)
+                for pid in stale:
+                    known.pop(pid)
+                    if pid not in sources:
+                        up.summary["prompts_removed"] += 1
+                cols = _Columns()
+                for pid in new:
+                    cols.add_source(g, sources[pid])
+                    known[pid] = {"part": None, "sig": sigs[pid]}
+                    up.summary["prompts_indexed"] += 1
+                    bar.update(1)
+                    if cols.n_rows >= ROWS_PER_PART:
+                        up.write(g, cols)
+                        cols = _Columns()
+                up.write(g, cols)
+                if not known:
+                    manifest["groups"].pop(g.key())
+    except BaseException:
+        for name in up.new_parts:  # nothing of a failed run stays: the previous manifest and parts are intact
+            for table in ("tokens", "prompts"):
+                (root / table / f"{name}.parquet").unlink(missing_ok=True)
+        raise
     manifest["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
     manifest["ema_alpha"] = EMA_ALPHA
     if up.summary["parts_written"] or up.summary["parts_removed"] or not manifest_file(exp).exists():
