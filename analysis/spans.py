@@ -2,7 +2,8 @@
 """trait-spans: where, across every set and variant, each trait fires most, and on what text (DuckDB over the store).
 
     top_spans(opts) -> dict          the JSON result (below); SpanOptions holds every flag
-    query_tokens / query_windows / query_clauses / query_prompts / query_cooccurrence(con, opts, ...)   one mode each
+    Store(opts)                      the DuckDB connection; src(table, trait): SQL over that trait's part files only
+    query_tokens / query_windows / query_clauses / query_prompts / query_cooccurrence(db, opts, ...)   one mode each
     render_page(result, out) -> str  the report's "top spans" page: every span in context, linked to its prompt card
     main(argv=None) -> int           python analysis/spans.py --help
 
@@ -37,7 +38,7 @@ from typing import Any, Sequence
 
 from core.errors import TraitError
 from utils import cli, paths
-from utils.score_store import connect, store_dir
+from utils.score_store import StoreError, parquet_source, part_files, read_manifest, store_dir
 from utils.storage import atomic_write, write_json
 
 MODES = ("tokens", "windows", "clauses", "prompts")
@@ -91,6 +92,32 @@ class SpanOptions:
 # ---------------------------------------------------------------------------------------------------------
 # SQL pieces
 
+class Store:
+    """A DuckDB connection (in memory) and the part files of the store; `src(table, trait)` is the SQL source of one
+    trait's parts within the scope (the manifest knows which file holds which trait, variant and set)."""
+
+    def __init__(self, opts: SpanOptions):
+        import duckdb
+
+        self.exp, self.opts = opts.experiment, opts
+        self.manifest = read_manifest(opts.experiment)
+        if not self.manifest["parts"]:
+            raise StoreError(f"no score store at {store_dir(opts.experiment)}: index it first (python "
+                             f"analysis/scores.py --experiment {opts.experiment})")
+        self.con = duckdb.connect()
+        self.traits = sorted({p["trait"] for p in self.manifest["parts"].values()})
+
+    def src(self, table: str, trait: str) -> str:
+        files = part_files(self.exp, table, [trait], self.opts.variants, self.opts.prompt_sets, self.manifest)
+        if not files:  # an empty relation with the table's columns
+            files = part_files(self.exp, table, manifest=self.manifest)[:1]
+            return f"(SELECT * FROM {parquet_source(files)} WHERE false)"
+        return parquet_source(files)
+
+    def execute(self, sql: str):
+        return self.con.execute(sql)
+
+
 def _q(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
@@ -110,11 +137,11 @@ def _value(opts: SpanOptions) -> str:
     return "delta" if opts.by == "delta" else "score"
 
 
-def trait_stats(con, opts: SpanOptions, trait: str) -> list[dict]:
+def trait_stats(db: Store, opts: SpanOptions, trait: str) -> list[dict]:
     """Mean, sample std and counts per (layer, method) of one trait over the scope (the z-score's reference)."""
     if opts.by == "score":  # from the per-response table: mean and M2 combined exactly (Chan et al.)
         sql = f"""
-            WITH p AS (SELECT * FROM prompts WHERE trait = {_q(trait)} AND {_scope(opts)}),
+            WITH p AS (SELECT * FROM {db.src('prompts', trait)} WHERE trait = {_q(trait)} AND {_scope(opts)}),
                  g AS (SELECT layer, method, sum(n_tokens) AS n, sum(n_tokens * mean) / sum(n_tokens) AS mu,
                               count(*) AS n_prompts FROM p GROUP BY layer, method)
             SELECT g.layer, g.method, g.mu, sqrt((sum(p.m2) + sum(p.n_tokens * (p.mean - g.mu) ^ 2)) /
@@ -124,9 +151,10 @@ def trait_stats(con, opts: SpanOptions, trait: str) -> list[dict]:
     else:
         sql = f"""SELECT layer, method, avg(delta), stddev_samp(delta), count(*),
                          count(DISTINCT (variant, prompt_set, prompt_id))
-                  FROM tokens WHERE trait = {_q(trait)} AND {_scope(opts)} GROUP BY layer, method ORDER BY layer, method"""
+                  FROM {db.src('tokens', trait)} WHERE trait = {_q(trait)} AND {_scope(opts)} GROUP BY layer, method
+                  ORDER BY layer, method"""
     return [{"layer": r[0], "method": r[1], "mean": r[2], "std": r[3] if r[3] else None, "n_tokens": int(r[4]),
-             "n_prompts": int(r[5])} for r in con.execute(sql).fetchall()]
+             "n_prompts": int(r[5])} for r in db.execute(sql).fetchall()]
 
 
 def _stats_select(stats: list[dict]) -> str:
@@ -141,8 +169,8 @@ def _stats_cte(stats: list[dict]) -> str:
     return f"st AS ({_stats_select(stats)})"
 
 
-def _rows(con, sql: str) -> list[dict]:
-    cur = con.execute(sql)
+def _rows(db: Store, sql: str) -> list[dict]:
+    cur = db.execute(sql)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]
 
@@ -150,25 +178,25 @@ def _rows(con, sql: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # The queries (each: one trait, the scope of opts)
 
-def query_tokens(con, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
+def query_tokens(db: Store, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
     v = _value(opts)
     sql = f"""WITH {_stats_cte(stats)}
         SELECT variant, prompt_set, prompt_id, layer, method, side, position, position + 1 AS "end", token_index,
                1 AS n_tokens, score AS mean_score, delta AS mean_delta, ({v} - st.mu) / st.sd AS z
-        FROM tokens JOIN st USING (layer, method)
+        FROM {db.src('tokens', trait)} JOIN st USING (layer, method)
         WHERE trait = {_q(trait)} AND {_scope(opts)}
         ORDER BY {ORDER[opts.sort_by]}, {TIE} LIMIT {int(opts.top_k)}"""
-    return _rows(con, sql)
+    return _rows(db, sql)
 
 
-def query_windows(con, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
+def query_windows(db: Store, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
     v, k = _value(opts), int(opts.window)
     sql = f"""WITH {_stats_cte(stats)},
         w AS (SELECT variant, prompt_set, prompt_id, layer, method, side, position, token_index,
                      avg(score) OVER win AS mean_score, avg(delta) OVER win AS mean_delta,
                      (avg({v}) OVER win - st.mu) / st.sd AS z, count(*) OVER win AS wn,
                      count(*) OVER (PARTITION BY {GROUP}) AS side_n
-              FROM tokens JOIN st USING (layer, method)
+              FROM {db.src('tokens', trait)} JOIN st USING (layer, method)
               WHERE trait = {_q(trait)} AND {_scope(opts)}
               WINDOW win AS (PARTITION BY {GROUP} ORDER BY position ROWS BETWEEN CURRENT ROW AND {k - 1} FOLLOWING)),
         best AS (SELECT * FROM w WHERE wn = least({k}, side_n)
@@ -176,49 +204,49 @@ def query_windows(con, opts: SpanOptions, trait: str, stats: list[dict]) -> list
         SELECT variant, prompt_set, prompt_id, layer, method, side, position, position + wn AS "end", token_index,
                wn AS n_tokens, mean_score, mean_delta, z
         FROM best ORDER BY {ORDER[opts.sort_by]}, {TIE} LIMIT {int(opts.top_k)}"""
-    return _rows(con, sql)
+    return _rows(db, sql)
 
 
-def query_clauses(con, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
+def query_clauses(db: Store, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
     v = _value(opts)
     sql = f"""WITH {_stats_cte(stats)},
         c AS (SELECT variant, prompt_set, prompt_id, layer, method, side, clause, min(position) AS position,
                      max(position) + 1 AS "end", min(token_index) AS token_index, count(*) AS n_tokens,
                      avg(score) AS mean_score, avg(delta) AS mean_delta, avg({v}) AS cv
-              FROM tokens WHERE trait = {_q(trait)} AND {_scope(opts)} AND clause IS NOT NULL
+              FROM {db.src('tokens', trait)} WHERE trait = {_q(trait)} AND {_scope(opts)} AND clause IS NOT NULL
               GROUP BY variant, prompt_set, prompt_id, layer, method, side, clause)
         SELECT variant, prompt_set, prompt_id, layer, method, side, position, "end", token_index, n_tokens,
                mean_score, mean_delta, (cv - st.mu) / st.sd AS z
         FROM c JOIN st USING (layer, method) ORDER BY {ORDER[opts.sort_by]}, {TIE} LIMIT {int(opts.top_k)}"""
-    return _rows(con, sql)
+    return _rows(db, sql)
 
 
-def query_prompts(con, opts: SpanOptions, trait: str, metric: str) -> list[dict]:
+def query_prompts(db: Store, opts: SpanOptions, trait: str, metric: str) -> list[dict]:
     """Response sides ranked by one aggregate (high first; low first with --sort-by neg)."""
     direction = "ASC" if opts.sort_by == "neg" else "DESC"
     sql = f"""SELECT variant, prompt_set, prompt_id, layer, method, side, n_tokens, mean, max, ema_max, frac_above,
                      threshold, baseline, delta_mean, max_position AS position, max_position + 1 AS "end",
                      max_token_index AS token_index
-              FROM prompts WHERE trait = {_q(trait)} AND {_scope(opts).replace(' AND delta IS NOT NULL', '')}
+              FROM {db.src('prompts', trait)} WHERE trait = {_q(trait)} AND {_scope(opts).replace(' AND delta IS NOT NULL', '')}
                     AND {metric} IS NOT NULL
               ORDER BY {metric} {direction}, variant, prompt_set, prompt_id, layer, method
               LIMIT {int(opts.top_k)}"""
-    return _rows(con, sql)
+    return _rows(db, sql)
 
 
-def query_cooccurrence(con, opts: SpanOptions, a: str, b: str, stats_a: list[dict], stats_b: list[dict]) -> dict:
+def query_cooccurrence(db: Store, opts: SpanOptions, a: str, b: str, stats_a: list[dict], stats_b: list[dict]) -> dict:
     v, thr = _value(opts), float(opts.z_threshold)
     base = f"""WITH sa AS ({_stats_select(stats_a)}), sb AS ({_stats_select(stats_b)}),
         ta AS (SELECT variant, prompt_set, prompt_id, side, position, token_index, layer AS layer_a, method AS method_a,
-                      ({v} - sa.mu) / sa.sd AS za FROM tokens JOIN sa USING (layer, method)
+                      ({v} - sa.mu) / sa.sd AS za FROM {db.src('tokens', a)} JOIN sa USING (layer, method)
                WHERE trait = {_q(a)} AND {_scope(opts)}),
         tb AS (SELECT variant, prompt_set, prompt_id, side, position, layer AS layer_b,
-                      ({v} - sb.mu) / sb.sd AS zb FROM tokens JOIN sb USING (layer, method)
+                      ({v} - sb.mu) / sb.sd AS zb FROM {db.src('tokens', b)} JOIN sb USING (layer, method)
                WHERE trait = {_q(b)} AND {_scope(opts)}),
         j AS (SELECT * FROM ta JOIN tb USING (variant, prompt_set, prompt_id, side, position))"""
-    r = con.execute(f"""{base} SELECT corr(za, zb), count(*), count(*) FILTER (WHERE za > {thr}),
+    r = db.execute(f"""{base} SELECT corr(za, zb), count(*), count(*) FILTER (WHERE za > {thr}),
                         count(*) FILTER (WHERE zb > {thr}), count(*) FILTER (WHERE za > {thr} AND zb > {thr}) FROM j""").fetchone()
-    top = _rows(con, f"""{base} SELECT variant, prompt_set, prompt_id, layer_a, method_a, layer_b, side, position,
+    top = _rows(db, f"""{base} SELECT variant, prompt_set, prompt_id, layer_a, method_a, layer_b, side, position,
                      position + 1 AS "end", token_index, 1 AS n_tokens, za AS z_a, zb AS z_b, least(za, zb) AS z
                      FROM j ORDER BY z DESC, variant, prompt_set, prompt_id, side, position LIMIT {int(opts.top_k)}""")
     n, na, nb, both = (int(x or 0) for x in r[1:])
@@ -230,7 +258,7 @@ def query_cooccurrence(con, opts: SpanOptions, a: str, b: str, stats_a: list[dic
 # ---------------------------------------------------------------------------------------------------------
 # Text in context
 
-def add_context(con, opts: SpanOptions, trait: str, spans: list[dict], page_dir: Path) -> None:
+def add_context(db: Store, opts: SpanOptions, trait: str, spans: list[dict], page_dir: Path) -> None:
     """Each span's text, its context (--context tokens each side, same side of the same response) with the span
     in >>> <<< (as trait-interp prints it), the tokens themselves, and the link to its prompt card."""
     if not spans:
@@ -239,9 +267,9 @@ def add_context(con, opts: SpanOptions, trait: str, spans: list[dict], page_dir:
                      f"{int(s['layer'])}, {_q(s['method'])}, {_q(s['side'])}, {int(s['position'])}, {int(s['end'])})"
                      for i, s in enumerate(spans))
     c = int(opts.context)
-    rows = con.execute(f"""
+    rows = db.execute(f"""
         WITH r AS (SELECT * FROM (VALUES {keys}) AS r(i, variant, prompt_set, prompt_id, layer, method, side, s0, s1))
-        SELECT r.i, t.position, t.token, t.score FROM r JOIN tokens t
+        SELECT r.i, t.position, t.token, t.score FROM r JOIN {db.src('tokens', trait)} t
           ON t.variant = r.variant AND t.prompt_set = r.prompt_set AND t.prompt_id = r.prompt_id
          AND t.layer = r.layer AND t.method = r.method AND t.side = r.side AND t.position >= r.s0 - {c} AND t.position < r.s1 + {c}
         WHERE t.trait = {_q(trait)} AND t.vector = {int(opts.vector)}{_in('t.variant', sorted({s['variant'] for s in spans}))}
@@ -291,8 +319,8 @@ def top_spans(opts: SpanOptions) -> dict:
     """Every mode for every trait of the scope, as one JSON-ready dict; written to opts.out / opts.html."""
     opts.check()
     t0 = time.perf_counter()
-    con = connect(opts.experiment)
-    have = [r[0] for r in con.execute("SELECT DISTINCT trait FROM prompts ORDER BY trait").fetchall()]
+    db = Store(opts)
+    have = db.traits
     unknown = [t for t in (opts.traits or ()) + (opts.cooccur or ()) if t not in have]
     if unknown:
         raise SpanError(f"--traits: {unknown[0]!r} is not in the score store of {opts.experiment} (it holds: "
@@ -308,27 +336,27 @@ def top_spans(opts: SpanOptions) -> dict:
         "traits": {},
     }
     for trait in opts.traits or have:
-        stats = trait_stats(con, opts, trait)
+        stats = trait_stats(db, opts, trait)
         res: dict[str, Any] = {"stats": stats}
         for mode, fn in (("tokens", query_tokens), ("windows", query_windows), ("clauses", query_clauses)):
             if mode in opts.modes:
-                res[mode] = fn(con, opts, trait, stats)
-                add_context(con, opts, trait, res[mode], page.parent)
+                res[mode] = fn(db, opts, trait, stats)
+                add_context(db, opts, trait, res[mode], page.parent)
                 for i, s in enumerate(res[mode]):
                     s["rank"] = i + 1
         if "prompts" in opts.modes:
             res["prompts"] = {}
             for metric in METRICS:
-                rows = query_prompts(con, opts, trait, metric)
-                add_context(con, opts, trait, rows, page.parent)
+                rows = query_prompts(db, opts, trait, metric)
+                add_context(db, opts, trait, rows, page.parent)
                 res["prompts"][metric] = rows
         out["traits"][trait] = res
     if opts.cooccur:
         a, b = opts.cooccur
-        co = query_cooccurrence(con, opts, a, b, trait_stats(con, opts, a), trait_stats(con, opts, b))
+        co = query_cooccurrence(db, opts, a, b, trait_stats(db, opts, a), trait_stats(db, opts, b))
         for s in co["top"]:
             s["layer"], s["method"] = s["layer_a"], s["method_a"]
-        add_context(con, opts, a, co["top"], page.parent)
+        add_context(db, opts, a, co["top"], page.parent)
         out["cooccurrence"] = co
     out = _clean(out)
     out["seconds"] = time.perf_counter() - t0

@@ -18,12 +18,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONSOLE_SCRIPTS = ["trait-generate", "trait-capture", "trait-project", "trait-viz", "trait-compare",
-                   "trait-per-token-diff", "trait-extract", "trait-chat", "trait-server", "trait-report", "trait-batch"]
+                   "trait-per-token-diff", "trait-extract", "trait-chat", "trait-server", "trait-report", "trait-batch",
+                   "trait-index", "trait-spans"]
 SCRIPTS = ["inference/generate_responses.py", "inference/capture_raw_activations.py",
            "inference/project_raw_activations_onto_traits.py", "inference/extract_viz.py",
            "inference/model_server.py", "inference/modal_inference.py",
            "analysis/model_diff/compare_variants.py", "analysis/model_diff/per_token_diff.py",
-           "extraction/extract_vectors.py", "inference/modal_batch.py", "analysis/report.py"]
+           "extraction/extract_vectors.py", "inference/modal_batch.py", "analysis/report.py",
+           "analysis/scores.py", "analysis/spans.py"]
 
 
 def _env(**extra) -> dict:

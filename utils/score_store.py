@@ -6,8 +6,10 @@
     update_store(exp, variants=None, prompt_sets=None, traits=None, rebuild=False, progress=False) -> dict
                                           index what is new or changed since the last run (a rerun equals a rebuild)
     read_manifest(exp) -> dict            which part files make up the store, and what each indexed source was
-    part_files(exp, table) -> [Path]      the Parquet files of `tokens` or `prompts` (only those the manifest lists)
+    part_files(exp, table, traits=..., variants=..., prompt_sets=...) -> [Path]   the Parquet files of `tokens` or
+                                          `prompts` that the manifest lists, filtered (one group per file)
     connect(exp) -> duckdb connection     views `tokens` and `prompts` over the part files (in memory, no server)
+    parquet_source(files) -> str          `read_parquet([...])` for SQL over some part files
     read_table(exp, table) -> pyarrow.Table   one whole table (tests, small stores)
     StoreError                            bad input; the message names the file or flag
 
@@ -46,7 +48,7 @@ KEY_COLUMNS = ("variant", "prompt_set", "prompt_id", "trait", "layer", "method",
 TOKEN_COLUMNS = KEY_COLUMNS + ("position", "token_index", "token_id", "token", "score", "delta", "clause")
 PROMPT_COLUMNS = KEY_COLUMNS + ("n_tokens", "mean", "max", "ema_max", "frac_above", "threshold", "baseline",
                                 "centered", "m2", "max_position", "max_token_index", "delta_mean", "delta_against")
-ROWS_PER_PART = 2_000_000   # a part is flushed past this many token rows (bounded memory at any scale)
+ROWS_PER_PART = 1_000_000   # a part is flushed past this many token rows (bounded memory at any scale)
 
 
 class StoreError(TraitError):
@@ -70,7 +72,7 @@ def _schemas():
     dstr = pa.dictionary(pa.int32(), pa.string())
     key = [("variant", dstr), ("prompt_set", dstr), ("prompt_id", dstr), ("trait", dstr), ("layer", pa.int32()),
            ("method", dstr), ("vector", pa.int32()), ("side", dstr)]
-    tokens = pa.schema(key + [("position", pa.int32()), ("token_index", pa.int32()), ("token_id", pa.int64()),
+    tokens = pa.schema(key + [("position", pa.int32()), ("token_index", pa.int32()), ("token_id", pa.int32()),
                               ("token", dstr), ("score", pa.float64()), ("delta", pa.float64()),
                               ("clause", pa.int32())])
     f8 = pa.float64()
@@ -181,7 +183,8 @@ def group_sources(exp: str, group: Group) -> dict[str, Source]:
 # Reading one source (format owners: utils/responses.py; projection and per_token_diff files read here)
 
 def _number_list(values: Any) -> bool:
-    return isinstance(values, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+    """A list (its items are checked as numbers when they are read into a column: _scores)."""
+    return isinstance(values, list)
 
 
 def read_projection_entries(path: Path) -> tuple[dict, list[dict]]:
@@ -221,43 +224,74 @@ def _read_delta(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Building parts
 
+@dataclass
+class _Tokens:
+    """One prompt's tokens as the variant scored them (its response JSON), read once for all its traits."""
+    path: Path
+    end: int
+    ids: dict[str, Any]            # side -> int32 array
+    tokens: dict[str, list[str]]   # side -> strings
+    clause: dict[str, Any]         # side -> int32 array, -1 for whitespace-only spans
+
+    @classmethod
+    def read(cls, src: "Source") -> "_Tokens":
+        import numpy as np
+
+        try:
+            resp = load_response(src.response)
+        except ResponseError as e:
+            raise StoreError(f"{e} (the tokens of {src.projection})") from e
+        ids, end, tokens = resp["token_ids"], resp["prompt_end"], resp.get("tokens")
+        if not isinstance(tokens, list) or len(tokens) != len(ids):
+            raise StoreError(f"{src.response}: 'tokens' must hold one string per token id ({len(ids)})")
+        sides = {"prompt": slice(0, end), "response": slice(end, len(ids))}
+        toks = {side: [str(t) for t in tokens[sl]] for side, sl in sides.items()}
+        return cls(src.response, end, {side: np.asarray(ids[sl], dtype=np.int32) for side, sl in sides.items()}, toks,
+                   {side: np.asarray([-1 if c is None else c for c in clause_ids(t)], dtype=np.int32)
+                    for side, t in toks.items()})
+
+
+def _scores(values: Any, path: Path, layer: int, side: str):
+    """A JSON list of numbers as a float64 array (exactly the JSON's values); anything else names the file."""
+    import numpy as np
+
+    if not isinstance(values, list) or any(isinstance(x, bool) for x in values):
+        raise StoreError(f"{path}: the {side} scores at layer {layer} must be a list of numbers")
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise StoreError(f"{path}: the {side} scores at layer {layer} must be a list of numbers") from None
+    if arr.ndim != 1:
+        raise StoreError(f"{path}: the {side} scores at layer {layer} must be a flat list of numbers")
+    return arr
+
+
 class _Columns:
-    """Columns of one part under construction; constant key columns are kept as runs (value, length)."""
+    """Columns of one part under construction: key columns kept as runs (value, length), the rest as arrays."""
 
     def __init__(self):
         self.run_keys: list[tuple] = []
         self.run_len: list[int] = []
         self.run_offset: list[int] = []
-        self.token_id: list[int] = []
+        self.token_id: list = []
         self.token: list[str] = []
-        self.score: list[float] = []
-        self.delta: list[float | None] = []
-        self.clause: list[int | None] = []
+        self.score: list = []
+        self.delta: list = []
+        self.clause: list = []
         self.prompt_rows: list[dict] = []
         self.prompt_ids: list[str] = []
+        self.n_rows = 0
 
-    @property
-    def n_rows(self) -> int:
-        return len(self.score)
+    def add_source(self, group: Group, src: Source, toks: _Tokens) -> None:
+        import numpy as np
 
-    def add_source(self, group: Group, src: Source) -> None:
         meta, entries = read_projection_entries(src.projection)
-        try:
-            resp = load_response(src.response)
-        except ResponseError as e:
-            raise StoreError(f"{e} (the tokens of {src.projection})") from e
-        ids, end = resp["token_ids"], resp["prompt_end"]
-        tokens = resp.get("tokens")
-        if not isinstance(tokens, list) or len(tokens) != len(ids):
-            raise StoreError(f"{src.response}: 'tokens' must hold one string per token id ({len(ids)})")
-        side_ids = {"prompt": ids[:end], "response": ids[end:]}
-        side_tokens = {"prompt": [str(t) for t in tokens[:end]], "response": [str(t) for t in tokens[end:]]}
-        offset = {"prompt": 0, "response": end}
-        clauses: dict[str, list] = {}
         diff = _read_delta(src.diff) if src.diff is not None else None
-        if diff is not None and len(diff["per_token_delta"]) != len(side_ids["response"]):
-            raise StoreError(f"{src.diff}: {len(diff['per_token_delta'])} deltas but {src.response} has "
-                             f"{len(side_ids['response'])} response tokens")
+        n_resp = len(toks.tokens["response"])
+        if diff is not None and len(diff["per_token_delta"]) != n_resp:
+            raise StoreError(f"{src.diff}: {len(diff['per_token_delta'])} deltas but {src.response} has {n_resp} "
+                             f"response tokens")
+        offset = {"prompt": 0, "response": toks.end}
         centered = bool(meta.get("centered"))
         for k, e in enumerate(entries):
             layer, method = int(e["layer"]), str(e.get("method"))
@@ -268,36 +302,35 @@ class _Columns:
                 values = e.get(side) or []
                 if not values:
                     continue
-                if len(values) != len(side_ids[side]):
-                    raise StoreError(f"{src.projection}: {len(values)} {side} scores at layer {layer} but "
-                                     f"{src.response} has {len(side_ids[side])} {side} tokens; re-project this prompt")
                 n = len(values)
+                if n != len(toks.tokens[side]):
+                    raise StoreError(f"{src.projection}: {n} {side} scores at layer {layer} but {src.response} has "
+                                     f"{len(toks.tokens[side])} {side} tokens; re-project this prompt")
+                arr = _scores(values, src.projection, layer, side)
                 self.run_keys.append((group.variant, group.prompt_set, src.prompt_id, group.trait, layer, method, k,
                                       side))
                 self.run_len.append(n)
                 self.run_offset.append(offset[side])
-                self.token_id.extend(side_ids[side])
-                self.token.extend(side_tokens[side])
-                self.score.extend(values)
-                if side not in clauses:
-                    clauses[side] = clause_ids(side_tokens[side])
-                self.clause.extend(clauses[side])
+                self.token_id.append(toks.ids[side])
+                self.token.extend(toks.tokens[side])
+                self.score.append(arr)
+                self.clause.append(toks.clause[side])
                 deltas = None
                 if (diff is not None and side == "response" and diff.get("layer") == layer
                         and diff.get("method") in (None, method)):
-                    deltas = diff["per_token_delta"]
-                self.delta.extend(deltas if deltas is not None else [None] * n)
+                    deltas = _scores(diff["per_token_delta"], src.diff, layer, side)
+                self.delta.append(deltas if deltas is not None else np.full(n, np.nan))
+                self.n_rows += n
                 agg = response_aggregates(values, threshold)
-                mean = agg["mean"]
-                argmax = max(range(n), key=values.__getitem__)
+                argmax = int(np.argmax(arr))
                 self.prompt_rows.append({
                     "variant": group.variant, "prompt_set": group.prompt_set, "prompt_id": src.prompt_id,
                     "trait": group.trait, "layer": layer, "method": method, "vector": k, "side": side,
-                    "n_tokens": n, "mean": mean, "max": agg["max"], "ema_max": agg["ema_max"],
+                    "n_tokens": n, "mean": agg["mean"], "max": agg["max"], "ema_max": agg["ema_max"],
                     "frac_above": agg["frac_above"], "threshold": threshold, "baseline": baseline,
-                    "centered": centered, "m2": sum((x - mean) * (x - mean) for x in values),
+                    "centered": centered, "m2": float(np.square(arr - agg["mean"]).sum()),
                     "max_position": argmax, "max_token_index": argmax + offset[side],
-                    "delta_mean": (sum(deltas) / n) if deltas is not None else None,
+                    "delta_mean": float(deltas.mean()) if deltas is not None else None,
                     "delta_against": src.diff_against if deltas is not None else None,
                 })
         self.prompt_ids.append(src.prompt_id)
@@ -323,11 +356,13 @@ class _Columns:
         cols["position"] = pa.array(position.astype(np.int32), pa.int32())
         cols["token_index"] = pa.array((position + np.repeat(np.asarray(self.run_offset, np.int64), lens))
                                        .astype(np.int32), pa.int32())
-        cols["token_id"] = pa.array(self.token_id, pa.int64())
+        cols["token_id"] = pa.array(np.concatenate(self.token_id), pa.int32())
         cols["token"] = pa.array(self.token, pa.string()).dictionary_encode()
-        cols["score"] = pa.array(self.score, pa.float64())
-        cols["delta"] = pa.array(self.delta, pa.float64())
-        cols["clause"] = pa.array(self.clause, pa.int32())
+        cols["score"] = pa.array(np.concatenate(self.score), pa.float64())
+        delta = np.concatenate(self.delta)
+        cols["delta"] = pa.array(delta, pa.float64(), mask=np.isnan(delta))
+        clause = np.concatenate(self.clause)
+        cols["clause"] = pa.array(clause, pa.int32(), mask=clause < 0)
         tokens = pa.table([cols[c] for c in TOKEN_COLUMNS], schema=tok_schema)
         prompts = pa.Table.from_pylist(self.prompt_rows, schema=prompt_schema)
         return tokens, prompts
@@ -336,12 +371,13 @@ class _Columns:
 def _write_parquet(table, path: Path) -> int:
     import pyarrow.parquet as pq
 
-    # float columns byte-stream-split: an fp32 score held as float64 has zero low mantissa bytes, which zstd
-    # then removes; dictionary pages for the repeated strings and ids
+    # dictionaries only for the repeated strings and small integers; float columns byte-stream-split (an fp32
+    # score held as float64 has four zero low bytes, which zstd then removes), never dictionary-encoded
+    floats = [f.name for f in table.schema if f.type == "double"]
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", compression_level=3, row_group_size=1 << 20,
-                       use_byte_stream_split=[c for c in ("score", "delta", "mean", "max", "ema_max", "m2",
-                                                          "delta_mean") if c in table.column_names])
+                       use_dictionary=[f.name for f in table.schema if f.name not in floats],
+                       use_byte_stream_split=floats)
         size = tmp.stat().st_size
     return size
 
@@ -362,11 +398,22 @@ def read_manifest(exp: str) -> dict:
     return m
 
 
-def part_files(exp: str, table: str = "tokens") -> list[Path]:
-    """The part files of `tokens` or `prompts` that the manifest lists, in name order."""
+def part_files(exp: str, table: str = "tokens", traits: Sequence[str] | None = None,
+               variants: Sequence[str] | None = None, prompt_sets: Sequence[str] | None = None,
+               manifest: dict | None = None) -> list[Path]:
+    """The part files of `tokens` or `prompts` that the manifest lists (each holds one variant, set and trait, so a
+    filter here spares DuckDB every other file), in name order."""
     if table not in ("tokens", "prompts"):
         raise ValueError(f"table {table!r}: tokens or prompts")
-    return [store_dir(exp) / table / f"{name}.parquet" for name in sorted(read_manifest(exp)["parts"])]
+    parts = (manifest or read_manifest(exp))["parts"]
+    return [store_dir(exp) / table / f"{name}.parquet" for name, info in sorted(parts.items())
+            if (not traits or info["trait"] in traits) and (not variants or info["variant"] in variants)
+            and (not prompt_sets or info["prompt_set"] in prompt_sets)]
+
+
+def parquet_source(files: Sequence[Path]) -> str:
+    """DuckDB's table function over these files (SQL text)."""
+    return "read_parquet([" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "])"
 
 
 def _new_part_name() -> str:
@@ -473,28 +520,42 @@ def update_store(exp: str, variants: Sequence[str] | None = None, prompt_sets: S
         plan.append((g, sources, sigs, stale, new))
     total = sum(len(new) for *_, new in plan)
     try:
-        with tqdm(total=total, desc="trait-index", unit="prompt", file=sys.stderr, disable=not progress,
+        with tqdm(total=total, desc="trait-index", unit="file", file=sys.stderr, disable=not progress,
                   dynamic_ncols=True) as bar:
-            for g, sources, sigs, stale, new in plan:
-                known = manifest["groups"].setdefault(g.key(), {})
-                for part in sorted({known[pid]["part"] for pid in stale}):
-                    up.drop(g, part, stale)
-                for pid in stale:
-                    known.pop(pid)
-                    if pid not in sources:
-                        up.summary["prompts_removed"] += 1
-                cols = _Columns()
-                for pid in new:
-                    cols.add_source(g, sources[pid])
-                    known[pid] = {"part": None, "sig": sigs[pid]}
-                    up.summary["prompts_indexed"] += 1
-                    bar.update(1)
-                    if cols.n_rows >= ROWS_PER_PART:
-                        up.write(g, cols)
-                        cols = _Columns()
-                up.write(g, cols)
-                if not known:
-                    manifest["groups"].pop(g.key())
+            by_set: dict[tuple[str, str], list] = {}
+            for item in plan:
+                by_set.setdefault((item[0].variant, item[0].prompt_set), []).append(item)
+            for items in by_set.values():
+                cols = {}
+                for g, sources, sigs, stale, new in items:
+                    known = manifest["groups"].setdefault(g.key(), {})
+                    for part in sorted({known[pid]["part"] for pid in stale}):
+                        up.drop(g, part, stale)
+                    for pid in stale:
+                        known.pop(pid)
+                        if pid not in sources:
+                            up.summary["prompts_removed"] += 1
+                    cols[g.key()] = _Columns()
+                todo = {g.key(): set(new) for g, _, _, _, new in items}
+                order = sorted({pid for g, _, _, _, new in items for pid in new}, key=paths.natural_key)
+                for pid in order:
+                    toks = None
+                    for g, sources, sigs, stale, new in items:
+                        if pid not in todo[g.key()]:
+                            continue
+                        toks = toks or _Tokens.read(sources[pid])
+                        c = cols[g.key()]
+                        c.add_source(g, sources[pid], toks)
+                        manifest["groups"][g.key()][pid] = {"part": None, "sig": sigs[pid]}
+                        up.summary["prompts_indexed"] += 1
+                        bar.update(1)
+                        if c.n_rows >= ROWS_PER_PART:
+                            up.write(g, c)
+                            cols[g.key()] = _Columns()
+                for g, *_ in items:
+                    up.write(g, cols[g.key()])
+                    if not manifest["groups"][g.key()]:
+                        manifest["groups"].pop(g.key())
     except BaseException:
         for name in up.new_parts:  # nothing of a failed run stays: the previous manifest and parts are intact
             for table in ("tokens", "prompts"):
@@ -543,10 +604,6 @@ def read_table(exp: str, table: str = "tokens"):
                              for f in t.schema]))
 
 
-def _sql_list(files: Iterable[Path]) -> str:
-    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
-
-
 def connect(exp: str):
     """An in-memory DuckDB connection with views `tokens` and `prompts` over the store's part files."""
     import duckdb
@@ -556,6 +613,6 @@ def connect(exp: str):
         raise StoreError(f"no score store at {store_dir(exp)}: index it first (python analysis/scores.py "
                          f"--experiment {exp})")
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW tokens AS SELECT * FROM read_parquet({_sql_list(tok)})")
-    con.execute(f"CREATE VIEW prompts AS SELECT * FROM read_parquet({_sql_list(prm)})")
+    con.execute(f"CREATE VIEW tokens AS SELECT * FROM {parquet_source(tok)}")
+    con.execute(f"CREATE VIEW prompts AS SELECT * FROM {parquet_source(prm)}")
     return con
