@@ -44,7 +44,7 @@ import torch
 from core.capture import capture_sequences
 from core.errors import TraitError
 from core.hooks import num_layers
-from utils import cli, paths
+from utils import cards, cli, paths
 from utils.config import resolve_variant
 from utils.layers import parse_layers
 from utils.model import LoadedModel, load_model_config, load_variant, tokenize_continuation, tokenize_prompt
@@ -260,12 +260,13 @@ class ExtractOptions:
     seed: int = 0
     max_batch_tokens: int | None = None
     progress: bool = True
+    neutral_corpus: str | None = None
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ExtractOptions":
         return cls(experiment=ns.experiment, traits=ns.traits, model_variant=ns.model_variant, position=ns.position,
                    methods=ns.methods, layers=ns.layers, val_fraction=ns.val_fraction, seed=ns.seed,
-                   progress=not ns.quiet)
+                   progress=not ns.quiet, neutral_corpus=ns.neutral_corpus)
 
 
 @dataclass
@@ -276,6 +277,8 @@ class ExtractPlan:
     positions: list[tuple[str, str, int | slice]]
     methods: list[str]
     layers: list[int]
+    neutral: list[str]                             # the neutral corpus the cards' 1% FPR is read on
+    neutral_path: Path
 
 
 def plan_extraction(opts: ExtractOptions, loaded: LoadedModel | None = None) -> ExtractPlan:
@@ -300,7 +303,13 @@ def plan_extraction(opts: ExtractOptions, loaded: LoadedModel | None = None) -> 
     # the depth from the config, so a bad --layers fails before the weights load
     n_layers = (num_layers(loaded.model) if loaded is not None
                 else int(load_model_config(variant.model_path(opts.experiment)).num_hidden_layers))
-    return ExtractPlan(opts, variant, texts, positions, methods, parse_layers(opts.layers, n_layers))
+    neutral_path = Path(opts.neutral_corpus) if opts.neutral_corpus else cards.neutral_corpus_path()
+    try:
+        neutral = cards.read_neutral_corpus(neutral_path)
+    except cards.CardError as e:
+        raise ExtractError(f"--neutral-corpus: {e}") from None
+    return ExtractPlan(opts, variant, texts, positions, methods, parse_layers(opts.layers, n_layers), neutral,
+                       neutral_path)
 
 
 def run_extraction(plan: ExtractPlan, loaded: LoadedModel | None = None) -> dict:
@@ -318,7 +327,12 @@ def run_extraction(plan: ExtractPlan, loaded: LoadedModel | None = None) -> dict
     summary: dict[str, Any] = {"experiment": opts.experiment, "model_variant": plan.variant.name,
                                "position": ",".join(p for p, _, _ in plan.positions),
                                "positions": [p for p, _, _ in plan.positions], "methods": plan.methods,
-                               "layers": plan.layers, "traits": {}, "files": [], "seconds": 0.0}
+                               "layers": plan.layers, "traits": {}, "files": [], "cards": {}, "seconds": 0.0}
+    # the neutral corpus, captured once for every trait (a prompt[...] position has no tokens in a plain sentence)
+    neutral_positions = [p for p, frame, _ in plan.positions if frame != "prompt"]
+    neutral = (text_features(lm, plan.neutral, plan.layers, neutral_positions,
+                             [f"{plan.neutral_path}:{k + 1}" for k in range(len(plan.neutral))], opts.max_batch_tokens)
+               if neutral_positions else {})
     for trait in tqdm(plan.traits, desc="extract", unit="trait", file=sys.stderr, disable=not opts.progress):
         pos_lines, neg_lines = plan.traits[trait]
         folder = paths.traits_data_dir(trait)
@@ -328,7 +342,7 @@ def run_extraction(plan: ExtractPlan, loaded: LoadedModel | None = None) -> dict
                               [p for p, _, _ in plan.positions], where, opts.max_batch_tokens)
         split_pos = split(len(pos_lines), opts.val_fraction, opts.seed)
         split_neg = split(len(neg_lines), opts.val_fraction, opts.seed + 1)
-        metrics = []
+        metrics, card_sets = [], {}
         for position, _, _ in plan.positions:
             for method in plan.methods:
                 layer_meta = fit_layers(trait, method, feats[position], len(pos_lines), split_pos, split_neg)
@@ -337,7 +351,10 @@ def run_extraction(plan: ExtractPlan, loaded: LoadedModel | None = None) -> dict
                 summary["files"] += [str(f) for f in files]
                 metrics += [(VectorRef(trait, int(l), method, COMPONENT, sanitize_position(position), f),
                              e["val_accuracy"], e["val_separation"]) for f, (l, (_, e)) in zip(files, layer_meta.items())]
+                card_sets[cards.set_key(sanitize_position(position), COMPONENT, method)] = card_layers(
+                    layer_meta, feats[position], len(pos_lines), split_pos, split_neg, neutral.get(position), opts.seed)
         summary["traits"][trait] = _trait_summary(metrics)
+        summary["cards"][trait] = str(write_trait_card(plan, trait, card_sets, len(pos_lines), len(neg_lines)))
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
@@ -363,6 +380,44 @@ def fit_layers(trait: str, method: str, feats: dict[int, torch.Tensor], n_pos: i
         unit = (raw / norm).float()
         out[str(layer)] = (unit, {"norm": norm, **evaluate(unit, train_pos, train_neg, val_pos, val_neg), **extra})
     return out
+
+
+def card_layers(layer_meta: dict, feats: dict[int, torch.Tensor], n_pos: int, split_pos: tuple, split_neg: tuple,
+                neutral: dict[int, torch.Tensor] | None, seed: int) -> dict[int, dict]:
+    """{layer: card entry} of one set, on the held-out lines (utils.cards.layer_card), baseline from the fit."""
+    (tr_p, va_p), (tr_n, va_n) = split_pos, split_neg
+    out = {}
+    for layer, (unit, entry) in layer_meta.items():
+        x = feats[int(layer)]
+        pos, neg = x[:n_pos], x[n_pos:]
+        empty = x[:0]
+        out[int(layer)] = cards.layer_card(unit, pos[tr_p], neg[tr_n], pos[va_p], neg[va_n],
+                                           neutral[int(layer)] if neutral is not None else empty,
+                                           baseline=entry["baseline"], seed=seed)
+    return out
+
+
+def write_trait_card(plan: ExtractPlan, trait: str, sets: dict[str, dict[int, dict]], n_pos: int, n_neg: int) -> Path:
+    """The trait's card.json next to its vectors, merged with the sets and layers of an earlier card."""
+    opts, variant = plan.opts, plan.variant
+    path = cards.card_path(opts.experiment, trait, variant.name)
+    try:
+        old = cards.read_card(path) if path.exists() else None
+    except cards.CardError:
+        old = None                    # an unreadable card is rebuilt from this run
+    merged = {k: dict(v) for k, v in old.sets.items()} if old else {}
+    for key, layers in sets.items():
+        merged.setdefault(key, {}).update(layers)
+    folder = paths.traits_data_dir(trait)
+    card = cards.Card(path, trait, variant.model, variant.name, cards.DEFAULT_FPR, cards.DEFAULT_N_RANDOM, merged, {
+        "tool": "trait-inference extraction/extract_vectors.py",
+        "held_out": f"{opts.val_fraction:g} of each class's lines of {folder}, split with seed {opts.seed} "
+                    f"(the val_lines of each set's metadata.json); {n_pos} positive, {n_neg} negative lines in all",
+        "neutral_corpus": str(plan.neutral_path), "n_neutral": len(plan.neutral),
+        "random_directions": f"{cards.DEFAULT_N_RANDOM} Gaussian unit directions (seed {opts.seed}), each signed so "
+                             f"the training positives score higher",
+    })
+    return cards.write_card(card)
 
 
 def write_vectors(plan: ExtractPlan, trait: str, position: str, method: str, layer_meta: dict,
@@ -419,7 +474,7 @@ def extract_vectors(experiment: str, traits: str | Sequence[str] | None = None, 
                     position: str | Sequence[str] = DEFAULT_POSITION, methods: str | Sequence[str] = METHODS,
                     layers: str = "all", val_fraction: float = 0.25, seed: int = 0,
                     max_batch_tokens: int | None = None, loaded: LoadedModel | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, neutral_corpus: str | None = None) -> dict:
     """Extract mean_diff / probe vectors for each trait at every chosen position and layer; the summary dict.
 
     `loaded` reuses an already-loaded model of the variant (tests, demo). Everything (datasets, flags,
@@ -428,7 +483,7 @@ def extract_vectors(experiment: str, traits: str | Sequence[str] | None = None, 
     opts = ExtractOptions(experiment, traits if traits is None or isinstance(traits, str) else tuple(traits),
                           model_variant, position if isinstance(position, str) else tuple(position),
                           methods if isinstance(methods, str) else tuple(methods), layers, val_fraction, seed,
-                          max_batch_tokens, progress)
+                          max_batch_tokens, progress, neutral_corpus)
     return run_extraction(plan_extraction(opts, loaded), loaded)
 
 
@@ -449,9 +504,15 @@ def format_summary(s: dict) -> str:
         f"{t} {r['best']['method']} {r['best']['position']} layer {r['best']['layer']} "
         f"acc {r['best']['val_accuracy']:.2f} sep {r['best']['val_separation']:.2f}"
         for t, r in s["traits"].items())
-    return (f"extracted {len(s['traits'])} traits x {len(s['positions'])} positions x {len(s['methods'])} methods x "
+    line = (f"extracted {len(s['traits'])} traits x {len(s['positions'])} positions x {len(s['methods'])} methods x "
             f"{len(s['layers'])} layers ({len(s['files'])} files) for variant {s['model_variant']} in "
             f"{s['seconds']:.1f} s; best held-out (separation, accuracy floor): {best}")
+    tables = []
+    for trait, path in s.get("cards", {}).items():
+        b = s["traits"][trait]["best"]
+        key = cards.set_key(sanitize_position(b["position"]), COMPONENT, b["method"])
+        tables.append(cards.format_card_table(cards.read_card(path), sets=[key], max_rows=5) + f"\n  (all: {path})")
+    return "\n".join([line, *tables])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="capture grammar: all, 16, 5-20, 10-45:3, 30%%-60%% (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of each class held out (default: 0.25)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    p.add_argument("--neutral-corpus", metavar="FILE",
+                   help="ordinary sentences, one a line, that the cards' recall at 1%% false positives is read on "
+                        "(default: datasets/neutral/sentences.txt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

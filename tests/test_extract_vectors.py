@@ -278,3 +278,54 @@ def test_interrupted_extraction_is_never_used(ext, loaded, monkeypatch, capsys):
     monkeypatch.setattr(ev, "write_pt", real_write)
     extract_vectors("x", position="response[:]", methods="mean_diff", layers="0-2", loaded=loaded, progress=False)
     assert incomplete_sets("x") == [] and [r.layer for r in list_vectors("x", "tone/kind", "base")] == LAYERS
+
+
+def brute_auroc(pos, neg) -> float:
+    """Every pair counted by hand: 1 when the positive scores higher, 1/2 on a tie."""
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos.tolist() for n in neg.tolist())
+    return wins / (len(pos) * len(neg))
+
+
+def test_card_matches_hf(ext, hf, loaded, tmp_path, capsys):
+    """card.json next to the vectors: AUROC, accuracy, recall at 1% FPR on a neutral corpus, 32 random directions,
+    sign and class statistics, each recomputed here from HF hidden states and pairs counted by hand."""
+    from utils.cards import card_path, read_card
+
+    neutral_file = tmp_path / "neutral.txt"
+    neutral_texts = lines("the a table window river bus morning paper green road".split(), 7, n=120)
+    neutral_file.write_text("\n".join(neutral_texts) + "\n")
+    extract_vectors("x", position="response[:]", methods="probe", layers="1-2", loaded=loaded, progress=False,
+                    neutral_corpus=str(neutral_file))
+    card = read_card(card_path("x", "tone/kind", "base"))
+    assert card.extra["n_neutral"] == 120 and card.fpr == 0.01 and card.n_random == 32
+    meta = json.loads(paths.vector_metadata("x", "tone/kind", "base", "response_all", "residual", "probe").read_text())
+    tp, tn, vp, vn = split_texts(ext, meta)
+    f_tp, f_tn, f_vp, f_vn, f_nu = (hf_features(hf, t) for t in (tp, tn, vp, vn, neutral_texts))
+    for L in (1, 2):
+        e = card.entry("response_all", "residual", "probe", L)
+        v = torch.load(paths.vector_file("x", "tone/kind", "base", "response_all", "residual", "probe", L),
+                       weights_only=True).double()
+        pv, nv, nu = f_vp[L] @ v, f_vn[L] @ v, f_nu[L] @ v
+        assert e["auroc"] == pytest.approx(brute_auroc(pv, nv))
+        assert e["accuracy"] == meta["layers"][str(L)]["val_accuracy"]
+        threshold = sorted(nu.tolist(), reverse=True)[1]    # 1% of 120: one neutral sentence may score above
+        assert e["neutral_threshold"] == pytest.approx(threshold, abs=1e-4)
+        assert e["recall_at_fpr"] == sum(p > threshold for p in pv.tolist()) / len(pv)
+        g = torch.Generator().manual_seed(0)
+        rand = torch.randn(32, 64, generator=g, dtype=torch.float64)
+        aucs = []
+        for d in rand / rand.norm(dim=1, keepdim=True):
+            d = d if float((f_tp[L].mean(0) - f_tn[L].mean(0)) @ d) > 0 else -d
+            aucs.append(brute_auroc(f_vp[L] @ d, f_vn[L] @ d))
+        assert e["random_auroc_mean"] == pytest.approx(sum(aucs) / 32, abs=1e-6)
+        assert e["random_auroc_max"] == pytest.approx(max(aucs), abs=1e-6)
+        assert e["sign_ok"] is (float(pv.mean()) > float(nv.mean()))
+        assert (e["pos_mean"], e["pos_std"]) == (pytest.approx(float(pv.mean()), abs=1e-4),
+                                                 pytest.approx(float(pv.std(unbiased=False)), abs=1e-4))
+        assert e["baseline"] == meta["layers"][str(L)]["baseline"]
+    assert main(["--experiment", "x", "--traits", "tone/kind", "--layers", "1", "--methods", "probe", "--quiet",
+                 "--position", "response[:]", "--neutral-corpus", str(neutral_file)]) == 0
+    out = capsys.readouterr().out
+    assert "vector card tone/kind" in out and "response_all/residual/probe" in out and "AUROC" in out
+    assert main(["--experiment", "x", "--neutral-corpus", str(tmp_path / "nope.txt"), "--quiet"]) == 2
+    assert "--neutral-corpus" in capsys.readouterr().err

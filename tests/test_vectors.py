@@ -236,7 +236,7 @@ def test_malformed_results_named(vec_exp):
     with pytest.raises(VectorError, match=rf"{path}:2: a run line needs config.vectors"):
         read_steering_results(path)
     path.write_text('{"type": "baseline", "result": {"trait_mean": "high"}}\n')
-    with pytest.raises(VectorError, match=rf"{path}:1: result.trait_mean must be a number"):
+    with pytest.raises(VectorError, match=rf"{path}:1: result.trait_mean must be a finite number"):
         read_steering_results(path)
 
 

@@ -57,7 +57,9 @@ def set_key(pos_dir: str, component: str, method: str) -> str:
 
 
 def neutral_corpus_path() -> Path:
-    return paths.datasets_root() / "neutral" / "sentences.txt"
+    """datasets/neutral/sentences.txt ($TRAIT_DATASETS_DIR's when it has one, else the one this repo ships)."""
+    own = paths.datasets_root() / "neutral" / "sentences.txt"
+    return own if own.exists() else paths.REPO_ROOT / "datasets" / "neutral" / "sentences.txt"
 
 
 def read_neutral_corpus(path: str | Path | None = None) -> list[str]:
@@ -121,7 +123,7 @@ def layer_card(vector: torch.Tensor, train_pos: torch.Tensor, train_neg: torch.T
     sign = torch.sign((train_pos.double().mean(0) - train_neg.double().mean(0)) @ rand.T)
     rand = rand * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(1)
     rand_auc = [auroc(val_pos.double() @ d, val_neg.double() @ d) for d in rand]
-    recall, threshold = recall_at_fpr(vp, nu, fpr)
+    recall, threshold = recall_at_fpr(vp, nu, fpr) if len(nu) else (None, None)
     pos_std, neg_std = _std(vp), _std(vn)
     pooled = math.sqrt((pos_std ** 2 + neg_std ** 2) / 2)
     return {
@@ -132,7 +134,7 @@ def layer_card(vector: torch.Tensor, train_pos: torch.Tensor, train_neg: torch.T
         "sign_ok": bool(vp.mean() > vn.mean()),
         "baseline": float(baseline), "pos_mean": float(vp.mean()), "neg_mean": float(vn.mean()),
         "pos_std": pos_std, "neg_std": neg_std, "spread": pooled if pooled > 0 else None,
-        "neutral_mean": float(nu.mean()), "neutral_std": _std(nu),
+        "neutral_mean": float(nu.mean()) if len(nu) else None, "neutral_std": _std(nu) if len(nu) else None,
         "n_pos": len(vp), "n_neg": len(vn), "n_neutral": len(nu),
     }
 
@@ -231,11 +233,13 @@ def card_layer_entry(exp: str, trait: str, variant: str, pos_dir: str, component
 def _rank_key(layer: int, e: dict) -> tuple:
     margin = e["auroc"] - (e.get("random_auroc_max") or 0.0)
     sep = (e["pos_mean"] - e["neg_mean"]) / e["spread"] if e.get("spread") else 0.0
-    return (-round(e["auroc"], 6), -(e.get("recall_at_fpr") or 0.0), -round(margin, 6), -sep, layer)
+    return (-round(e["auroc"], 6), -(e.get("recall_at_fpr") or 0.0), -round(sep, 6), -round(margin, 6), layer)
 
 
 def top_layers(card: Card, pos_dir: str, component: str, method: str, k: int = 3) -> list[int]:
-    """The k best layers of a set: held-out AUROC, then recall at the card's FPR, then separation in spreads."""
+    """The k best layers of a set with the right sign: held-out AUROC, then recall at the card's FPR, then the class
+    gap in held-out spreads ((pos_mean - neg_mean) / spread: AUROC and recall saturate at 1 on easy traits), then
+    the margin over the best random direction, then the lower layer."""
     layers = card.sets.get(set_key(pos_dir, component, method))
     if not layers:
         raise CardError(f"{card.path}: no card entries for {set_key(pos_dir, component, method)} "
@@ -262,7 +266,9 @@ def format_card_table(card: Card, sets: list[str] | None = None, max_rows: int =
             rnd = (f"{e['random_auroc_mean']:.2f}/{e['random_auroc_max']:.2f}"
                    if e.get("random_auroc_max") is not None else "-")
             rec = f"{e['recall_at_fpr']:.2f}" if e.get("recall_at_fpr") is not None else "-"
-            lines.append(f"  {layer:>5} {e['auroc']:>6.3f} {rnd:>13} {e['accuracy']:>5.2f} {rec:>6} "
-                         f"{'ok' if e.get('sign_ok', True) else 'FLIP':>4} {e['baseline']:>9.3g} "
-                         f"{e['pos_mean']:>8.3g}±{e['pos_std']:<6.2g} {e['neg_mean']:>8.3g}±{e['neg_std']:<6.2g}")
+            pos = f"{e['pos_mean']:.3g}±{e['pos_std']:.2g}"
+            neg = f"{e['neg_mean']:.3g}±{e['neg_std']:.2g}"
+            sign = "ok" if e.get("sign_ok", True) else "FLIP"
+            lines.append(f"  {layer:>5} {e['auroc']:>6.3f} {rnd:>13} {e['accuracy']:>5.2f} {rec:>6} {sign:>4} "
+                         f"{e['baseline']:>9.3g} {pos:>15} {neg:>15}")
     return "\n".join(lines)

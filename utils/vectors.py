@@ -53,7 +53,8 @@ from pathlib import Path
 
 import torch
 
-from utils import cards, paths
+from utils import cards, paths, steering_results
+from utils.steering_results import SteeringResults, SteeringRun
 from utils.config import ConfigError, load_config, resolve_variant
 from utils.layers import (LayerSpecError, ProjectionLayer, format_layers, parse_projection_layers,
                           resolve_projection_layers)
@@ -435,29 +436,15 @@ def load_vector(exp: str, trait: str, variant: str, position_or_pos_dir: str, co
 # ---------------------------------------------------------------------------------------------------------
 # Steering evidence
 
-@dataclass(frozen=True)
-class SteeringRun:
-    layer: int
-    method: str
-    component: str
-    position: str
-    weight: float | None
-    trait_mean: float | None
-    coherence_mean: float | None
-    line: int
-    relative_weight: float | None = None   # ours: the weight in residual norms at the layer (Cx); trait-interp has none
+def read_steering_results(path: str | Path, default_position: str | None = None) -> SteeringResults:
+    """utils.steering_results' validating reader, its errors as VectorError (the evidence of a vector choice)."""
+    try:
+        return steering_results.read_steering_results(path, default_position)
+    except steering_results.SteeringResultsError as e:
+        raise VectorError(str(e)) from None
 
 
-@dataclass
-class SteeringResults:
-    path: Path
-    direction: str                    # "positive" or "negative"
-    baseline: float                   # 0.0 when the file has no baseline line (baseline_missing)
-    runs: list[SteeringRun] = field(default_factory=list)
-    baseline_missing: bool = False
-
-
-_WARNED: set[str] = set()   # one warning per file and process, however many traits / variants read it
+_WARNED: set[str] = set()   # one warning per folder and process
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -469,70 +456,9 @@ def _warn_once(key: str, message: str) -> None:
 def _number(value, what: str, where: str, allow_none: bool = True) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise VectorError(f"{where}: {what} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise VectorError(f"{where}: {what} must be a finite number, got {value!r}")
     return float(value)
-
-
-def read_steering_results(path: str | Path, default_position: str | None = None) -> SteeringResults:
-    """Parse a steering results.jsonl; any malformed line is a VectorError naming `path:line`.
-
-    Run positions default to `default_position` (the position of the folder the file lives in);
-    runs without a score (null trait_mean / coherence_mean) are kept with None and never pass a filter.
-    A file without a baseline line (trait-interp's remove_baseline() keeps the header and the runs) is
-    read with baseline 0, as trait-interp's own reader does, and one warning line on stderr.
-    """
-    path = Path(path)
-    direction, baseline = "positive", None
-    runs: list[SteeringRun] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise VectorError(f"{path}: cannot read ({e})") from None
-    for n, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise VectorError(f"{where}: malformed JSON line ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise VectorError(f"{where}: expected a JSON object")
-        kind = rec.get("type")
-        if kind == "header":
-            direction = rec.get("direction", "positive")
-            if direction not in ("positive", "negative"):
-                raise VectorError(f"{where}: direction must be 'positive' or 'negative', got {direction!r}")
-            continue
-        result = rec.get("result")
-        if not isinstance(result, dict):
-            raise VectorError(f"{where}: missing 'result' object")
-        if kind == "baseline":
-            baseline = _number(result.get("trait_mean"), "result.trait_mean", where, allow_none=False)
-            continue
-        vectors = (rec.get("config") or {}).get("vectors") if isinstance(rec.get("config"), dict) else None
-        if not isinstance(vectors, list) or not vectors or not isinstance(vectors[0], dict):
-            raise VectorError(f"{where}: a run line needs config.vectors[0] (layer, method, component, position)")
-        spec = vectors[0]
-        layer = spec.get("layer")
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise VectorError(f"{where}: config.vectors[0].layer must be an integer, got {layer!r}")
-        position = spec.get("position") or default_position
-        if position is None:
-            raise VectorError(f"{where}: config.vectors[0].position is missing")
-        runs.append(SteeringRun(
-            layer=layer, method=str(spec.get("method") or "probe"), component=str(spec.get("component") or "residual"),
-            position=str(position), weight=_number(spec.get("weight"), "config.vectors[0].weight", where),
-            trait_mean=_number(result.get("trait_mean"), "result.trait_mean", where),
-            coherence_mean=_number(result.get("coherence_mean"), "result.coherence_mean", where), line=n,
-            relative_weight=_number(spec.get("relative_weight"), "config.vectors[0].relative_weight", where),
-        ))
-    if baseline is None:
-        _warn_once(str(path), f"{path}: no baseline line; taking baseline 0 as trait-interp does, so its "
-                              f"steering deltas are raw trait means (re-run the baseline to restore it)")
-        return SteeringResults(path, direction, 0.0, runs, baseline_missing=True)
-    return SteeringResults(path, direction, baseline, runs)
 
 
 def read_naturalness(path: str | Path) -> dict[tuple[int, str, str], float]:
