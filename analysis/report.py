@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from analysis.model_diff.per_token_diff import list_projected_traits, read_response_tokens
+from core.aggregates import response_aggregates
 from core.errors import TraitError
 from utils import cli, paths
 from utils.config import resolve_variant
@@ -360,12 +361,13 @@ def _specials(toks: PromptTokens, ids: set[int] | None) -> list[int]:
 def _prompt_scores(plan: ReportPlan, pid: str, toks: PromptTokens, views: dict[str, _TraitViews]) -> tuple[list, list]:
     """Per trait: [[prompt scores, response scores] per view] (None when the trait lacks this prompt), and means."""
     digits, n_p, n_r = plan.opts.precision, toks.prompt_end, len(toks.ids) - toks.prompt_end
-    scores, means = [], []
+    scores, means, aggs = [], [], []
     for t in plan.traits:
         path = plan.projections[t].get(pid)
         if path is None:
             scores.append(None)
             means.append(None)
+            aggs.append(None)
             continue
         meta, entries = read_entries(path, n_p, n_r)
         per_view = [(e.get("prompt") or [], e["response"]) for e in entries]
@@ -379,7 +381,16 @@ def _prompt_scores(plan: ReportPlan, pid: str, toks: PromptTokens, views: dict[s
             views[t].add(k, r)
         scores.append([[_round(p, digits), _round(r, digits)] for p, r in per_view])
         means.append([None if (m := _mean(r)) is None else float(f"{m:.{digits}g}") for _, r in per_view])
-    return scores, means
+        aggs.append([_aggregates(r, view, digits) for (_, r), view in zip(per_view, views[t].views)])
+    return scores, means, aggs
+
+
+def _aggregates(response: Sequence[float], view: dict, digits: int) -> list:
+    """[max, ema_max, frac_above] of the response scores for the sort menu; above the baseline (0 for B - A and
+    for centered scores)."""
+    thr = 0.0 if view["kind"] == "delta" or view.get("centered") else view.get("baseline")
+    a = response_aggregates(response, thr if isinstance(thr, (int, float)) else None)
+    return [None if a[k] is None else float(f"{a[k]:.{digits}g}") for k in ("max", "ema_max", "frac_above")]
 
 
 def _compare_views(plan: ReportPlan, trait: str, pid: str, toks: PromptTokens, meta_b: dict, entries_b: list[dict],
@@ -518,12 +529,12 @@ def build_data(plan: ReportPlan) -> tuple[dict, list[str]]:
     prompts = []
     for pid in tqdm(plan.prompt_ids, desc="report", unit="prompt", file=sys.stderr, disable=not opts.progress):
         toks = read_tokens(opts.experiment, plan.variant, opts.prompt_set, pid)
-        scores, means = _prompt_scores(plan, pid, toks, views)
+        scores, means, aggs = _prompt_scores(plan, pid, toks, views)
         missing = [t for t, s in zip(plan.traits, scores) if s is None]
         if missing:
             warn[f"prompts without projections of some trait ({', '.join(missing)}), shown uncoloured there"] += 1
         rec = {"id": pid, "t": toks.tokens, "i": toks.ids, "e": toks.prompt_end, "sp": _specials(toks, special_ids),
-               "s": scores, "m": means}
+               "s": scores, "m": means, "g": aggs}
         rec.update(_viz(plan, pid, toks, warn))
         prompts.append(rec)
     data = {
@@ -535,8 +546,17 @@ def build_data(plan: ReportPlan) -> tuple[dict, list[str]]:
         "traits": [{"name": t, "views": views[t].finish()} for t in plan.traits],
         "compare": _compare_block(plan, opts.precision),
         "prompts": prompts,
+        "top_spans": _top_spans_link(plan),
     }
     return data, [f"{n} {msg}" for msg, n in warn.items()]
+
+
+def _top_spans_link(plan: ReportPlan) -> str | None:
+    """The relative link to analysis/spans.py's page, when it exists (it links back to each set's report)."""
+    import os
+
+    page = paths.experiment_dir(plan.opts.experiment) / "analysis" / "report" / "top_spans.html"
+    return Path(os.path.relpath(page, plan.out.parent)).as_posix() if page.is_file() else None
 
 
 def _script_safe(text: str) -> str:

@@ -179,14 +179,24 @@ def _rows(db: Store, sql: str) -> list[dict]:
 # The queries (each: one trait, the scope of opts)
 
 def query_tokens(db: Store, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:
-    v = _value(opts)
-    sql = f"""WITH {_stats_cte(stats)}
-        SELECT variant, prompt_set, prompt_id, layer, method, side, position, position + 1 AS "end", token_index,
-               1 AS n_tokens, score AS mean_score, delta AS mean_delta, ({v} - st.mu) / st.sd AS z
-        FROM {db.src('tokens', trait)} JOIN st USING (layer, method)
-        WHERE trait = {_q(trait)} AND {_scope(opts)}
-        ORDER BY {ORDER[opts.sort_by]}, {TIE} LIMIT {int(opts.top_k)}"""
-    return _rows(db, sql)
+    """Top tokens: per (layer, method) the top-k by the value itself (DuckDB's top-N on one column: z is monotone
+    in it within a group), then the groups merged by z."""
+    v, k = _value(opts), int(opts.top_k)
+    subs = []
+    for g in stats:
+        if g["std"] is None:
+            continue
+        mu, sd = repr(float(g["mean"])), repr(float(g["std"]))
+        order = {"pos": f"{v} DESC", "neg": f"{v} ASC", "abs": f"abs({v} - {mu}) DESC"}[opts.sort_by]
+        subs.append(f"""SELECT * FROM (SELECT variant, prompt_set, prompt_id, layer, method, side, position,
+                   position + 1 AS "end", token_index, 1 AS n_tokens, score AS mean_score, delta AS mean_delta,
+                   ({v} - {mu}) / {sd} AS z
+            FROM {db.src('tokens', trait)}
+            WHERE trait = {_q(trait)} AND layer = {int(g['layer'])} AND method = {_q(g['method'])} AND {_scope(opts)}
+            ORDER BY {order}, {TIE} LIMIT {k})""")
+    if not subs:
+        return []
+    return _rows(db, f"SELECT * FROM ({' UNION ALL '.join(subs)}) ORDER BY {ORDER[opts.sort_by]}, {TIE} LIMIT {k}")
 
 
 def query_windows(db: Store, opts: SpanOptions, trait: str, stats: list[dict]) -> list[dict]:

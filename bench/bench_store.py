@@ -127,13 +127,12 @@ def python_scan(folder: Path, k: int) -> list[tuple]:
 
 
 def store_query(exp: str, trait: str, k: int) -> list[tuple]:
-    from analysis.spans import SpanOptions, query_tokens, trait_stats
-    from utils.score_store import connect
+    from analysis.spans import SpanOptions, Store, query_tokens, trait_stats
 
     opts = SpanOptions(exp, top_k=k)
-    con = connect(exp)
-    rows = query_tokens(con, opts, trait, trait_stats(con, opts, trait))
-    con.close()
+    db = Store(opts)
+    rows = query_tokens(db, opts, trait, trait_stats(db, opts, trait))
+    db.con.close()
     return [(r["mean_score"], r["prompt_id"], r["position"]) for r in rows]
 
 

@@ -55,8 +55,9 @@ def world(tmp_path_factory, zoo, zoo_lora):
             f.write_text(json.dumps(meta))
     write_responses(EXP, "base", "s", model, pairs=PAIRS_S)
     write_responses(EXP, "base", "grp/inner", model, pairs=PAIRS[:2])
-    for pset in ("s", "grp/inner"):
-        project(EXP, pset, model_variant="base", fused=True, multi_vector=2, progress=False, no_calibration=True)
+    project(EXP, "s", model_variant="base", fused=True, multi_vector=2, progress=False, no_calibration=True)
+    # another layer first here: a trait's vector #0 then has two (layer, method) groups, each z-scored on its own
+    project(EXP, "grp/inner", model_variant="base", fused=True, layers="1,3", progress=False, no_calibration=True)
     project(EXP, "s", model_variant="lora", fused=True, responses_from="base", multi_vector=2, progress=False,
             no_calibration=True)
     per_token_diff(EXP, "base", "lora", "s", progress=False)
@@ -207,28 +208,31 @@ def group_stats(ser: dict) -> dict[tuple, tuple[float, float]]:
     return {g: zstats(vals) for g, vals in by.items()}
 
 
-def ranked(cands: list[tuple], k: int) -> list[tuple]:
-    """cands: (z, variant, set, id, layer, method, position, ...): highest z first, ties by the keys."""
-    return sorted(cands, key=lambda c: (-c[0],) + c[1:7])[:k]
+SORT = {"pos": lambda z: -z, "neg": lambda z: z, "abs": lambda z: -abs(z)}
 
 
-def brute_tokens(ser, st, k):
+def ranked(cands: list[tuple], k: int, sort_by: str = "pos") -> list[tuple]:
+    """cands: (z, variant, set, id, layer, method, position, ...): by z (highest, lowest or largest |z|), ties by keys."""
+    return sorted(cands, key=lambda c: (SORT[sort_by](c[0]),) + c[1:7])[:k]
+
+
+def brute_tokens(ser, st, k, sort_by="pos"):
     return ranked([((val - st[key[3:5]][0]) / st[key[3:5]][1],) + key + (pos, pos + 1, tok)
-                   for key, rows in ser.items() for pos, val, _, _, tok in rows], k)
+                   for key, rows in ser.items() for pos, val, _, _, tok in rows], k, sort_by)
 
 
-def brute_windows(ser, st, k, w):
+def brute_windows(ser, st, k, w, sort_by="pos"):
     best = []
     for key, rows in ser.items():
         n = min(w, len(rows))
         mu, sd = st[key[3:5]]
         cands = [((math.fsum(x[1] for x in rows[i:i + n]) / n - mu) / sd, i) for i in range(len(rows) - n + 1)]
-        z, i = sorted(cands, key=lambda c: (-c[0], c[1]))[0]
+        z, i = sorted(cands, key=lambda c: (SORT[sort_by](c[0]), c[1]))[0]
         best.append((z,) + key + (i, i + n, "".join(x[4] for x in rows[i:i + n])))
-    return ranked(best, k)
+    return ranked(best, k, sort_by)
 
 
-def brute_clauses(ser, st, k):
+def brute_clauses(ser, st, k, sort_by="pos"):
     from core.clauses import split_into_clauses
 
     out = []
@@ -237,7 +241,7 @@ def brute_clauses(ser, st, k):
         for c in split_into_clauses([x[4] for x in rows], [x[1] for x in rows]):
             a, b = c["token_range"]
             out.append(((c["mean_delta"] - mu) / sd,) + key + (a, b, c["text"]))
-    return ranked(out, k)
+    return ranked(out, k, sort_by)
 
 
 def as_tuples(spans: list[dict]) -> list[tuple]:
@@ -252,22 +256,26 @@ def same(got: list[tuple], want: list[tuple]) -> None:
         assert g[0] == pytest.approx(w[0], rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("by", ["score", "delta"])
-def test_top_tokens_windows_clauses_equal_a_brute_force_scan(world, by):
+@pytest.mark.parametrize("by,sort_by,side,vector", [("score", "pos", "response", 0), ("delta", "abs", "response", 0),
+                                                   ("score", "neg", "prompt", 1)])
+def test_top_tokens_windows_clauses_equal_a_brute_force_scan(world, by, sort_by, side, vector):
     brute = brute_rows(world)
     k = 12
-    res = top_spans(SpanOptions(EXP, top_k=k, window=4, context=3, by=by, write=False))
+    res = top_spans(SpanOptions(EXP, top_k=k, window=4, context=3, by=by, sort_by=sort_by, side=side, vector=vector,
+                                write=False))
+    n_groups = 0
     for trait in TRAITS:
-        ser = series(brute, trait, by=by)
+        ser = series(brute, trait, side=side, vector=vector, by=by)
         st = group_stats(ser)
+        n_groups = max(n_groups, len(st))
         r = res["traits"][trait]
         got_stats = {(s["layer"], s["method"]): (s["mean"], s["std"]) for s in r["stats"]}
         assert set(got_stats) == set(st)
         for g, (mu, sd) in st.items():
             assert got_stats[g] == pytest.approx((mu, sd), rel=1e-9)
-        same(as_tuples(r["tokens"]), brute_tokens(ser, st, k))
-        same(as_tuples(r["windows"]), brute_windows(ser, st, k, 4))
-        same(as_tuples(r["clauses"]), brute_clauses(ser, st, k))
+        same(as_tuples(r["tokens"]), brute_tokens(ser, st, k, sort_by))
+        same(as_tuples(r["windows"]), brute_windows(ser, st, k, 4, sort_by))
+        same(as_tuples(r["clauses"]), brute_clauses(ser, st, k, sort_by))
         # context: the tokens around the span, the span itself between >>> <<<
         for s in r["tokens"] + r["windows"] + r["clauses"]:
             toks = [x[4] for x in ser[(s["variant"], s["prompt_set"], s["prompt_id"], s["layer"], s["method"])]]
@@ -277,6 +285,7 @@ def test_top_tokens_windows_clauses_equal_a_brute_force_scan(world, by):
                 "".join(toks[b:hi])
             assert s["link"].endswith(f"#p-{s['prompt_id']}/t{s['token_index']}" + (f"-{s['token_index'] + b - a}"
                                                                                     if b - a > 1 else ""))
+    assert n_groups == (1 if by == "delta" else 2)   # z per (layer, method): two groups merged by z
 
 
 def test_prompt_rankings_and_cooccurrence_equal_a_brute_force_scan(world):
@@ -398,3 +407,86 @@ def test_cli_summaries_and_bad_input(world, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(f) in err[0]
     assert not (world / bad / "analysis" / "scores" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report's "top spans" page in Chromium: its links land on the right token of the prompt card
+
+LANDED = """(function () {
+  var e = document.querySelector('.tt-selected');
+  if (!window.TraitReport || !e) return null;
+  var card = e.closest('article'), D = TraitReport.data, p = D.prompts[+card.getAttribute('data-index')];
+  var marked = Array.from(card.querySelectorAll('.tt-selected, .tt-attended')).map(function (x) { return +x.dataset.i; });
+  return {card: card.id, i: +e.dataset.i, marked: marked, tokens: p.t, hash: location.hash,
+          top: e.getBoundingClientRect().top, height: window.innerHeight};
+})()"""
+
+
+def landed(page, timeout: float = 30.0) -> dict:
+    """LANDED once the clicked link's page has loaded (an evaluation cut by the navigation is retried)."""
+    import time
+
+    from tests.browser import BrowserError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = page.eval(LANDED)
+        except BrowserError:
+            got = None
+        if got or time.monotonic() > deadline:
+            assert got, "the link did not land on a token"
+            return got
+        time.sleep(0.05)
+
+
+def test_top_spans_page_links_land_on_the_right_token(world):
+    from analysis import report as rp
+    from tests.browser import Browser, require_chromium
+
+    require_chromium()
+    res = top_spans(SpanOptions(EXP, top_k=4, window=3, context=2, variants=("base",), prompt_sets=("s",)))
+    assert rp.main(["--experiment", EXP, "--prompt-set", "s", "--model-variant", "base", "--quiet"]) == 0
+    page_file = Path(res["_html"])
+    assert page_file.parent == paths.report_file(EXP, "s").parent
+    expected = sum(len(r["tokens"]) + len(r["windows"]) + len(r["clauses"]) + sum(len(x) for x in r["prompts"].values())
+                   for r in res["traits"].values())
+    with Browser() as b:
+        page = b.new_page()
+        page.goto(page_file.as_uri())
+        links = page.eval("Array.from(document.querySelectorAll('a.span-link')).map(function (a, n) { return "
+                          "{n: n, kind: a.dataset.kind, prompt: a.dataset.prompt, token: +a.dataset.token, "
+                          "text: a.dataset.text}; })")
+        assert len(links) == expected > 20
+        # the spans of the JSON, in page order: their token ranges give the marked tokens
+        spans = [s for r in res["traits"].values() for s in r["tokens"] + r["windows"] + r["clauses"] +
+                 [x for m in METRICS for x in r["prompts"][m]]]
+        checked = set()
+        for link, span in zip(links, spans):
+            if (link["kind"], span["token_range"][1] - span["token_range"][0] > 1) in checked:
+                continue  # one of each kind (and width) is enough: every link goes through the same code
+            checked.add((link["kind"], span["token_range"][1] - span["token_range"][0] > 1))
+            page.goto(page_file.as_uri())
+            page.eval(f"setTimeout(function () {{ document.querySelectorAll('a.span-link')[{link['n']}].click(); }}, 0)")
+            got = landed(page)
+            a, z = span["token_index"], span["token_index"] + span["token_range"][1] - span["token_range"][0]
+            assert got["card"] == f"p-{span['prompt_id']}" and got["i"] == a, (link, got["hash"])
+            assert sorted(got["marked"]) == list(range(a, z))
+            assert "".join(got["tokens"][a:z]) == span["text"] == link["text"]
+            assert 0 <= got["top"] < got["height"]          # scrolled into view
+        assert {k for k, _ in checked} >= {"tokens", "windows", "clauses", "prompts-max"}
+        # the report links back to the page, and sorts by every aggregate
+        page = b.new_page()
+        page.goto(paths.report_file(EXP, "s").as_uri())
+        assert page.eval("document.getElementById('top-spans-link').getAttribute('href')") == "top_spans.html"
+        opts = page.eval("Array.from(document.getElementById('sort-picker').options).map(function (o) { return o.value; })")
+        assert {"desc", "asc", "max:desc", "ema_max:desc", "frac_above:desc", "frac_above:asc"} <= set(opts)
+        order = page.eval("""(function () { var s = document.getElementById('sort-picker'); s.value = 'ema_max:desc';
+            s.dispatchEvent(new Event('change'));
+            return Array.from(document.querySelectorAll('#prompts article')).map(function (a) { return a.id; }); })()""")
+        alpha = read_manifest(EXP)["ema_alpha"]
+        t = sorted(TRAITS)[0]
+        ema = {pid: ema_max(load(paths.projection_file(EXP, "base", t, "s", pid))["projections"][0]["response"], alpha)
+               for pid in (f.stem for f in paths.projection_dir(EXP, "base", t, "s").glob("*.json"))}
+        with_scores = [f"p-{pid}" for pid in sorted(ema, key=lambda p: (-float(f"{ema[p]:.4g}"), paths.natural_key(p)))]
+        assert [x for x in order if x in with_scores] == with_scores

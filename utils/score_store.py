@@ -5,7 +5,8 @@
                                           per scored side of a response, with its aggregates)
     update_store(exp, variants=None, prompt_sets=None, traits=None, rebuild=False, progress=False) -> dict
                                           index what is new or changed since the last run (a rerun equals a rebuild)
-    read_manifest(exp) -> dict            which part files make up the store, and what each indexed source was
+    read_manifest(exp, sources=False) -> dict   which part files make up the store (manifest.json); with sources,
+                                          what each indexed source was (sources.json)
     part_files(exp, table, traits=..., variants=..., prompt_sets=...) -> [Path]   the Parquet files of `tokens` or
                                           `prompts` that the manifest lists, filtered (one group per file)
     connect(exp) -> duckdb connection     views `tokens` and `prompts` over the part files (in memory, no server)
@@ -61,6 +62,10 @@ def store_dir(exp: str) -> Path:
 
 def manifest_file(exp: str) -> Path:
     return store_dir(exp) / "manifest.json"
+
+
+def sources_file(exp: str) -> Path:
+    return store_dir(exp) / "sources.json"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,16 +390,22 @@ def _write_parquet(table, path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # The manifest and the update
 
-def read_manifest(exp: str) -> dict:
+def read_manifest(exp: str, sources: bool = False) -> dict:
+    """manifest.json (the part files: small, read by every query); with `sources`, also `groups` from sources.json
+    (each indexed prompt's part and file signature: read only by the update). A source whose part the manifest does
+    not list (a run killed between the two writes) counts as not indexed."""
     path = manifest_file(exp)
     if not path.exists():
         return {"format": FORMAT, "version": VERSION, "experiment": exp, "parts": {}, "groups": {}}
     try:
         m = read_json(path)
+        groups = read_json(sources_file(exp)) if sources and sources_file(exp).exists() else {}
     except StorageError as e:
-        raise StoreError(f"{e}; delete {store_dir(exp)} and index again with --rebuild") from e
+        raise StoreError(f"{e}; index again with --rebuild") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise StoreError(f"{path}: not a version-{VERSION} score store manifest; index again with --rebuild")
+    m["groups"] = {k: {pid: u for pid, u in units.items() if u.get("part") in m["parts"]}
+                   for k, units in (groups.get("groups") or {}).items()} if sources else {}
     return m
 
 
@@ -494,7 +505,7 @@ def update_store(exp: str, variants: Sequence[str] | None = None, prompt_sets: S
     root = store_dir(exp)
     if rebuild and root.exists():
         shutil.rmtree(root)
-    manifest = read_manifest(exp)
+    manifest = read_manifest(exp, sources=True)
     groups = find_groups(exp, variants, prompt_sets, traits)
     if not groups and not manifest["groups"]:
         what = "".join(f" {flag} {','.join(v)}" for flag, v in (("--variants", variants), ("--prompt-sets", prompt_sets),
@@ -564,7 +575,8 @@ def update_store(exp: str, variants: Sequence[str] | None = None, prompt_sets: S
     manifest["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
     manifest["ema_alpha"] = EMA_ALPHA
     if up.summary["parts_written"] or up.summary["parts_removed"] or not manifest_file(exp).exists():
-        write_json(manifest_file(exp), manifest)
+        write_json(sources_file(exp), {"experiment": exp, "groups": manifest["groups"]})
+        write_json(manifest_file(exp), {k: v for k, v in manifest.items() if k != "groups"})  # last: the commit
     _remove_unlisted(exp, manifest)
     store_bytes = sum(p.stat().st_size for t in ("tokens", "prompts") for p in part_files(exp, t))
     source_bytes = 0

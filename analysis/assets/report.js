@@ -6,7 +6,9 @@
  *
  * window.TraitReport = {data, state: {trait, view: [per trait], sort}, views: {prompt index: TraitTokens view},
  *                       timing: {parsed, firstRender} (ms since navigation start), setTrait(i), setView(i),
- *                       show(promptId), select(promptIndex, tokenIndex)}
+ *                       show(promptId), select(promptIndex, tokenIndex), land(promptId, token, end)}
+ * The address #p-{id} opens a prompt card; #p-{id}/t{k} also selects token k (index over prompt + response) and
+ * #p-{id}/t{a}-{b} marks tokens a..b-1: the links of the "top spans" page (analysis/spans.py).
  */
 (function () {
   "use strict";
@@ -48,6 +50,13 @@
     return out;
   }
   function meanOf(p, t, v) { return p.m[t] ? p.m[t][v] : null; }
+  // per-response aggregates (core/aggregates.py): p.g[t][v] = [max, ema_max, frac_above]
+  var AGGS = [["mean", "mean"], ["max", "max"], ["ema_max", "EMA-max"], ["frac_above", "fraction above baseline"]];
+  function aggOf(p, t, v, a) {
+    if (a === "mean") return meanOf(p, t, v);
+    var g = p.g && p.g[t] && p.g[t][v];
+    return g ? g[["max", "ema_max", "frac_above"].indexOf(a)] : null;
+  }
   function metaOf(t, v) {
     var w = D.traits[t].views[v];
     return {trait: D.traits[t].name, layer: w.layer, method: w.method, view: w.label};
@@ -66,6 +75,8 @@
     h("div", {class: "sub", text: D.prompts.length + " prompts, " + nTok + " tokens, " + D.traits.length +
       " trait(s); generated " + D.generated + "; scores to " + D.precision + " significant digits; " +
       D.special_note}),
+    D.top_spans ? h("div", {class: "sub"}, [h("a", {href: D.top_spans, id: "top-spans-link",
+      text: "top spans of every set and variant (analysis/spans.py)"})]) : null,
     h("div", {class: "controls"}, [
       h("label", {}, ["trait ", traitSel]), h("label", {}, ["vector ", viewSel]), legendEl,
       h("label", {}, ["sort ", sortSel]), h("label", {}, ["go to ", jump]),
@@ -85,8 +96,11 @@
     var keep = sortSel.value;
     sortSel.innerHTML = "";
     sortSel.appendChild(h("option", {value: "order", text: "prompt order"}));
-    sortSel.appendChild(h("option", {value: "desc", text: name + " mean, high first"}));
-    sortSel.appendChild(h("option", {value: "asc", text: name + " mean, low first"}));
+    AGGS.forEach(function (a) {   // "desc" / "asc": the mean; "max:desc" ...: the response aggregates of p.g
+      var key = a[0] === "mean" ? "" : a[0] + ":";
+      sortSel.appendChild(h("option", {value: key + "desc", text: name + " " + a[1] + ", high first"}));
+      sortSel.appendChild(h("option", {value: key + "asc", text: name + " " + a[1] + ", low first"}));
+    });
     sortSel.value = keep || "order";
     var w = curView();
     TraitTokens.legend(legendEl, {center: w.center, extent: w.extent, label: w.kind === "delta" ? "B \u2212 A" : "score"});
@@ -180,9 +194,10 @@
     var t = R.state.trait, v = R.state.view[t], s = sortSel.value || "order";
     order = D.prompts.map(function (_, i) { return i; });
     if (s !== "order") {
-      var sign = s === "desc" ? -1 : 1;
+      var parts = s.split(":"), agg = parts.length > 1 ? parts[0] : "mean";
+      var sign = parts[parts.length - 1] === "desc" ? -1 : 1;
       order.sort(function (a, b) {
-        var x = meanOf(D.prompts[a], t, v), y = meanOf(D.prompts[b], t, v);
+        var x = aggOf(D.prompts[a], t, v, agg), y = aggOf(D.prompts[b], t, v, agg);
         if (x === null || x === undefined) return 1;
         if (y === null || y === undefined) return -1;
         return sign * (x - y) || a - b;
@@ -363,6 +378,23 @@
   };
   function p_e(i) { return D.prompts[i].e; }   // clause token ranges count from the first response token
 
+  R.land = function (id, token, end) {   // open a card and select token `token` (marking token..end-1)
+    if (!R.show(id)) return false;
+    if (token === null || token === undefined) return true;
+    var i = byId[id], els = R.views[i].elements();
+    R.select(i, token);
+    for (var k = token + 1; k < (end === null || end === undefined ? token + 1 : end); k++) {
+      if (els[k]) els[k].classList.add("tt-attended");
+    }
+    if (els[token]) els[token].scrollIntoView({block: "center"});
+    history.replaceState(null, "", "#p-" + id + "/t" + token + (end > token + 1 ? "-" + end : ""));
+    return true;
+  };
+  function landOnHash() {   // #p-{id}, #p-{id}/t{k}, #p-{id}/t{a}-{b}
+    var m = /^#p-(.+?)(?:\/t(\d+)(?:-(\d+))?)?$/.exec(location.hash);
+    if (m) R.land(decodeURIComponent(m[1]), m[2] === undefined ? null : +m[2], m[3] === undefined ? null : +m[3]);
+  }
+
   R.setTrait = function (t) {
     R.state.trait = +t;
     traitSel.value = R.state.trait;
@@ -388,14 +420,12 @@
   jump.addEventListener("keydown", function (ev) {
     if (ev.key === "Enter") { if (!R.show(jump.value.trim())) jump.classList.add("bad"); else jump.classList.remove("bad"); }
   });
-  window.addEventListener("hashchange", function () {
-    if (location.hash.indexOf("#p-") === 0) R.show(decodeURIComponent(location.hash.slice(3)));
-  });
+  window.addEventListener("hashchange", landOnHash);
 
   fillViews();
   fillCompare();
   drawPlot();
   cards.forEach(function (c, i) { fillHead(i); if (io) io.observe(c); else renderCard(i); });
-  if (location.hash.indexOf("#p-") === 0) R.show(decodeURIComponent(location.hash.slice(3)));
+  if (location.hash.indexOf("#p-") === 0) landOnHash();
   else if (cards.length) renderCard(0);
 })();
