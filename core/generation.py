@@ -1,8 +1,10 @@
 """Generation mechanics on an already-loaded HF model (no files, no CLI): batched generation.
 
-    GenerationResult(ids, stop_reason)          generated ids (stop/pad removed) and "eos" | "length"
+    GenerationResult(ids, stop_reason, monitor, interventions)   generated ids (stop/pad removed) and
+                                                  "eos" | "length" | "monitor" (a stop-when hit, core.interventions)
     generate_batch(model, prompt_ids, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
-                   stop_ids=None, row_seeds=None) -> [GenerationResult]     one `model.generate` call
+                   stop_ids=None, row_seeds=None, interventions=None, skip_ids=()) -> [GenerationResult]
+                                                  one `model.generate` call (interventions hooked for it)
     generate_in_batches(model, prompt_ids, batch_size, ...) -> ([GenerationResult], batch size that fit)
                                                   chunks of batch_size; a CUDA out-of-memory halves it and retries
     config_stop_ids(model, generation_config=None)   the generation config's eos ids (the default stop ids)
@@ -24,6 +26,7 @@ Top-k is not applied.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,6 +35,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from core.errors import TraitError, is_oom
 from core.hooks import input_device, text_config
+from core.interventions import STOP_MONITOR, Intervention, Interventions
 
 STOP_EOS = "eos"
 STOP_LENGTH = "length"
@@ -42,7 +46,9 @@ MAX_AUTO_BATCH_SIZE = 128
 @dataclass(frozen=True)
 class GenerationResult:
     ids: list[int]      # generated ids only: no prompt, no stop token, no padding
-    stop_reason: str    # "eos" (a stop id was generated) or "length" (max_new_tokens reached)
+    stop_reason: str    # "eos" (a stop id was generated), "length" (max_new_tokens reached) or "monitor"
+    monitor: dict | None = None           # stop_reason "monitor": {trait, layer, token_index, score, threshold}
+    interventions: list | None = None     # Interventions.record(row): each one's numbers for this row
 
 
 def config_stop_ids(model=None, generation_config=None) -> list[int]:
@@ -160,7 +166,8 @@ def _check(prompt_ids, max_new_tokens, temperature, top_p, row_seeds) -> None:
 @torch.inference_mode()
 def generate_batch(model, prompt_ids: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                   stop_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None
+                   stop_ids: Sequence[int] | None = None, row_seeds: Sequence[int] | None = None,
+                   interventions: Sequence[Intervention] | None = None, skip_ids: Sequence[int] = ()
                    ) -> list[GenerationResult]:
     """Generate for all prompts in one left-padded `model.generate` call.
 
@@ -168,6 +175,9 @@ def generate_batch(model, prompt_ids: Sequence[Sequence[int]], pad_id: int, max_
     `row_seeds[r]`, else `mix_seed(seed, r)`, else a fresh random seed. stop_ids default to the
     model's generation_config eos ids; generation of a row ends at the first stop id, which is not
     returned (stop_reason "eos"); rows that never stop return max_new_tokens ids ("length").
+    `interventions` (core.interventions, vectors resolved) act during the call; relative amounts use each
+    row's own prompt norm (special tokens `skip_ids` excluded); a stop-when monitor ends its row after the
+    token that crossed (stop_reason "monitor", the hit in `monitor`).
     """
     if not prompt_ids:
         return []
@@ -183,22 +193,37 @@ def generate_batch(model, prompt_ids: Sequence[Sequence[int]], pad_id: int, max_
         seeds = torch.tensor([int(s) & _M32 for s in row_seeds], dtype=torch.int64, device=input_ids.device)
         kwargs["logits_processor"] = LogitsProcessorList(
             [SeededSampler(temperature, top_p, seeds, input_ids.shape[1])])
-    out = model.generate(**kwargs)
+    iv = Interventions(model, interventions or [])
+    if iv:
+        from transformers import StoppingCriteriaList
+
+        iv.start(input_ids, attention_mask, skip_ids)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([iv.stopping_criteria()])
+    with iv.active() if iv else contextlib.nullcontext():
+        out = model.generate(**kwargs)
     new = out[:, input_ids.shape[1]:].tolist()
     stop_set = set(stops)
     results = []
-    for row in new:
+    for r, row in enumerate(new):
         cut = next((i for i, t in enumerate(row) if t in stop_set), None)
-        # after a row stops, HF fills it with pad ids: cutting at the first stop id removes both
-        results.append(GenerationResult(row[:cut], STOP_EOS) if cut is not None else
-                       GenerationResult(row, STOP_LENGTH))
+        hit = iv.hits[r] if iv else None
+        record = iv.record(r) if iv else None
+        if hit is not None and hit["token_index"] < (cut if cut is not None else len(row)):
+            # the monitor fired on a kept token: that token is the last one
+            results.append(GenerationResult(row[:hit["token_index"] + 1], STOP_MONITOR, hit, record))
+        elif cut is not None:
+            # after a row stops, HF fills it with pad ids: cutting at the first stop id removes both
+            results.append(GenerationResult(row[:cut], STOP_EOS, None, record))
+        else:
+            results.append(GenerationResult(row, STOP_LENGTH, None, record))
     return results
 
 
 def generate_in_batches(model, prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int,
                         max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                         seed: int | None = None, stop_ids: Sequence[int] | None = None,
-                        row_seeds: Sequence[int] | None = None) -> tuple[list[GenerationResult], int]:
+                        row_seeds: Sequence[int] | None = None, interventions: Sequence[Intervention] | None = None,
+                        skip_ids: Sequence[int] = ()) -> tuple[list[GenerationResult], int]:
     """generate_batch over chunks of batch_size; an out-of-memory halves the size and retries that chunk.
 
     Returns the results in prompt order and the batch size that last worked (callers keep it for later calls).
@@ -215,7 +240,8 @@ def generate_in_batches(model, prompt_ids: Sequence[Sequence[int]], batch_size: 
         oom = False
         try:
             results += generate_batch(model, prompt_ids[chunk], pad_id, max_new_tokens, temperature, top_p,
-                                      None, stop_ids, None if row_seeds is None else row_seeds[chunk])
+                                      None, stop_ids, None if row_seeds is None else row_seeds[chunk],
+                                      interventions, skip_ids)
             start += batch_size
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not is_oom(e) or batch_size == 1:

@@ -41,6 +41,7 @@ from torch import nn
 
 from core.generation import SeededSampler, check_sampling, config_stop_ids, mix_seed
 from core.hooks import SteeringHook, SteeringSpec, component_module, input_device, num_layers
+from core.interventions import STOP_MONITOR, Intervention, Interventions
 from core.projection import unit_vectors
 from core.errors import TraitError
 
@@ -202,8 +203,10 @@ class _Decoder:
     single device-to-host copy per forward."""
 
     def __init__(self, model: nn.Module, projector: ScoreProjector, steering: Sequence[SteeringSpec],
-                 prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+                 prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                 interventions: Interventions | None = None):
         self.model, self.projector = model, projector
+        self.interventions = interventions
         self.device = input_device(model)
         self.cache_kw = _cache_kwarg(model)
         # one hook object per spec; each forward enters the ones that act on its positions (see module
@@ -228,6 +231,8 @@ class _Decoder:
         with contextlib.ExitStack() as stack, torch.no_grad():
             for h in hooks:
                 stack.enter_context(h)
+            if self.interventions:
+                stack.enter_context(self.interventions.active())
             stack.enter_context(self.projector.capture())
             out = self.model(input_ids=input_ids.to(self.device), use_cache=True, logits_to_keep=1,
                              **{self.cache_kw: past})
@@ -268,7 +273,8 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
                        vectors: Mapping[str, Mapping[int, torch.Tensor]], max_new_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        stop_ids: Sequence[int] | None = None, steering: Sequence[SteeringSpec] | None = None,
-                       return_activations: bool = False, tokenizer=None, logprobs: int | None = None
+                       return_activations: bool = False, tokenizer=None, logprobs: int | None = None,
+                       interventions: Sequence[Intervention] | None = None, skip_ids: Sequence[int] = ()
                        ) -> Iterator[dict]:
     """Generate from `prompt_ids` (batch 1, KV cache) and yield the prompt, each token, and the end, with scores.
 
@@ -279,6 +285,10 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
          "token_ids" (generated, stop id excluded), "seconds"}
     With return_activations, prompt and token messages also carry "activations": {layer: fp32 CPU Tensor}
     ([n_prompt, H] for the prompt, [H] per token) at the layers of the vectors.
+    `interventions` (core.interventions, vectors resolved) act on every forward; the prompt message carries
+    "interventions" (each one's record: relative amounts with the prompt norm, special ids `skip_ids` excluded
+    from it); a stop-when hit ends the stream after the token that crossed (stop_reason "monitor", the done
+    message carries "monitor": {trait, layer, token_index, score, threshold}).
     `stop_ids` default to the model's generation_config eos ids; the stop id is not streamed.
     With `logprobs` = k (0 or more), each token message also carries "logprob" (the token's log-probability under
     the model's distribution, log_softmax of the raw logits, before temperature / top-p) and "top_logprobs"
@@ -290,7 +300,10 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     _check(prompt_ids, max_new_tokens, temperature, top_p, vocab)   # SteeringSpec checked its positions
     stops = set(int(s) for s in (stop_ids if stop_ids is not None else config_stop_ids(model)))
     projector = ScoreProjector(model, vectors, keep_activations=return_activations)
-    dec = _Decoder(model, projector, steering, prompt_ids, max_new_tokens, temperature, top_p, seed)
+    iv = Interventions(model, interventions or [])
+    if iv:
+        iv.start(torch.tensor([prompt_ids], dtype=torch.long, device=input_device(model)), skip_ids=skip_ids)
+    dec = _Decoder(model, projector, steering, prompt_ids, max_new_tokens, temperature, top_p, seed, iv)
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else (lambda i: None)
     n_prompt, t0 = len(prompt_ids), time.perf_counter()
 
@@ -302,6 +315,8 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
     host, next_id = dec.to_host(choice)
     msg = {"type": "prompt", "tokens": [decode(i) for i in prompt_ids], "token_ids": list(prompt_ids),
            "scores": projector.unflatten(host) if host is not None else {}}
+    if iv:
+        msg["interventions"] = iv.record(0)
     if return_activations:
         msg["activations"] = projector.activations()
     yield msg
@@ -328,5 +343,11 @@ def stream_with_scores(model: nn.Module, prompt_ids: Sequence[int],
         if return_activations:
             msg["activations"] = {layer: a[0] for layer, a in projector.activations().items()}
         yield msg
-    yield {"type": "done", "stop_reason": stop_reason, "n_tokens": len(generated), "n_prompt_tokens": n_prompt,
-           "stop_token_id": stop_token_id, "token_ids": generated, "seconds": time.perf_counter() - t0}
+        if iv and iv.hits[0] is not None:      # the monitor fired on this token: it is the last one
+            stop_reason = STOP_MONITOR
+            break
+    done = {"type": "done", "stop_reason": stop_reason, "n_tokens": len(generated), "n_prompt_tokens": n_prompt,
+            "stop_token_id": stop_token_id, "token_ids": generated, "seconds": time.perf_counter() - t0}
+    if stop_reason == STOP_MONITOR:
+        done["monitor"] = iv.hits[0]
+    yield done

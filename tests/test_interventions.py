@@ -1,0 +1,206 @@
+"""core/interventions.py on a zoo model: capping, stop-when, steer-when and relative steering, through batched
+generation (core.generation) and the token stream (core.streaming). Oracles: HF output_hidden_states of the same
+forward, the uncapped forward, plain HF greedy decoding without a KV cache under a test-written hook (the slow
+path), and SteeringHook with the absolute coefficient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.generation import generate_batch
+from core.hooks import SteeringHook, component_module
+from core.interventions import (Amount, InterventionError, Interventions, parse_intervention)
+from core.streaming import stream_with_scores
+from utils.model import format_prompt, load_model, tokenize_prompt
+
+LAYER = 1
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def lm(zoo):
+    return load_model(zoo("llama"))
+
+
+@pytest.fixture(scope="module")
+def vec(lm):
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(lm.model.config.hidden_size, generator=g)
+    return v / v.norm()
+
+
+def prompt(lm, text: str) -> list[int]:
+    return tokenize_prompt(lm.tokenizer, format_prompt(lm.tokenizer, text)[0])
+
+
+def hidden(lm, ids: list[int], layer: int = LAYER, iv: Interventions | None = None) -> torch.Tensor:
+    """HF's hidden state after block `layer` for one uncached forward over ids (with the interventions hooked)."""
+    with torch.no_grad():
+        if iv is None:
+            out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        else:
+            iv.start(torch.tensor([ids]))
+            with iv.active():
+                out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[layer + 1][0].float()
+
+
+def greedy_uncached(lm, ids: list[int], n: int, edit=None) -> list[int]:
+    """The slow path: argmax over a full forward per step; `edit(h, n_prompt)` may change block LAYER's output."""
+    seq = list(ids)
+    for _ in range(n):
+        handle = None
+        if edit is not None:
+            def hook(_m, _i, out):
+                h = out[0] if isinstance(out, tuple) else out
+                h = edit(h, len(ids))
+                return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+            handle = component_module(lm.model, LAYER, "residual").register_forward_hook(hook, prepend=True)
+        try:
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        seq.append(int(logits.argmax()))
+    return seq[len(ids):]
+
+
+def crossing(scores: list[float]) -> tuple[int, float]:
+    """A token index t >= 2 whose score clears every earlier one by a margin, and a threshold between them."""
+    for t in range(2, len(scores)):
+        before = max(scores[:t])
+        if scores[t] > before + 1e-2:
+            return t, (before + scores[t]) / 2
+    pytest.skip("no clear crossing in this greedy response")
+
+
+def test_cap_bounds_the_projection_and_keeps_the_orthogonal_part(lm, vec):
+    ids = prompt(lm, "Tell me about the weather in the mountains")
+    free = hidden(lm, ids)
+    proj = free @ vec
+    hi, lo = float(proj.quantile(0.6)), float(proj.quantile(0.3))
+    for spec, low, high in ((f"t:{LAYER}:{hi}", None, hi), (f"t:{LAYER}:{lo}:{hi}", lo, hi), (f"t:{LAYER}:{lo}:", lo, None)):
+        iv = Interventions(lm.model, [parse_intervention("cap", spec).with_vector(vec * 3.0)])  # any length
+        capped = hidden(lm, ids, iv=iv)
+        p = capped @ vec
+        if high is not None:
+            assert float(p.max()) <= high + 1e-5 and bool((proj > high).any())
+        if low is not None:
+            assert float(p.min()) >= low - 1e-5 and bool((proj < low).any())
+        want = proj.clamp(min=low, max=high)
+        torch.testing.assert_close(p, want, atol=1e-5, rtol=0)
+        orth_free = free - proj[:, None] * vec
+        orth_capped = capped - p[:, None] * vec
+        torch.testing.assert_close(orth_capped, orth_free, atol=1e-5, rtol=1e-5)
+    # a relative cap is the absolute cap at C x the prompt norm (stated in the record)
+    iv = Interventions(lm.model, [parse_intervention("cap", f"t:{LAYER}:0.05x").with_vector(vec)])
+    rel = hidden(lm, ids, iv=iv)
+    rec = iv.record(0)[0]
+    norm = float(free.norm(dim=-1).mean())   # the zoo prompt has no special token but its own: see skip_ids below
+    assert rec["norm"] == pytest.approx(norm, rel=1e-5) and rec["high"] == pytest.approx(0.05 * rec["norm"], rel=1e-6)
+    iv_abs = Interventions(lm.model, [parse_intervention("cap", f"t:{LAYER}:{rec['high']!r}").with_vector(vec)])
+    torch.testing.assert_close(hidden(lm, ids, iv=iv_abs), rel, atol=0, rtol=0)
+
+
+def test_stop_when_ends_at_the_first_offline_crossing(lm, vec):
+    prompts = [prompt(lm, "hello there"), prompt(lm, "Why is the sky blue on a clear day?")]
+    pad = lm.tokenizer.pad_token_id
+    plain = generate_batch(lm.model, prompts, pad, N_NEW, stop_ids=[-1])
+    ids0 = prompts[0] + plain[0].ids
+    scores = (hidden(lm, ids0)[len(prompts[0]):] @ vec).tolist()      # offline: the response tokens' scores
+    t, thr = crossing(scores)
+    item = parse_intervention("stop_when", f"t:{LAYER}:{thr!r}").with_vector(vec)
+    got = generate_batch(lm.model, prompts, pad, N_NEW, stop_ids=[-1], interventions=[item])
+    assert got[0].stop_reason == "monitor" and got[0].ids == plain[0].ids[:t + 1]
+    assert got[0].monitor["token_index"] == t and got[0].monitor["score"] == pytest.approx(scores[t], abs=1e-4)
+    # the other row runs on to its own first crossing (or to the end), unaffected by its neighbour
+    ids1 = prompts[1] + plain[1].ids
+    s1 = (hidden(lm, ids1)[len(prompts[1]):] @ vec).tolist()
+    first = next((k for k, s in enumerate(s1) if s > thr), None)
+    assert got[1].ids == (plain[1].ids if first is None else plain[1].ids[:first + 1])
+    assert got[1].stop_reason == ("length" if first is None else "monitor")
+    # the stream stops at the same token, after yielding it
+    msgs = list(stream_with_scores(lm.model, prompts[0], {"t": {LAYER: vec}}, N_NEW, stop_ids=[-1],
+                                   interventions=[item]))
+    tokens = [m for m in msgs if m["type"] == "token"]
+    assert [m["token_id"] for m in tokens] == plain[0].ids[:t + 1]
+    assert msgs[-1]["stop_reason"] == "monitor" and msgs[-1]["monitor"]["token_index"] == t
+    assert tokens[-1]["scores"]["t"][LAYER] == pytest.approx(scores[t], abs=1e-4)
+    assert all(m["scores"]["t"][LAYER] <= thr for m in tokens[:-1])
+
+
+def test_steer_when_equals_plain_steering_from_the_crossing_token(lm, vec):
+    ids = prompt(lm, "Tell me a story about a robot")
+    pad = lm.tokenizer.pad_token_id
+    plain = generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1])[0].ids
+    scores = (hidden(lm, ids + plain)[len(ids):] @ vec).tolist()
+    t, thr = crossing(scores)
+    coef = 6.0
+
+    def from_t(h, n_prompt):   # plain steering on every position from generated token t on
+        pos = torch.arange(h.shape[1])
+        return h + coef * (pos >= n_prompt + t).to(h.dtype)[None, :, None] * vec
+
+    want = greedy_uncached(lm, ids, N_NEW, from_t)
+    assert want != plain          # the steering changes the response
+    assert want[:t + 1] == plain[:t + 1]
+    item = parse_intervention("steer_when", f"t:{LAYER}:{thr!r}:{coef}").with_vector(vec)
+    assert generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1], interventions=[item])[0].ids == want
+    streamed = [m["token_id"] for m in stream_with_scores(lm.model, ids, {}, N_NEW, stop_ids=[-1], interventions=[item])
+                if m["type"] == "token"]
+    assert streamed == want
+
+    def each(h, n_prompt):     # only where the token's own (pre-edit) score is over the threshold
+        pos = torch.arange(h.shape[1])
+        on = ((h.float() @ vec) > thr) & (pos >= n_prompt)[None, :]
+        return h + coef * on.to(h.dtype)[..., None] * vec
+
+    item = parse_intervention("steer_when", f"t:{LAYER}:{thr!r}:{coef}:each").with_vector(vec)
+    assert generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1], interventions=[item])[0].ids == \
+        greedy_uncached(lm, ids, N_NEW, each)
+
+
+def test_relative_steering_equals_absolute_with_the_printed_norm(lm, vec):
+    prompts = [prompt(lm, "hi"), prompt(lm, "Write a poem about the sea and the wind")]
+    pad = lm.tokenizer.pad_token_id
+    special = lm.tokenizer.all_special_ids
+    item = parse_intervention("steer", f"t:{LAYER}:0.5x").with_vector(vec)
+    got = generate_batch(lm.model, prompts, pad, N_NEW, stop_ids=[-1], interventions=[item], skip_ids=special)
+    for ids, res in zip(prompts, got):
+        rec = res.interventions[0]
+        h = hidden(lm, ids)
+        keep = torch.tensor([i not in special for i in ids])
+        assert rec["norm"] == pytest.approx(float(h[keep].norm(dim=-1).mean()), rel=1e-5)   # the norm, recomputed
+        assert rec["coefficient"] == pytest.approx(0.5 * rec["norm"], rel=1e-6) and rec["coefficient_relative"] == 0.5
+        # absolute steering with C x the printed norm, through SteeringHook and plain HF generate
+        with SteeringHook(lm.model, vec, LAYER, 0.5 * rec["norm"]):
+            want = generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1])[0].ids
+        assert res.ids == want
+        unsteered = generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1])[0].ids
+        assert res.ids != unsteered
+    msgs = list(stream_with_scores(lm.model, prompts[1], {}, N_NEW, stop_ids=[-1], interventions=[item],
+                                   skip_ids=special))
+    assert msgs[0]["interventions"][0]["norm"] == pytest.approx(got[1].interventions[0]["norm"], rel=1e-6)
+    assert [m["token_id"] for m in msgs if m["type"] == "token"] == got[1].ids
+
+
+@pytest.mark.parametrize("kind, spec, match", [
+    ("steer", "t:1", "expected TRAIT:LAYER:COEF"), ("steer", "t:a:1", "LAYER must be an integer"),
+    ("steer", "t:1:2y", "not a number"), ("steer", "t:1:2:sideways", "positions"),
+    ("cap", "t:1:3:1", "above maximum"), ("cap", "t:1::", "maximum, a minimum"),
+    ("steer_when", "t:1:2", "THRESHOLD:COEF"), ("steer_when", "t:1:2:3:every", "THRESHOLD:COEF"),
+    ("stop_when", "t:1:nan", "finite"), ("stop_when", "t:1:x", "must be a number")])
+def test_bad_specs_name_the_flag(kind, spec, match):
+    with pytest.raises(InterventionError, match=match):
+        parse_intervention(kind, spec)
+
+
+def test_bad_vectors_and_layers(lm, vec):
+    with pytest.raises(InterventionError, match="out of range"):
+        Interventions(lm.model, [parse_intervention("cap", "t:9:1").with_vector(vec)])
+    with pytest.raises(InterventionError, match="hidden size"):
+        Interventions(lm.model, [parse_intervention("cap", "t:1:1").with_vector(torch.ones(3))])
+    with pytest.raises(InterventionError, match="no vector"):
+        Interventions(lm.model, [parse_intervention("cap", "t:1:1")])
+    assert str(Amount(0.5, True)) == "0.5x" and parse_intervention("cap", "a/b:2:-1:").spec() == "a/b:2:-1:"
