@@ -20,10 +20,13 @@ serves one over HTTP.
 Streamed dicts (JSON-ready: layer keys are strings, as they are in JSON and SSE):
     {"type": "prompt", "text", "prompt_note", "tokens", "token_ids", "scores": {trait: {layer: [per token]}},
      "model", "variant", "vectors": {trait: [{layer, method, position, path, sha256, selection_source, ...}]},
-     "steering": [...]}
+     "steering": [...], "interventions": [{kind, spec, trait, layer, coefficient | low | high | threshold,
+     norm (relative amounts: the prompt's mean residual norm at the layer), ...}]}
     {"type": "token", "token", "token_id", "step", "scores": {trait: {layer: float}}}     one per generated token
-    {"type": "done", "stop_reason": "eos" | "length", "n_tokens", "n_prompt_tokens", "stop_token_id",
-     "stop_token", "response", "token_ids", "seconds"}
+    {"type": "done", "stop_reason": "eos" | "length" | "monitor", "n_tokens", "n_prompt_tokens", "stop_token_id",
+     "stop_token", "response", "token_ids", "seconds", "monitor"?: {trait, layer, token_index, score, threshold}}
+Interventions (core/interventions.py) come as request fields: `steering` entries with a relative coefficient
+("0.5x" or TRAIT:LAYER:0.5x), `cap`, `steer_when`, `stop_when` (spec strings).
 A score is the fp32 scalar projection <residual at the token's own position, unit vector>, the number
 the offline capture + projection scripts give for the same ids (core/streaming.py). A score that is not
 finite is null (JSON has no NaN).
@@ -41,7 +44,8 @@ from utils import paths
 
 MAX_NEW_TOKENS = 4096                   # per request, so one web call cannot hold a GPU for hours
 STREAM_ARGS = ("messages", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "system_prompt",
-               "steering", "traits", "layers", "return_activations")
+               "steering", "traits", "layers", "return_activations", "cap", "steer_when", "stop_when")
+INTERVENTION_ARGS = ("cap", "steer_when", "stop_when")   # each: a spec string or a list (core/interventions.py)
 STEERING_KEYS = ("trait", "vector", "layer", "coefficient", "positions", "component")
 
 LOADS: list[dict] = []   # one entry per model load in this process: a warm container never adds a second
@@ -90,6 +94,7 @@ class ChatPlan:
     seed: Optional[int]
     return_activations: bool
     logprobs: Optional[int] = None   # top tokens per step with log-probabilities (None: no log-probabilities)
+    interventions: tuple = ()        # [core.interventions.Intervention], vectors resolved (relative steering too)
 
 
 class ChatSession:
@@ -186,37 +191,73 @@ class ChatSession:
                             f"{', '.join(known) or 'none'})")
         return trait
 
+    def _trait_vector(self, trait: str, layer, where: str):
+        """(trait name, the trait's unit vector at `layer`) for a request field."""
+        if not _is_int(layer) or not 0 <= layer < self.n_layers:
+            raise ChatError(f"{where}.layer: an integer in 0-{self.n_layers - 1} is required, got {layer!r}")
+        trait = self._known(str(trait).strip("/"), f"{where}.trait")
+        return trait, self._vectors_for(trait, str(layer))[0].vector
+
     def _steer(self, c, where: str):
-        """One steering config -> (SteeringSpec, its JSON echo)."""
+        """One steering config -> (SteeringSpec or a relative-steering Intervention, its JSON echo).
+
+        A config is {trait | vector, layer, coefficient, positions, component} or the CLI's string
+        TRAIT:LAYER:COEF[x][:POSITIONS]; a coefficient "Cx" (a string) is C x the prompt's mean residual norm at
+        the layer (core/interventions.py), reported with the prompt message."""
         import torch
 
         from core.hooks import HookError, SteeringSpec
+        from core.interventions import Amount, InterventionError, parse_intervention
 
+        if isinstance(c, str):
+            try:
+                it = parse_intervention("steer", c, where)
+            except InterventionError as e:
+                raise ChatError(str(e)) from e
+            c = {"trait": it.trait, "layer": it.layer, "coefficient": str(it.coefficient), "positions": it.positions}
         if not isinstance(c, dict):
-            raise ChatError(f"{where}: expected an object")
+            raise ChatError(f"{where}: expected an object or TRAIT:LAYER:COEF[x][:POSITIONS]")
         extra = set(c) - set(STEERING_KEYS)
         if extra:
             raise ChatError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
         layer, coef = c.get("layer"), c.get("coefficient", 1.0)
         if not _is_int(layer) or not 0 <= layer < self.n_layers:
             raise ChatError(f"{where}.layer: an integer in 0-{self.n_layers - 1} is required, got {layer!r}")
+        relative = isinstance(coef, str)
+        if relative:
+            try:
+                amount = Amount.parse(coef, f"{where}.coefficient")
+            except InterventionError as e:
+                raise ChatError(str(e)) from e
+            relative, coef = amount.relative, amount.value
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
-            raise ChatError(f"{where}.coefficient: a finite number is required, got {coef!r}")
+            raise ChatError(f"{where}.coefficient: a finite number (or \"Cx\": C x the layer's norm) is required, "
+                            f"got {coef!r}")
         positions, component = c.get("positions", "all"), c.get("component", "residual")
         if ("trait" in c) == ("vector" in c):
             raise ChatError(f"{where}: give exactly one of trait or vector")
-        echo = {"layer": layer, "coefficient": float(coef), "positions": positions, "component": component}
+        echo = {"layer": layer, "coefficient": f"{coef:g}x" if relative else float(coef), "positions": positions,
+                "component": component}
         if "trait" in c:
-            trait = self._known(str(c["trait"]).strip("/"), f"{where}.trait")
-            vector = self._vectors_for(trait, str(layer))[0].vector
+            trait, vector = self._trait_vector(c["trait"], layer, where)
             echo = {"trait": trait, **echo}
         else:
-            v = c["vector"]
+            trait, v = None, c["vector"]
             if not isinstance(v, list) or len(v) != self.hidden_size or not all(
                     isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
                 raise ChatError(f"{where}.vector: {self.hidden_size} finite numbers are required")
             vector = torch.tensor(v, dtype=torch.float32)   # used as given: coefficient x vector is added
             echo = {"vector_norm": float(vector.norm()), **echo}
+        if relative:
+            if component != "residual":
+                raise ChatError(f"{where}: a relative coefficient steers the residual (component {component!r})")
+            try:
+                from core.interventions import Intervention
+
+                it = Intervention("steer", layer, trait, coefficient=Amount(float(coef), True), positions=positions)
+                return it.with_vector(vector), echo
+            except InterventionError as e:
+                raise ChatError(f"{where}: {e}") from e
         try:   # SteeringSpec checks positions and component
             spec = SteeringSpec(vector=vector, layer=layer, coefficient=float(coef), component=component,
                                 positions=positions)
@@ -224,13 +265,40 @@ class ChatSession:
             raise ChatError(f"{where}: {e}") from e
         return spec, echo
 
-    def _steering(self, configs) -> tuple[list, list[dict]]:
+    def _steering(self, configs) -> tuple[list, list, list[dict]]:
+        """(absolute SteeringSpecs, relative-steering Interventions, the echo of every config in order)."""
+        from core.hooks import SteeringSpec
+
         if configs is None:
-            return [], []
+            return [], [], []
+        if isinstance(configs, str):
+            configs = [configs]
         if not isinstance(configs, list):
-            raise ChatError("steering: expected a list of {trait | vector, layer, coefficient, positions}")
+            raise ChatError("steering: expected a list of {trait | vector, layer, coefficient, positions} or "
+                            "TRAIT:LAYER:COEF[x][:POSITIONS] strings")
         pairs = [self._steer(c, f"steering[{i}]") for i, c in enumerate(configs)]
-        return [s for s, _ in pairs], [e for _, e in pairs]
+        return ([s for s, _ in pairs if isinstance(s, SteeringSpec)],
+                [s for s, _ in pairs if not isinstance(s, SteeringSpec)], [e for _, e in pairs])
+
+    def _interventions(self, kind: str, specs) -> list:
+        """A request's cap / steer_when / stop_when: spec strings (a list, or one string) -> Interventions."""
+        from core.interventions import GRAMMAR, InterventionError, parse_intervention
+
+        if specs is None or specs == [] or specs == "":
+            return []
+        items = [specs] if isinstance(specs, str) else specs
+        if not isinstance(items, list):
+            raise ChatError(f"{kind}: a spec string {GRAMMAR[kind]} or a list of them, got {specs!r}")
+        out = []
+        for i, spec in enumerate(items):
+            where = f"{kind}[{i}]"
+            try:
+                it = parse_intervention(kind, spec, where)
+            except InterventionError as e:
+                raise ChatError(str(e)) from e
+            _trait, vector = self._trait_vector(it.trait, it.layer, where)
+            out.append(it.with_vector(vector))
+        return out
 
     def _prompt_ids(self, messages, prompt, system_prompt, raw: bool = False) -> tuple[str, Optional[str], list[int]]:
         from utils.model import ModelLoadError, format_messages, format_prompt, tokenize_prompt
@@ -266,7 +334,8 @@ class ChatSession:
     def plan(self, messages: Optional[list] = None, prompt: Optional[str] = None, max_new_tokens: int = 200,
              temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
              system_prompt: Optional[str] = None, steering: Optional[list] = None, traits=None, layers=None,
-             return_activations: bool = False, logprobs: Optional[int] = None, raw: bool = False) -> ChatPlan:
+             return_activations: bool = False, logprobs: Optional[int] = None, raw: bool = False, cap=None,
+             steer_when=None, stop_when=None) -> ChatPlan:
         """Check every field of one request (ChatError naming the field); nothing is generated.
 
         raw: `prompt` is the model's input text as is (no chat template; a BOS is added when the tokenizer adds
@@ -279,23 +348,27 @@ class ChatSession:
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 raise ChatError(f"{name}: a number is required, got {x!r}")
         selected = self._selection(traits, layers)
-        specs, echo = self._steering(steering)
+        specs, relative, echo = self._steering(steering)
+        interventions = relative + [it for kind, given in (("cap", cap), ("steer_when", steer_when),
+                                                           ("stop_when", stop_when))
+                                    for it in self._interventions(kind, given)]
         if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
             raise ChatError(f"logprobs: an integer in 0-20 is required, got {logprobs!r}")
         text, note, ids = self._prompt_ids(messages, prompt, system_prompt, raw)
         return ChatPlan(text, note, ids, selected, specs, echo, max_new_tokens, float(temperature), float(top_p),
-                        seed, bool(return_activations), logprobs)
+                        seed, bool(return_activations), logprobs, tuple(interventions))
 
     # --- streaming -------------------------------------------------------------------------------
     def stream(self, messages: Optional[list] = None, prompt: Optional[str] = None, max_new_tokens: int = 200,
                temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
                system_prompt: Optional[str] = None, steering: Optional[list] = None, traits=None, layers=None,
-               return_activations: bool = False) -> Iterator[dict]:
+               return_activations: bool = False, cap=None, steer_when=None, stop_when=None) -> Iterator[dict]:
         """Stream one chat turn as JSON-ready dicts (see the module docstring). Bad input: ChatError at the start."""
         yield from self.run(self.plan(messages=messages, prompt=prompt, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, seed=seed, system_prompt=system_prompt,
                                       steering=steering, traits=traits, layers=layers,
-                                      return_activations=return_activations))
+                                      return_activations=return_activations, cap=cap, steer_when=steer_when,
+                                      stop_when=stop_when))
 
     def run(self, plan: ChatPlan) -> Iterator[dict]:
         """The stream of one planned turn: the prompt message, one message per token, done."""
@@ -307,7 +380,8 @@ class ChatSession:
                                           temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
                                           stop_ids=self.stop_ids, steering=plan.steering,
                                           return_activations=plan.return_activations, tokenizer=self.lm.tokenizer,
-                                          logprobs=plan.logprobs):
+                                          logprobs=plan.logprobs, interventions=list(plan.interventions),
+                                          skip_ids=self.lm.tokenizer.all_special_ids):
                 out = self._done_message(msg) if msg["type"] == "done" else self._scored_message(msg, plan)
                 if plan.return_activations and "activations" in msg:
                     out["activations"] = {str(layer): a.tolist() for layer, a in msg["activations"].items()}
@@ -326,6 +400,7 @@ class ChatSession:
         return {"type": "prompt", "text": plan.text, "prompt_note": plan.prompt_note, "tokens": msg["tokens"],
                 "token_ids": msg["token_ids"], "scores": scores, "model": self.lm.info.get("model"),
                 "variant": self.variant, "steering": plan.steering_echo,
+                "interventions": msg.get("interventions", []),
                 "vectors": {t: [v.describe(root) for v in vs] for t, vs in plan.selected.items()}}
 
     def _done_message(self, msg: dict) -> dict:
@@ -334,7 +409,18 @@ class ChatSession:
                 "n_prompt_tokens": msg["n_prompt_tokens"], "stop_token_id": stop,
                 "stop_token": tok.decode([stop]) if stop is not None else None,
                 "response": tok.decode(msg["token_ids"], skip_special_tokens=True),
-                "token_ids": msg["token_ids"], "seconds": msg["seconds"]}
+                "token_ids": msg["token_ids"], "seconds": msg["seconds"],
+                **({"monitor": msg["monitor"]} if "monitor" in msg else {})}
+
+
+def describe_intervention(rec: dict) -> str:
+    """One line for an intervention record (core.interventions.Interventions.record), relative numbers resolved."""
+    name = rec["kind"].replace("_", "-")
+    line = f"{name} {rec['spec']}"
+    if "norm" in rec:
+        used = ", ".join(f"{k} {rec[k]:.4g}" for k in ("coefficient", "low", "high") if f"{k}_relative" in rec)
+        line += f": mean residual norm at L{rec['layer']} over the prompt {rec['norm']:.6g}, so {used}"
+    return line
 
 
 def format_message(msg: dict) -> str:
@@ -343,13 +429,18 @@ def format_message(msg: dict) -> str:
     if kind == "prompt":
         vecs = ", ".join(f"{t}@L{v['layer']} ({v['method']}, {v['selection_source']})"
                          for t, vs in msg["vectors"].items() for v in vs)
-        return (f"prompt: {len(msg['token_ids'])} tokens; {msg['model']} ({msg['variant']}); "
+        line = (f"prompt: {len(msg['token_ids'])} tokens; {msg['model']} ({msg['variant']}); "
                 f"vectors: {vecs or 'none'}")
+        for rec in msg.get("interventions") or []:
+            line += "\n  " + describe_intervention(rec)
+        return line
     if kind == "token":
         scores = "  ".join(f"{t}@L{layer}={v:+.3f}" if v is not None else f"{t}@L{layer}=nan"
                            for t, per in msg["scores"].items() for layer, v in per.items())
         return f"{msg['step']:>4} {json.dumps(msg['token'], ensure_ascii=False):<16} {scores}"
     if kind == "done":
-        return (f"done: {msg['n_tokens']} tokens, stop {msg['stop_reason']}"
-                f"{' (' + msg['stop_token'] + ')' if msg.get('stop_token') else ''}, {msg['seconds']:.2f} s")
+        mon = msg.get("monitor")
+        why = (f" ({mon['trait']}@L{mon['layer']} scored {mon['score']:.3f} > {mon['threshold']:g} at response "
+               f"token {mon['token_index']})" if mon else f" ({msg['stop_token']})" if msg.get("stop_token") else "")
+        return f"done: {msg['n_tokens']} tokens, stop {msg['stop_reason']}{why}, {msg['seconds']:.2f} s"
     return json.dumps(msg, ensure_ascii=False)

@@ -3,11 +3,15 @@
     web = create_web_app(session)     any object with .info() -> dict and .stream(**request) -> Iterator[dict]
     GET  /                            the chat page: type a message, watch the response stream in, each token
                                       coloured by its score (analysis/assets/tokens.js, inlined); a trait picker,
-                                      the steering controls; /?prompt=...&traits=..&layers=..&steer=T:L:C[:P]
-                                      &max_new_tokens=..&temperature=..&seed=.. starts a chat at load
+                                      the steering controls (a slider in units of the layer's prompt norm, the
+                                      norm shown), cap / steer-when / stop-when boxes, each turn's interventions
+                                      and a monitor stop; /?prompt=...&traits=..&layers=..&steer=T:L:C[x][:P]
+                                      &cap=..&steer-when=..&stop-when=..&max_new_tokens=..&temperature=..&seed=..
+                                      starts a chat at load
     GET  /info                        what is loaded (session.info())
-    GET  /stream?prompt=..&traits=..&layers=..&max_new_tokens=..    for EventSource
+    GET  /stream?prompt=..&traits=..&layers=..&max_new_tokens=..&steer=T:L:C[x]&cap=..&stop_when=..  for EventSource
     POST /stream                      a JSON body of the request fields (inference/chat_session.py STREAM_ARGS)
+    /v1/models, /v1/chat/completions, /v1/completions    OpenAI-compatible (inference/openai_api.py), for a ChatSession
     sse(msg) -> str                   one `data: {json}` event
     sse_response(gen)                 a stream of dicts as the SSE response (400 for a TraitError at the start)
     chat_page() -> str                the page's HTML (one document: CSS and JS inline, no request but to the app)
@@ -41,7 +45,8 @@ header b { font-size: 15px; } #status { margin-left: auto; font-size: 12px; colo
   gap: 8px 18px; align-items: center; font-size: 13px; }
 #controls label { display: inline-flex; gap: 4px; align-items: center; }
 #controls input[type=number] { width: 5.5em; } #controls input[type=text] { width: 12em; }
-#traits { min-width: 14em; } .steer { display: inline-flex; gap: 4px; align-items: center; background: #f1f3f4;
+.interventions { font-size: 12px; color: #6a1b9a; margin-bottom: 3px; }
+#traits { min-width: 14em; } .steer-slider { width: 7em; } .steer-norm { font-size: 12px; color: #555; } .steer { display: inline-flex; gap: 4px; align-items: center; background: #f1f3f4;
   padding: 2px 6px; border-radius: 4px; }
 #chat { padding: 12px 16px 140px; max-width: 1100px; }
 .turn { margin: 0 0 18px; } .user { background: #e3f2fd; padding: 6px 10px; border-radius: 6px; white-space: pre-wrap;
@@ -76,23 +81,62 @@ PAGE_JS = r"""
     var layer = document.createElement("input"); layer.type = "number"; layer.className = "steer-layer";
     layer.min = 0; layer.max = info.num_layers - 1;
     layer.value = cfg.layer !== undefined ? cfg.layer : (info.traits[trait.value] || {}).layer || 0;
+    // the coefficient: in units of the layer's mean residual norm over the prompt (default), or absolute
+    var units = document.createElement("select"); units.className = "steer-units";
+    option(units, "norm", "\u00d7 norm"); option(units, "abs", "absolute");
+    units.value = cfg.relative === false ? "abs" : "norm";
+    var slider = document.createElement("input"); slider.type = "range"; slider.className = "steer-slider";
+    slider.min = -2; slider.max = 2; slider.step = 0.01;
     var coef = document.createElement("input"); coef.type = "number"; coef.step = "any"; coef.className = "steer-coef";
-    coef.value = cfg.coefficient !== undefined ? cfg.coefficient : 4;
+    coef.value = cfg.coefficient !== undefined ? cfg.coefficient : 0.25;
+    slider.value = coef.value;
+    slider.oninput = function () { coef.value = slider.value; };
+    coef.oninput = function () { slider.value = coef.value; };
+    units.onchange = function () { slider.hidden = units.value !== "norm"; };
+    slider.hidden = units.value !== "norm";
+    var norm = document.createElement("span"); norm.className = "steer-norm";
+    norm.title = "mean residual norm at this layer over the last prompt, and the absolute coefficient it gave";
     var pos = document.createElement("select"); pos.className = "steer-positions";
     ["all", "prompt", "response"].forEach(function (p) { option(pos, p, p); });
     pos.value = cfg.positions || "all";
     var rm = document.createElement("button"); rm.type = "button"; rm.textContent = "\u00d7"; rm.title = "remove";
     rm.onclick = function () { row.remove(); };
-    [document.createTextNode("steer"), trait, document.createTextNode("L"), layer, document.createTextNode("\u00d7"),
-     coef, pos, rm].forEach(function (n) { row.appendChild(n); });
+    [document.createTextNode("steer"), trait, document.createTextNode("L"), layer, slider, coef, units, norm, pos,
+     rm].forEach(function (n) { row.appendChild(n); });
     $("steers").appendChild(row);
   }
 
   function steering() {
     return Array.prototype.map.call(document.querySelectorAll(".steer"), function (row) {
+      var c = parseFloat(row.querySelector(".steer-coef").value);
       return { trait: row.querySelector(".steer-trait").value, layer: parseInt(row.querySelector(".steer-layer").value, 10),
-               coefficient: parseFloat(row.querySelector(".steer-coef").value),
+               coefficient: row.querySelector(".steer-units").value === "norm" ? c + "x" : c,
                positions: row.querySelector(".steer-positions").value };
+    });
+  }
+
+  function specs(id) {   // the spec strings typed into an intervention box (separated by spaces or ;)
+    return $(id).value.split(/[\s;]+/).filter(Boolean);
+  }
+
+  function describe(rec) {   // one intervention record of the prompt message, relative numbers resolved
+    var s = rec.kind.replace("_", "-") + " " + rec.spec;
+    if (rec.norm !== undefined) {
+      var used = ["coefficient", "low", "high"].filter(function (k) { return rec[k + "_relative"] !== undefined; })
+        .map(function (k) { return k + " " + rec[k].toPrecision(4); });
+      s += " (norm at L" + rec.layer + " " + rec.norm.toPrecision(6) + " \u2192 " + used.join(", ") + ")";
+    }
+    return s;
+  }
+
+  function showNorms(msg) {   // each relative steer row shows the norm of the prompt it last ran on
+    var recs = (msg.interventions || []).filter(function (r) { return r.kind === "steer" && r.norm !== undefined; });
+    Array.prototype.forEach.call(document.querySelectorAll(".steer"), function (row) {
+      var t = row.querySelector(".steer-trait").value, l = parseInt(row.querySelector(".steer-layer").value, 10);
+      var r = recs.filter(function (x) { return x.trait === t && x.layer === l; })[0];
+      var el = row.querySelector(".steer-norm");
+      el.textContent = r ? "norm " + r.norm.toPrecision(5) + " = " + r.coefficient.toPrecision(4) : "";
+      el.setAttribute("data-norm", r ? String(r.norm) : "");
     });
   }
 
@@ -106,6 +150,10 @@ PAGE_JS = r"""
     if ($("system").value.trim()) body.system_prompt = $("system").value;
     var steers = steering();
     if (steers.length) body.steering = steers;
+    [["cap", "cap"], ["steer_when", "steer-when"], ["stop_when", "stop-when"]].forEach(function (p) {
+      var v = specs(p[1]);
+      if (v.length) body[p[0]] = v;
+    });
     if (history.length) body.messages = history.concat([{ role: "user", content: text }]);
     else body.prompt = text;
     return body;
@@ -159,9 +207,11 @@ PAGE_JS = r"""
     det.appendChild(sum); det.appendChild(pv);
     var rv = document.createElement("div"); rv.className = "response response-tokens";
     var m = document.createElement("div"); m.className = "meta";
-    [user, det, rv, m].forEach(function (n) { el.appendChild(n); });
+    var iv = document.createElement("div"); iv.className = "interventions";
+    [user, det, iv, rv, m].forEach(function (n) { el.appendChild(n); });
     $("chat").appendChild(el);
-    var turn = { el: el, text: text, summary: sum, promptEl: pv, responseEl: rv, metaEl: m, prompt: null, tokens: [],
+    var turn = { el: el, text: text, summary: sum, promptEl: pv, responseEl: rv, metaEl: m, interventionsEl: iv,
+                 prompt: null, tokens: [],
                  done: null, keys: {}, promptView: null, responseView: null };
     turns.push(turn);
     return turn;
@@ -179,6 +229,8 @@ PAGE_JS = r"""
       turn.promptView = TraitTokens.render(turn.promptEl, msg.tokens, null, { ids: msg.token_ids, special: special,
                                                                            promptEnd: msg.token_ids.length });
       turn.responseView = TraitTokens.render(turn.responseEl, [], null, {});
+      turn.interventionsEl.textContent = (msg.interventions || []).map(describe).join("; ");
+      showNorms(msg);
       paint(turn, false);
     } else if (msg.type === "token") {
       turn.tokens.push(msg);
@@ -189,8 +241,11 @@ PAGE_JS = r"""
       turn.done = msg;
       history.push({ role: "user", content: turn.text }, { role: "assistant", content: msg.response });
       paint(turn, true);
+      var mon = msg.monitor;
       turn.metaEl.textContent = msg.n_tokens + " tokens, stop " + msg.stop_reason +
-        (msg.stop_token ? " (" + msg.stop_token + ")" : "") + ", " + msg.seconds.toFixed(2) + " s";
+        (mon ? " (" + mon.trait + " @ L" + mon.layer + " scored " + mon.score.toFixed(3) + " > " + mon.threshold +
+               " at response token " + mon.token_index + ")"
+             : msg.stop_token ? " (" + msg.stop_token + ")" : "") + ", " + msg.seconds.toFixed(2) + " s";
       turn.el.setAttribute("data-state", "done");
     } else if (msg.type === "error") {
       fail(turn, msg.message);
@@ -248,10 +303,12 @@ PAGE_JS = r"""
     });
     [["layers", "layers"], ["max_new_tokens", "max"], ["temperature", "temp"], ["seed", "seed"],
      ["system_prompt", "system"]].forEach(function (p) { if (q.get(p[0]) !== null) $(p[1]).value = q.get(p[0]); });
-    q.getAll("steer").forEach(function (s) {   // TRAIT:LAYER:COEFFICIENT[:POSITIONS], as the CLI's --steer
+    q.getAll("steer").forEach(function (s) {   // TRAIT:LAYER:COEFFICIENT[x][:POSITIONS], as the CLI's --steer
       var p = s.split(":");
-      addSteer({ trait: p[0], layer: parseInt(p[1], 10), coefficient: parseFloat(p[2]), positions: p[3] });
+      addSteer({ trait: p[0], layer: parseInt(p[1], 10), coefficient: parseFloat(p[2]), positions: p[3],
+                 relative: /x$/.test(p[2]) });
     });
+    ["cap", "steer-when", "stop-when"].forEach(function (k) { $(k).value = q.getAll(k).join(" "); });
     $("add-steer").onclick = function () { addSteer(); };
     $("colour").onchange = function () {
       chat.colour = $("colour").value;
@@ -276,6 +333,12 @@ PAGE_BODY = """<header><b>trait chat</b><span id="model"></span><span id="status
   <label>seed <input id="seed" type="number"></label>
   <label>system <input id="system" type="text" placeholder="optional system prompt"></label>
   <span id="steers"></span><button type="button" id="add-steer">+ steer</button>
+  <label title="TRAIT:LAYER:MAX[x] or TRAIT:LAYER:MIN[x]:MAX[x]; x = times the layer's prompt norm">cap
+    <input id="cap" type="text" placeholder="trait:L:max[x]"></label>
+  <label title="TRAIT:LAYER:THRESHOLD:COEF[x][:each]">steer when <input id="steer-when" type="text"
+    placeholder="trait:L:threshold:coef[x]"></label>
+  <label title="TRAIT:LAYER:THRESHOLD: end the response at the first token scoring above it">stop when
+    <input id="stop-when" type="text" placeholder="trait:L:threshold"></label>
 </div>
 <div id="chat"></div>
 <form id="form"><textarea id="msg" placeholder="Message (Enter sends, Shift+Enter: new line)"></textarea>
@@ -355,11 +418,15 @@ def create_web_app(session):
         return session.info()
 
     @web.get("/stream")
-    def stream_get(prompt: str, traits: Optional[str] = None, layers: Optional[str] = None,
+    def stream_get(request: Request, prompt: str, traits: Optional[str] = None, layers: Optional[str] = None,
                    max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0,
                    seed: Optional[int] = None, system_prompt: Optional[str] = None):
+        q = request.query_params   # steer / cap / steer_when / stop_when: spec strings, repeatable
+        more = {k: q.getlist(k) for k in ("cap", "steer_when", "stop_when") if q.getlist(k)}
+        if q.getlist("steer"):
+            more["steering"] = q.getlist("steer")
         return respond(dict(prompt=prompt, traits=traits, layers=layers, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed, system_prompt=system_prompt))
+                            temperature=temperature, top_p=top_p, seed=seed, system_prompt=system_prompt, **more))
 
     @web.post("/stream")
     async def stream_post(request: Request):
@@ -375,4 +442,10 @@ def create_web_app(session):
                                                         f"(fields: {', '.join(STREAM_ARGS)})")
         return await run_in_threadpool(respond, body)   # the prompt forward runs off the event loop
 
+    if hasattr(session, "plan") and hasattr(session, "lm"):   # a ChatSession: the OpenAI-compatible routes too
+        from inference.openai_api import add_openai_routes
+
+        model = str(session.lm.info.get("model"))
+        add_openai_routes(web, session, Path(model).name if Path(model).exists() else model,
+                          aliases=(model, session.variant))
     return web

@@ -81,11 +81,13 @@ class TraitChat:
                                    max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0,
                                    seed: Optional[int] = None, system_prompt: Optional[str] = None,
                                    steering: Optional[list] = None, traits: Any = None, layers: Any = None,
-                                   return_activations: bool = False):
+                                   return_activations: bool = False, cap: Any = None, steer_when: Any = None,
+                                   stop_when: Any = None):
         yield from self.session.stream(messages=messages, prompt=prompt, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_p=top_p, seed=seed, system_prompt=system_prompt,
                                        steering=steering, traits=traits, layers=layers,
-                                       return_activations=return_activations)
+                                       return_activations=return_activations, cap=cap, steer_when=steer_when,
+                                       stop_when=stop_when)
 
     @modal.asgi_app(requires_proxy_auth=SETTINGS.web_auth != "none")   # anything but "none" keeps auth on
     def web(self):
@@ -108,17 +110,35 @@ def chat(prompt: str = "What is artificial intelligence?", max_new_tokens: int =
 # Local CLI
 
 def parse_steer(spec: str) -> dict:
-    """--steer TRAIT:LAYER:COEFFICIENT[:POSITIONS] -> a steering config."""
-    parts = spec.split(":")
-    if len(parts) not in (3, 4):
-        raise ChatError(f"--steer {spec!r}: expected TRAIT:LAYER:COEFFICIENT[:all|prompt|response]")
+    """--steer TRAIT:LAYER:COEFFICIENT[x][:POSITIONS] -> a steering config ("Cx": C x the layer's prompt norm)."""
+    from core.interventions import InterventionError, parse_intervention
+
     try:
-        cfg = {"trait": parts[0], "layer": int(parts[1]), "coefficient": float(parts[2])}
-    except ValueError as e:
-        raise ChatError(f"--steer {spec!r}: LAYER must be an integer and COEFFICIENT a number") from e
-    if len(parts) == 4:
-        cfg["positions"] = parts[3]
+        it = parse_intervention("steer", spec)
+    except InterventionError as e:
+        raise ChatError(str(e)) from e
+    coef = it.coefficient
+    cfg = {"trait": it.trait, "layer": it.layer, "coefficient": str(coef) if coef.relative else coef.value}
+    if it.positions != "all":
+        cfg["positions"] = it.positions
     return cfg
+
+
+def check_interventions(args: argparse.Namespace) -> dict:
+    """--cap / --steer-when / --stop-when -> the request fields (the grammar checked now, the traits at load)."""
+    from core.interventions import InterventionError, parse_intervention
+
+    out = {}
+    for kind in ("cap", "steer_when", "stop_when"):
+        specs = getattr(args, kind) or []
+        try:
+            for s in specs:
+                parse_intervention(kind, s)
+        except InterventionError as e:
+            raise ChatError(str(e)) from e
+        if specs:
+            out[kind] = list(specs)
+    return out
 
 
 def run_local(experiment: str, prompt: str, model_variant: Optional[str] = None, **kwargs) -> Iterator[dict]:
@@ -160,11 +180,13 @@ def chat_local(args: argparse.Namespace) -> ChatRun:
     """The --local run: stream one turn and print each message as it arrives."""
     check_local_args(args)
     steering = [parse_steer(s) for s in args.steer] if args.steer else None
+    interventions = check_interventions(args)
     warnings.filterwarnings("ignore", message=".*executing locally and will not have access.*")
     n, done = 0, None
     for msg in run_local(args.experiment, args.prompt, args.model_variant, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         system_prompt=args.system_prompt, steering=steering, traits=args.traits, layers=args.layers):
+                         system_prompt=args.system_prompt, steering=steering, traits=args.traits, layers=args.layers,
+                         **interventions):
         print(json.dumps(msg, ensure_ascii=False, allow_nan=False) if args.json else format_message(msg), flush=True)
         n += msg["type"] == "token"
         done = msg if msg["type"] == "done" else done
@@ -178,6 +200,7 @@ def page_url(port: int, args: argparse.Namespace) -> str:
     query = [(k, v) for k, v in (("prompt", args.prompt), ("traits", args.traits), ("layers", args.layers),
                                  ("system_prompt", args.system_prompt)) if v]
     query += [("steer", s) for s in args.steer or []]
+    query += [(kind.replace("_", "-"), s) for kind in ("cap", "steer_when", "stop_when") for s in getattr(args, kind) or []]
     query += [("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature)]
     query += [("seed", args.seed)] if args.seed is not None else []
     return f"http://127.0.0.1:{port}/?{urlencode(query)}"
@@ -192,6 +215,7 @@ def serve_local(args: argparse.Namespace) -> ServeRun:
     check_local_args(args)
     for s in args.steer or []:
         parse_steer(s)
+    check_interventions(args)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -234,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--traits behavioral/refusal --max-new-tokens 32 --json\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
                "--steer behavioral/refusal:2:4.0:prompt\n"
+               "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
+               "--steer behavioral/refusal:2:0.5x --stop-when behavioral/refusal:2:9\n"
                "  python inference/modal_inference.py --local --experiment demo --serve --port 8770 "
                "--prompt \"Tell me a story\"   # then open the printed URL\n"
                "  TRAIT_EXPERIMENT=demo modal deploy inference/modal_inference.py")
@@ -250,9 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="sampling seed (temperature > 0)")
-    p.add_argument("--steer", action="append", metavar="TRAIT:LAYER:COEF[:POSITIONS]",
-                   help="add COEF x the trait's unit vector at LAYER; positions all (default), prompt or response; "
-                        "repeatable")
+    p.add_argument("--steer", action="append", metavar="TRAIT:LAYER:COEF[x][:POSITIONS]",
+                   help="add COEF x the trait's unit vector at LAYER; COEFx = COEF x the mean residual norm at LAYER "
+                        "over the prompt (printed with the prompt line); positions all (default), prompt or "
+                        "response; repeatable")
+    p.add_argument("--cap", action="append", metavar="TRAIT:LAYER:MAX[x] | TRAIT:LAYER:MIN[x]:MAX[x]",
+                   help="clamp the residual's projection on the trait's unit vector at LAYER (every token), the "
+                        "orthogonal part unchanged; x = times the layer's prompt norm; repeatable")
+    p.add_argument("--steer-when", dest="steer_when", action="append", metavar="TRAIT:LAYER:THRESHOLD:COEF[x][:each]",
+                   help="add COEF x the vector from the first generated token whose score at LAYER exceeds THRESHOLD "
+                        "(with :each only on such tokens); repeatable")
+    p.add_argument("--stop-when", dest="stop_when", action="append", metavar="TRAIT:LAYER:THRESHOLD",
+                   help="end the response at the first generated token whose score at LAYER exceeds THRESHOLD "
+                        "(stop reason monitor); repeatable")
     p.add_argument("--json", action="store_true", help="one JSON object per line (prompt, each token, done)")
     p.add_argument("--serve", action="store_true",
                    help="serve the web app on 127.0.0.1 instead: the chat page at / (tokens coloured by score as "

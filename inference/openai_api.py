@@ -14,18 +14,21 @@ logprobs (+ top_logprobs for chat; an integer for completions), n (1 only). Fiel
 output and are not supported (tools, response_format, logit_bias, penalties, n > 1, echo) are refused, never
 ignored. Extension fields (the openai client's `extra_body`):
     traits, layers       which trait vectors score the tokens (as the live chat: default every best vector)
-    steering             [{trait | vector, layer, coefficient, positions}] as the live chat takes them
+    steering             [{trait | vector, layer, coefficient, positions}] as the live chat takes them, or
+                         "TRAIT:LAYER:COEF[x][:POSITIONS]" strings (Cx: C x the layer's mean norm over the prompt)
+    cap, steer_when, stop_when   spec strings (or lists of them) of core/interventions.py's grammar
     system_prompt        a system turn when the messages have none
 
 Every choice carries `trait_scores` (an extension field): {"token_ids", "tokens", "scores": {trait: {layer:
-[score per generated token]}}, "vectors": {trait: [provenance]}, "prompt_token_ids", "stop_reason"}; a
+[score per generated token]}}, "vectors": {trait: [provenance]}, "prompt_token_ids", "stop_reason",
+"interventions" (each with its resolved numbers), "monitor" (a stop-when hit)}; a
 streamed chunk's delta carries `trait_scores` {"token_id", "token", "scores": {trait: {layer: score}}} for its
 token (the first chunk: the prompt's ids, scores and the vectors). Scores are the live chat's (core/streaming.py):
 <residual at the token's own position, unit vector>, what capture + project give offline for the same ids.
 
 Generation is the live chat's stream (greedy at temperature 0, the seeded sampler otherwise), the same tokens
 generate_responses.py writes for the same prompt. `finish_reason`: "stop" (an end-of-turn id or a stop
-string), "length". Stop strings end the text before the string; the streamed text holds back what could
+string), "length", "content_filter" (a stop-when monitor ended it: trait_scores.stop_reason "monitor"). Stop strings end the text before the string; the streamed text holds back what could
 be the start of one.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime.
@@ -42,7 +45,7 @@ MAX_STOP_STRINGS = 4
 # fields of OpenAI's schema that change nothing here (bookkeeping), accepted and ignored
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options", "suffix",
            "best_of")
-EXTENSIONS = ("traits", "layers", "steering", "system_prompt")
+EXTENSIONS = ("traits", "layers", "steering", "system_prompt", "cap", "steer_when", "stop_when")
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
                "stream", "logprobs", "top_logprobs", "n", "frequency_penalty", "presence_penalty") + IGNORED + EXTENSIONS
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "logprobs",
@@ -140,8 +143,7 @@ def _common(body: dict, fields: tuple, session) -> dict:
         raise OpenAIError("stream_options: an object is required", "stream_options")
     return {"plan": {"max_new_tokens": max_tokens, "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
                      "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9, "seed": seed,
-                     "traits": body.get("traits"), "layers": body.get("layers"), "steering": body.get("steering"),
-                     "system_prompt": body.get("system_prompt")},
+                     **{k: body.get(k) for k in EXTENSIONS}},
             "stop": _stop_strings(body), "stream": stream, "include_usage": bool(opts.get("include_usage"))}
 
 
@@ -190,6 +192,8 @@ class _Text:
 def _finish_reason(stop_reason: str, text: _Text) -> str:
     if text.stopped or stop_reason == "eos":
         return "stop"
+    if stop_reason == "monitor":     # a stop-when monitor cut the response: the closest of OpenAI's reasons
+        return "content_filter"
     return "length"
 
 
@@ -259,7 +263,10 @@ def add_openai_routes(app, session, model_id: str, aliases=()) -> None:
 
     def prompt_ext(msg: dict) -> dict:
         return {"prompt_token_ids": msg["token_ids"], "prompt_scores": msg["scores"], "vectors": msg["vectors"],
-                "steering": msg["steering"]}
+                "steering": msg["steering"], "interventions": msg["interventions"]}
+
+    def end_ext(done: dict) -> dict:
+        return {"stop_reason": done["stop_reason"], **({"monitor": done["monitor"]} if "monitor" in done else {})}
 
     def collect(plan, stops: list[str]) -> dict:
         """Run to the end: the text, ids, per-token scores and log-probabilities."""
@@ -285,8 +292,8 @@ def add_openai_routes(app, session, model_id: str, aliases=()) -> None:
         return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
     def trait_ext(out: dict) -> dict:
-        return {"token_ids": out["ids"], "tokens": out["tokens"], "scores": out["scores"],
-                "stop_reason": out["done"]["stop_reason"], **prompt_ext(out["prompt"])}
+        return {"token_ids": out["ids"], "tokens": out["tokens"], "scores": out["scores"], **end_ext(out["done"]),
+                **prompt_ext(out["prompt"])}
 
     def chat_logprobs(msgs: list[dict]) -> dict:
         def entry(tid: int, lp: float) -> dict:
@@ -357,8 +364,7 @@ def add_openai_routes(app, session, model_id: str, aliases=()) -> None:
                 yield chunk({"content": delta, "trait_scores": {"token_id": msg["token_id"], "token": msg["token"],
                                                                 "scores": msg["scores"]}}, logprobs=lp)
             else:
-                yield chunk({"content": delta, "trait_scores": {"stop_reason": msg["stop_reason"]}},
-                            msg["finish_reason"])
+                yield chunk({"content": delta, "trait_scores": end_ext(msg)}, msg["finish_reason"])
         if settings["include_usage"]:
             yield {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [],
                    "usage": usage(len(plan.ids), n)}
@@ -416,7 +422,7 @@ def add_openai_routes(app, session, model_id: str, aliases=()) -> None:
                 yield chunk(delta, {"token_id": msg["token_id"], "token": msg["token"], "scores": msg["scores"]},
                             logprobs=lp)
             else:
-                yield chunk(delta, {"stop_reason": msg["stop_reason"]}, msg["finish_reason"])
+                yield chunk(delta, end_ext(msg), msg["finish_reason"])
         if settings["include_usage"]:
             yield {"id": cid, "object": "text_completion", "created": now, "model": model_id, "choices": [],
                    "usage": usage(len(plan.ids), n)}
