@@ -83,6 +83,10 @@ class GenerateOptions:
     no_server: bool = False
     server_url: str | None = None
     progress: bool = True
+    steer: Sequence[str] | None = None        # interventions (core/interventions.py grammar), each repeatable
+    cap: Sequence[str] | None = None
+    steer_when: Sequence[str] | None = None
+    stop_when: Sequence[str] | None = None
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "GenerateOptions":
@@ -103,6 +107,7 @@ class GeneratePlan:
     missing_ids: list[str]              # Mode B: selected ids the file lacks
     unknown_ids: list[str]              # Mode B: file ids the set lacks
     seed: int | None                    # --seed, or drawn (and recorded) when sampling without one
+    interventions: tuple = ()           # parsed --steer/--cap/--steer-when/--stop-when (vectors resolved at load)
 
     @property
     def out_dir(self) -> Path:
@@ -162,9 +167,52 @@ def _select(pset: PromptSet, prompt_ids, limit: int | None) -> list[Prompt]:
     return prompts[:limit] if limit is not None else prompts
 
 
+def _parse_interventions(o: GenerateOptions) -> tuple:
+    """--steer / --cap / --steer-when / --stop-when -> Interventions without vectors; the traits must have vectors."""
+    from core.interventions import FLAGS, parse_intervention
+    from utils.vectors import resolve_vector_source
+
+    parsed = []
+    for kind in ("steer", "cap", "steer_when", "stop_when"):
+        specs = getattr(o, kind) or []
+        if isinstance(specs, str):
+            specs = [specs]
+        parsed += [parse_intervention(kind, spec) for spec in specs]
+    if not parsed:
+        return ()
+    if o.from_responses is not None:
+        raise GenerateError(f"{FLAGS[parsed[0].kind]}: interventions act while generating; --from-responses "
+                            f"imports text")
+    known = set(resolve_vector_source(o.experiment, require_traits=False).traits)
+    for it in parsed:
+        if it.trait not in known:
+            raise GenerateError(f"{FLAGS[it.kind]} {it.spec()}: no vectors for trait {it.trait!r} in experiment "
+                                f"{o.experiment!r} (traits with vectors: {', '.join(sorted(known)) or 'none'})")
+    return tuple(parsed)
+
+
+def resolve_interventions(experiment: str, parsed: Sequence, model) -> list:
+    """Each parsed intervention with its trait's unit vector at its layer (the vector choice of the live chat)."""
+    from core.hooks import num_layers
+    from utils.vectors import resolve_vector_source
+
+    source = resolve_vector_source(experiment, require_traits=False)
+    hidden, n = int(model.get_input_embeddings().weight.shape[-1]), num_layers(model)
+    out = []
+    for it in parsed:
+        if not 0 <= it.layer < n:
+            from core.interventions import FLAGS
+            raise GenerateError(f"{FLAGS[it.kind]} {it.spec()}: layer {it.layer} is out of range for a model with "
+                                f"{n} layers (0-{n - 1})")
+        vec = source.select(it.trait, layers=str(it.layer), hidden_size=hidden, n_layers=n)[0]
+        out.append(it.with_vector(vec.vector))
+    return out
+
+
 def plan_generate(opts: GenerateOptions) -> GeneratePlan:
     """Check flags, experiment, variant, prompt set, --prompt-ids and the imported file; load and write nothing."""
     _check_flags(opts)
+    interventions = _parse_interventions(opts)
     variant = resolve_variant(opts.experiment, opts.model_variant)
     pset = load_prompt_set(opts.prompt_set)
     imported = _read_from_responses(opts.from_responses) if opts.from_responses is not None else None
@@ -183,7 +231,7 @@ def plan_generate(opts: GenerateOptions) -> GeneratePlan:
     if opts.temperature > 0 and seed is None and imported is None:
         seed = secrets.randbelow(2**31)  # recorded in every file, so the run can be repeated
     return GeneratePlan(opts, variant, pset, template, len(selected), todo, len(prompts) - len(todo), imported,
-                        missing, unknown, seed)
+                        missing, unknown, seed, interventions)
 
 
 # ---- prompt formatting -----------------------------------------------------------------------------------------
@@ -230,8 +278,9 @@ def strip_stop_strings(text: str, stops: list[str]) -> tuple[str, str | None]:
 class _Local:
     name = "local"
 
-    def __init__(self, loaded: LoadedModel, batch_size: int | None):
+    def __init__(self, loaded: LoadedModel, batch_size: int | None, interventions: Sequence = ()):
         self.loaded, self.requested = loaded, batch_size
+        self.interventions = list(interventions)
         tok = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.stop_ids = stop_token_ids(tok, loaded.model)
@@ -246,7 +295,7 @@ class _Local:
     def generate(self, ids, max_new_tokens, temperature, top_p, row_seeds) -> list[GenerationResult]:
         results, self.batch_size = generate_in_batches(
             self.loaded.model, ids, self.batch_size or len(ids), self.pad_id, max_new_tokens, temperature, top_p,
-            None, self.stop_ids, row_seeds)
+            None, self.stop_ids, row_seeds, self.interventions, self.loaded.tokenizer.all_special_ids)
         return results
 
 
@@ -277,10 +326,16 @@ def _log(progress: bool, msg: str) -> None:
 def _backend(plan: GeneratePlan, loaded: LoadedModel | None) -> tuple[_Local | _Server, str, object]:
     """(backend, why it was chosen, tokenizer): a caller's model, a server serving this variant, or a local load."""
     o, variant, exp = plan.opts, plan.variant, plan.opts.experiment
+
+    def local(lm: LoadedModel) -> _Local:
+        return _Local(lm, o.batch_size, resolve_interventions(exp, plan.interventions, lm.model))
+
     if loaded is not None:
-        return _Local(loaded, o.batch_size), "model passed in by the caller", loaded.tokenizer
+        return local(loaded), "model passed in by the caller", loaded.tokenizer
     client, why = None, "--no-server"
-    if not o.no_server:
+    if plan.interventions:
+        why = "interventions (--steer/--cap/--steer-when/--stop-when) run in this process"
+    elif not o.no_server:
         want = {"model_path": variant.model_path(exp), "lora_path": variant.lora_path(exp),
                 "quantization": "8bit" if o.load_in_8bit else "4bit" if o.load_in_4bit else None,
                 "dtype": str(resolve_dtype("auto")).replace("torch.", "")}
@@ -290,7 +345,7 @@ def _backend(plan: GeneratePlan, loaded: LoadedModel | None) -> tuple[_Local | _
         return _Server(client, client.served, o.batch_size), why, load_tokenizer(variant.model_path(exp))
     _log(o.progress, f"generate: loading {variant.name} ({variant.model}) locally: {why}")
     loaded = load_variant(exp, variant.name, load_in_8bit=o.load_in_8bit, load_in_4bit=o.load_in_4bit)
-    return _Local(loaded, o.batch_size), why, loaded.tokenizer
+    return local(loaded), why, loaded.tokenizer
 
 
 # ---- the records written ---------------------------------------------------------------------------------------
@@ -305,7 +360,9 @@ def generated_record(plan: GeneratePlan, prompt: Prompt, text: str, ids: list[in
         system_prompt=plan.pset.system_prompt, prompt_note=prompt.note,
         generation={"max_new_tokens": o.max_new_tokens, "temperature": float(o.temperature), "top_p": float(o.top_p),
                     "seed": plan.seed, "stop_reason": result.stop_reason, "prefill": o.prefill or None,
-                    "format_note": note, "variant": plan.variant.name, "lora": plan.variant.lora, **model_info})
+                    "format_note": note, "variant": plan.variant.name, "lora": plan.variant.lora, **model_info,
+                    **({"interventions": result.interventions} if result.interventions else {}),
+                    **({"monitor": result.monitor} if result.monitor else {})})
 
 
 def imported_record(plan: GeneratePlan, prompt: Prompt, tokenizer, stops: list[str]) -> dict:
@@ -363,6 +420,7 @@ def _generate_loop(plan: GeneratePlan, backend, tok, items: list, summary: dict)
     o = plan.opts
     size = backend.plan(len(items[0][2]) + o.max_new_tokens)
     stop_counts = {"eos": 0, "length": 0}
+    norms: dict[str, list[float]] = {}
     with cli.Progress(total=len(items), unit="prompt", desc=f"generate {plan.pset.name}", disable=not o.progress,
               file=sys.stderr) as bar:
         start = 0
@@ -375,11 +433,17 @@ def _generate_loop(plan: GeneratePlan, backend, tok, items: list, summary: dict)
                 write_json(plan.out_file(p.id), generated_record(plan, p, text, ids, note, res, tok,
                                                                  backend.model_info))
                 stop_counts[res.stop_reason] = stop_counts.get(res.stop_reason, 0) + 1
+                for rec in res.interventions or []:
+                    if "norm" in rec:
+                        norms.setdefault(f"{rec['kind'].replace('_', '-')} {rec['spec']}", []).append(rec["norm"])
                 summary["written"] += 1
             bar.update(len(batch))
             start += len(batch)
             size = backend.batch_size or size  # an out-of-memory may have lowered it
     summary.update({"batch_size": size, "stop_reasons": stop_counts})
+    if plan.interventions:
+        summary["interventions"] = [f"{it.kind.replace('_', '-')} {it.spec()}" for it in plan.interventions]
+        summary["relative_norms"] = norms   # per relative intervention: each prompt's norm, in the order written
 
 
 def _run_import(plan: GeneratePlan, loaded: LoadedModel | None, summary: dict) -> dict:
@@ -427,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python inference/generate_responses.py --experiment demo --prompt-set harmful \\\n"
                "      --model-variant instruct --temperature 0.7 --top-p 0.9 --seed 1 --output-suffix t07\n"
                "  python inference/generate_responses.py --experiment demo --prompt-set single_trait --prompt-ids 1,3,10\n"
+               "  python inference/generate_responses.py --experiment demo --prompt-set harmful --model-variant instruct \\\n"
+               "      --steer behavioral/refusal:5:0.5x --stop-when behavioral/refusal:5:20 --output-suffix steered\n"
                "  python inference/generate_responses.py --experiment rm_syco --prompt-set rm_syco/train_100 \\\n"
                "      --model-variant rm_lora --from-responses texts.json      # Mode B: tokenizer only\n\n"
                "A model server (inference/model_server.py) at $TRAIT_SERVER_URL (default http://127.0.0.1:8765)\n"
@@ -455,6 +521,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-url", default=None, help="model server address (default: $TRAIT_SERVER_URL or "
                                                       "http://127.0.0.1:8765)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    g = p.add_argument_group("interventions (core/interventions.py; each repeatable; recorded in every file's "
+                             "generation block; they run with a local model, never the server)")
+    g.add_argument("--steer", action="append", metavar="TRAIT:L:C[x][:POSITIONS]",
+                   help="add C x the trait's unit vector at layer L; Cx = C x the mean residual norm at L over the "
+                        "prompt (special tokens excluded; printed and recorded); positions all|prompt|response")
+    g.add_argument("--cap", action="append", metavar="TRAIT:L:MAX[x] | TRAIT:L:MIN[x]:MAX[x]",
+                   help="clamp the residual's projection on the trait's unit vector at L on every token (orthogonal "
+                        "part unchanged); either bound may be empty")
+    g.add_argument("--steer-when", dest="steer_when", action="append", metavar="TRAIT:L:THRESHOLD:C[x][:each]",
+                   help="add C x the vector from the first generated token whose score at L exceeds THRESHOLD "
+                        "(:each: only on such tokens)")
+    g.add_argument("--stop-when", dest="stop_when", action="append", metavar="TRAIT:L:THRESHOLD",
+                   help="end the response at the first generated token whose score at L exceeds THRESHOLD (kept; "
+                        "stop_reason monitor, with trait, layer, token index and score)")
     return p
 
 
@@ -465,6 +545,13 @@ def format_summary(s: dict) -> str:
         line += f"; {s['backend']}"
     if s.get("stop_reasons"):
         line += "; stop: " + ", ".join(f"{k} {v}" for k, v in s["stop_reasons"].items())
+    for spec in s.get("interventions") or []:
+        norms = (s.get("relative_norms") or {}).get(spec)
+        if norms:   # a relative amount: C x the mean residual norm at the layer over each prompt
+            span = f"{norms[0]!r}" if len(norms) == 1 else f"{min(norms):.6g}-{max(norms):.6g} over {len(norms)} prompts"
+            line += f"; {spec} (mean residual norm at the layer over the prompt: {span}; each file's generation block has its own)"
+        else:
+            line += f"; {spec}"
     if s["mode"] == "import":
         for key, label in (("missing_ids", "missing from the file"), ("unknown_ids", "not in the set")):
             ids = s.get(key) or []

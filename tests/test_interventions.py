@@ -66,13 +66,13 @@ def greedy_uncached(lm, ids: list[int], n: int, edit=None) -> list[int]:
     return seq[len(ids):]
 
 
-def crossing(scores: list[float]) -> tuple[int, float]:
-    """A token index t >= 2 whose score clears every earlier one by a margin, and a threshold between them."""
-    for t in range(2, len(scores)):
+def crossing(scores: list[float]) -> tuple[int, float] | None:
+    """A token index t >= 1 whose score clears every earlier one by a margin, and a threshold between them."""
+    for t in range(1, len(scores)):
         before = max(scores[:t])
         if scores[t] > before + 1e-2:
             return t, (before + scores[t]) / 2
-    pytest.skip("no clear crossing in this greedy response")
+    return None
 
 
 def test_cap_bounds_the_projection_and_keeps_the_orthogonal_part(lm, vec):
@@ -109,6 +109,7 @@ def test_stop_when_ends_at_the_first_offline_crossing(lm, vec):
     plain = generate_batch(lm.model, prompts, pad, N_NEW, stop_ids=[-1])
     ids0 = prompts[0] + plain[0].ids
     scores = (hidden(lm, ids0)[len(prompts[0]):] @ vec).tolist()      # offline: the response tokens' scores
+    assert crossing(scores), scores
     t, thr = crossing(scores)
     item = parse_intervention("stop_when", f"t:{LAYER}:{thr!r}").with_vector(vec)
     got = generate_batch(lm.model, prompts, pad, N_NEW, stop_ids=[-1], interventions=[item])
@@ -135,6 +136,7 @@ def test_steer_when_equals_plain_steering_from_the_crossing_token(lm, vec):
     pad = lm.tokenizer.pad_token_id
     plain = generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1])[0].ids
     scores = (hidden(lm, ids + plain)[len(ids):] @ vec).tolist()
+    assert crossing(scores), scores
     t, thr = crossing(scores)
     coef = 6.0
 
@@ -204,3 +206,89 @@ def test_bad_vectors_and_layers(lm, vec):
     with pytest.raises(InterventionError, match="no vector"):
         Interventions(lm.model, [parse_intervention("cap", "t:1:1")])
     assert str(Amount(0.5, True)) == "0.5x" and parse_intervention("cap", "a/b:2:-1:").spec() == "a/b:2:-1:"
+
+
+# ---- through generate_responses.py (flags, files, summary) -------------------------------------------------------
+@pytest.fixture
+def gen_exp(experiments, zoo, tmp_path, monkeypatch):
+    import json as _json
+
+    from tests.helpers import write_vectors
+
+    experiments("iv", {"base": {"model": zoo("llama")}})
+    vectors = write_vectors("iv")
+    data = tmp_path / "datasets"
+    (data / "inference").mkdir(parents=True)
+    (data / "inference" / "p.json").write_text(_json.dumps({"prompts": [
+        {"id": 1, "text": "hi"}, {"id": 2, "text": "Tell me about honest code and kind words"}]}))
+    monkeypatch.setenv("TRAIT_DATASETS_DIR", str(data))
+    return vectors
+
+
+def _files(suffix: str) -> dict:
+    import json as _json
+
+    from utils import paths
+
+    return {p.stem: _json.loads(p.read_text()) for p in sorted(paths.responses_dir("iv", "base", "p", suffix).glob("*.json"))}
+
+
+def test_generate_relative_steering_equals_absolute_with_the_printed_norm(gen_exp, capsys):
+    from inference.generate_responses import format_summary, generate_responses, main
+
+    trait = "behavioral/refusal"
+    s = generate_responses("iv", "p", max_new_tokens=8, no_server=True, output_suffix="rel", progress=False,
+                           steer=[f"{trait}:1:0.5x"])
+    line = format_summary(s)
+    assert s["backend"] == "local" and "run in this process" in s["backend_reason"]
+    rel = _files("rel")
+    plain = generate_responses("iv", "p", max_new_tokens=8, no_server=True, output_suffix="plain", progress=False)
+    for pid, rec in rel.items():
+        iv = rec["generation"]["interventions"][0]
+        assert iv["kind"] == "steer" and iv["spec"] == f"{trait}:1:0.5x" and iv["coefficient_relative"] == 0.5
+        norm = iv["norm"]
+        assert f"{norm:.6g}" in line or f"{norm!r}" in line            # the summary prints the norm
+        # absolute steering with 0.5 x the recorded norm, one prompt at a time: the same ids
+        assert main(["--experiment", "iv", "--prompt-set", "p", "--prompt-ids", pid, "--max-new-tokens", "8",
+                     "--no-server", "--no-progress", "--output-suffix", f"abs{pid}",
+                     "--steer", f"{trait}:1:{0.5 * norm!r}"]) == 0
+        absolute = _files(f"abs{pid}")[pid]
+        assert absolute["token_ids"] == rec["token_ids"]
+        assert absolute["generation"]["interventions"][0]["coefficient"] == iv["coefficient"]
+        assert rec["token_ids"] != _files("plain")[pid]["token_ids"]
+    assert plain["written"] == 2
+
+
+def test_generate_stop_when_and_bad_flags(gen_exp, capsys):
+    from inference.generate_responses import generate_responses, main
+
+    from utils.config import resolve_variant
+
+    generate_responses("iv", "p", max_new_tokens=10, no_server=True, output_suffix="free", progress=False)
+    free = _files("free")
+    lm = load_model(resolve_variant("iv", "base").model_path("iv"))
+    found = None   # a (prompt, trait) whose offline scores cross a threshold mid-response
+    for pid, trait, layer in ((p, t, layer) for p in ("2", "1") for t in ("cognitive/honesty", "behavioral/refusal")
+                              for layer in (1, 2)):
+        rec = free[pid]
+        scores = (hidden(lm, rec["token_ids"], layer)[rec["prompt_end"]:] @ gen_exp[trait][layer]).tolist()
+        if crossing(scores):
+            found = (pid, trait, layer, rec, *crossing(scores))
+            break
+    assert found, {p: free[p]["token_ids"][free[p]["prompt_end"]:] for p in free}
+    pid, trait, layer, rec, t, thr = found
+    s = generate_responses("iv", "p", max_new_tokens=10, no_server=True, output_suffix="mon", progress=False,
+                           stop_when=[f"{trait}:{layer}:{thr!r}"])
+    got = _files("mon")[pid]
+    assert got["token_ids"] == rec["token_ids"][:rec["prompt_end"] + t + 1]
+    g = got["generation"]
+    assert g["stop_reason"] == "monitor" and g["monitor"]["token_index"] == t and g["monitor"]["trait"] == trait
+    assert s["stop_reasons"]["monitor"] >= 1
+    capsys.readouterr()
+    for flags, msg in ((["--cap", f"{trait}:1"], "--cap"), (["--stop-when", "no/such:1:3"], "no/such"),
+                       (["--steer", f"{trait}:9:1x"], "out of range"), (["--steer-when", f"{trait}:1:x:1"], "THRESHOLD")):
+        rc = main(["--experiment", "iv", "--prompt-set", "p", "--no-server", "--no-progress",
+                   "--output-suffix", "bad", *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+    assert not _files("bad")
