@@ -1,512 +1,72 @@
 #!/usr/bin/env python3
-"""Many GPUs on Modal: generate, capture and fused projection over shards of a prompt set, resumable.
+"""The batch engine on Modal: the app `trait-batch` (GPU workers, an orchestrator, the Volume) and its commands.
 
-    modal run inference/modal_batch.py --experiment E --prompt-set S --stages generate,project --gpus 8 [...]
-    python inference/modal_batch.py --local --shards 3 --experiment E --prompt-set S [...]  the same shards, here
-    python inference/modal_batch.py push --experiment E --prompt-set S    config, vectors, steering evidence, set up
-    python inference/modal_batch.py pull --experiment E [--skip-raw]      outputs back; newer local files are kept
+    python inference/modal_batch.py push --experiment E --prompt-set S    config, vectors, evidence, set -> Volume
+    modal run inference/modal_batch.py --experiment E --prompt-set S --gpus 8 [...]   orchestrated from here
+    modal deploy inference/modal_batch.py                                 the app, once (for --detach)
+    python inference/modal_batch.py --experiment E --prompt-set S --gpus 8 --detach   the orchestrator runs on
+                                                                          Modal (.spawn); a closed laptop is fine
+    python inference/modal_batch.py status --experiment E                 a run's progress, read from the Volume
+    python inference/modal_batch.py pull --experiment E [--skip-raw]      outputs back, many files at once
+    python inference/modal_batch.py --local ...                           = trait-batch --backend local ...
 
-    plan_shards(ids, tokens_by_id, n_shards) -> [[id]]   deterministic shards balanced by tokens (longest first)
-    BatchOptions(experiment, prompt_set, ...)  every flag of a run, frozen; .from_args(namespace)
-    stage_job(opts, stage) -> StageJob         one stage's options as plain keywords (what a worker is sent)
-    survey(job, ...) -> StageSurvey            the stage's own plan_* over every selected id: ids, what is left,
-                                               tokens, bytes it will write; nothing loaded but tokenizer/config
-    ShardWorker(experiment, variant, quant)    plain Python: .load() once, then .run(task) / .calibrate(task) per shard
-    BatchWorker                                @app.cls around it: one model per container (@modal.enter), the
-                                               Volume reloaded before and committed after every shard
-    LocalBackend / ModalBackend                where surveys and shards run: here, one after another, or .map
-    run_batch(opts, backend) -> dict           print the plan; then per stage: shards -> map -> failures reported
-    push_files(...), push(volume, ...), pull(volume, experiment, ...)   the experiment tree to / from the Volume
-    main(argv=None) -> int                     python inference/modal_batch.py --help
+    app, data_volume (version 2), cache_volume, image    the app's objects (built at import; no network)
+    BatchWorker            @app.cls: one ShardWorker (inference/batch.py) per container, the Volume reloaded
+                           before and committed after every shard
+    warm_model_cache       one container downloads the weights into the model-cache Volume before the fan-out
+    survey_on_volume, calibration_on_volume   the engine's survey and calibration merge, next to the Volume
+    orchestrate(argv)      the whole run inside Modal (run_batch over ModalBackend), progress on the Volume
+    push / pull / read_status   the Volume's side of the commands (thread pools: many files at once)
+    main(argv)             the commands above; `modal run` passes its arguments through (`--help` works there)
 
-Every stage runs its existing function (generate_responses.generate, capture_raw_activations.capture,
-project_raw_activations_onto_traits.project with fused=True) on the shard's prompt ids with skip-existing, and
-the model the container loaded once. Each id is in exactly one shard, so each file has one writer; a rerun cuts
-the same shards and writes only what is missing. The Volume (DATA_VOLUME, mounted at /data) holds
-experiments/{exp}/... and datasets/inference/{set}.json, the local layout, through $TRAIT_EXPERIMENTS_DIR and
-$TRAIT_DATASETS_DIR. Weights come from the live chat's HF-cache Volume; gated models need the `huggingface`
-secret (HF_TOKEN). Importing this module needs neither torch nor the network.
+The engine (shards, the worker, the run) is inference/batch.py and the backend inference/backends/modal.py; this
+is the only batch module that imports modal when it is imported. Weights come from the live chat's HF-cache
+Volume; gated models need a Modal secret named by $TRAIT_HF_SECRET (HF_TOKEN), attached only when it is set.
 """
 # No `from __future__ import annotations`: Modal reads the class's annotations at runtime.
-import argparse
-import dataclasses
-import heapq
 import os
-import secrets
 import sys
 import time
-import traceback
-import warnings
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):   # `python inference/modal_batch.py push` without `pip install -e .`: the repo first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modal
 
-from core.errors import TraitError
-from inference.modal_common import (CACHE_DIR, CACHE_VOLUME, DEFAULT_GPU, REMOTE_ROOT, build_image, gpu_for_model,
-                                    image_mounts, variant_entry)
+from inference.batch import (BatchError, ShardTask, ShardWorker, StageJob, StageSurvey, build_parser,
+                             finish_calibration, format_summary, human_bytes, input_files, run_batch, survey)
+from inference.modal_common import (CACHE_DIR, CACHE_VOLUME, DEFAULT_GPU, ModalSettings, build_image, building_app)
 from utils import cli, paths
 
 APP_NAME = "trait-batch"
-STAGES = ("generate", "capture", "project")
 DATA_DIR = "/data"                                                 # the Volume inside every container
 DATA_VOLUME = os.environ.get("TRAIT_BATCH_VOLUME") or "trait-experiments"
-MAX_MAP_INPUTS = 1000              # Modal's limit on inputs in flight per .map call
-SHARDS_PER_CONTAINER = 4           # default shards: a few per container (finer resume, balanced tails)
+STATUS_DIR = "batch_status"        # on the Volume: {exp}.json, the progress of the latest run of an experiment
+TRANSFER_THREADS = 32              # files in flight at once in push / pull
 DEFAULT_TIMEOUT = 4 * 3600         # seconds one shard may run
+ORCHESTRATOR_TIMEOUT = 24 * 3600   # Modal's longest function timeout: the whole run
 
-# Volume.from_name / Secret.from_name are lazy handles: importing needs no network.
+SETTINGS = ModalSettings.from_env()
+if building_app():
+    SETTINGS.check()
+
+# Volume.from_name / Secret.from_name are lazy handles: importing needs no network. Version 2 Volumes take many
+# concurrent writers and hundreds of thousands of files (10,000 prompts x 10 traits is 110k files).
 app = modal.App(APP_NAME)
-data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
+data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True, version=2)
 cache_volume = modal.Volume.from_name(CACHE_VOLUME, create_if_missing=True)
-hf_secret = modal.Secret.from_name("huggingface")
+secrets = SETTINGS.secrets()
 image = build_image("", env={"TRAIT_EXPERIMENTS_DIR": f"{DATA_DIR}/experiments",
-                             "TRAIT_DATASETS_DIR": f"{DATA_DIR}/datasets"})
+                             "TRAIT_DATASETS_DIR": f"{DATA_DIR}/datasets", "TRAIT_HF_SECRET": SETTINGS.hf_secret,
+                             "TRAIT_BATCH_VOLUME": DATA_VOLUME})
+VOLUMES = {DATA_DIR: data_volume, CACHE_DIR: cache_volume}
 
 
-class BatchError(TraitError):
-    """A bad flag or a missing input of a batch run; the message names it."""
-
-
-class ShardFailed(TraitError):
-    """One shard's stage function raised: the shard, its ids, the error and its traceback (picklable)."""
-
-    exit_code = 1
-
-    def __init__(self, stage: str, shard: int, ids: Sequence[str], error: str, details: str = ""):
-        super().__init__(f"{stage} shard {shard} ({ids_text(ids)}): {error}")
-        self.stage, self.shard, self.ids, self.error, self.details = stage, shard, tuple(ids), error, details
-
-    def __reduce__(self):
-        return type(self), (self.stage, self.shard, self.ids, self.error, self.details)
-
-
-def ids_text(ids: Sequence[str], n: int = 12) -> str:
-    ids = list(ids)
-    return "ids " + ", ".join(ids[:n]) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shards
-
-def plan_shards(ids: Iterable[Any], tokens_by_id: Mapping[str, int], n_shards: int) -> list[list[str]]:
-    """Cut `ids` into min(n_shards, len(ids)) non-empty shards of about equal tokens; same input, same shards.
-
-    Greedy longest-first: each id, heaviest first (ties in natural id order), joins the lightest shard (ties: the
-    lowest index). An id without a count weighs the mean of the known ones (1 when none is known). Each shard
-    lists its ids in natural order.
-    """
-    if not isinstance(n_shards, int) or n_shards < 1:
-        raise BatchError(f"--shards must be a positive integer, got {n_shards!r}")
-    order = sorted(dict.fromkeys(str(i) for i in ids), key=lambda i: (paths.natural_key(i), i))
-    known = [int(tokens_by_id[i]) for i in order if i in tokens_by_id]
-    default = max(1, round(sum(known) / len(known))) if known else 1
-    weight = {i: int(tokens_by_id.get(i, default)) for i in order}
-    n = min(n_shards, len(order))
-    shards: list[list[str]] = [[] for _ in range(n)]
-    heap = [(0, k) for k in range(n)]
-    for i in sorted(order, key=lambda i: (-weight[i], paths.natural_key(i), i)):
-        load, k = heapq.heappop(heap)
-        shards[k].append(i)
-        heapq.heappush(heap, (load + weight[i], k))
-    return [sorted(s, key=lambda i: (paths.natural_key(i), i)) for s in shards]
-
-
-def parse_stages(text: str | Sequence[str]) -> tuple[str, ...]:
-    """--stages generate,project -> the stages in their fixed order (generate, capture, project)."""
-    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
-    bad = [s for s in names if s not in STAGES]
-    if bad or not names:
-        raise BatchError(f"--stages {text!r}: choose from {', '.join(STAGES)} (comma list; run in that order)")
-    return tuple(s for s in STAGES if s in names)
-
-
-def gpu_count(gpu: str) -> int:
-    """GPUs per container of a Modal GPU string: H100 -> 1, H100:2 -> 2."""
-    _, _, n = gpu.partition(":")
-    if n and not n.isdigit():
-        raise BatchError(f"--gpu {gpu!r}: expected a type such as H100 or H100:2")
-    return int(n) if n else 1
-
-
-# ---------------------------------------------------------------------------------------------------
-# Options
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """Every flag of a batch run (see build_parser); the stage flags are passed to the stage functions."""
-
-    experiment: str
-    prompt_set: str
-    stages: tuple[str, ...] = ("generate", "project")
-    model_variant: Optional[str] = None
-    prompt_ids: Optional[str] = None
-    limit: Optional[int] = None
-    gpus: int = 1
-    gpu: Optional[str] = None
-    shards: Optional[int] = None
-    local: bool = False
-    dry_run: bool = False
-    timeout: int = DEFAULT_TIMEOUT
-    progress: bool = True
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    # generate
-    max_new_tokens: int = 50
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    prefill: Optional[str] = None
-    # capture
-    components: Optional[str] = None
-    capture_mlp: bool = False
-    capture_layers: str = "all"
-    response_only: bool = False
-    # project (fused)
-    traits: Optional[str] = None
-    layers: str = "best"
-    method: Optional[str] = None
-    component: str = "residual"
-    position: Optional[str] = None
-    extraction_variant: Optional[str] = None
-    vectors_experiment: Optional[str] = None
-    steering_variant: Optional[str] = None
-    multi_vector: Optional[int] = None
-    centered: bool = False
-    save_means: bool = False
-    no_calibration: bool = False
-    # more than one stage
-    responses_from: Optional[str] = None
-    dtype: Optional[str] = None
-    batch_size: Optional[int] = None
-    max_batch_tokens: Optional[int] = None
-
-    @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "BatchOptions":
-        values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-        values["stages"] = parse_stages(ns.stages)
-        return cls(**values, progress=not ns.quiet).check()
-
-    @property
-    def quantization(self) -> str:
-        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else ""
-
-    def check(self) -> "BatchOptions":
-        """What the stage functions do not check themselves: the batch's own flags."""
-        for flag, value in (("--gpus", self.gpus), ("--shards", self.shards), ("--timeout", self.timeout)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise BatchError(f"{flag} must be a positive integer, got {value!r}")
-        if self.limit is not None and self.limit < 0:
-            raise BatchError(f"--limit must be >= 0, got {self.limit}")
-        if self.load_in_8bit and self.load_in_4bit:
-            raise BatchError("--load-in-8bit and --load-in-4bit are mutually exclusive: choose one")
-        if "generate" in self.stages and self.responses_from:
-            raise BatchError(f"--responses-from {self.responses_from}: generate writes --model-variant's own "
-                             f"responses; run generate for {self.responses_from} first, then capture/project here")
-        return self
-
-
-# Each stage's option names -> the BatchOptions field that fills them.
-STAGE_FIELDS: dict[str, dict[str, str]] = {
-    "generate": {k: k for k in ("max_new_tokens", "temperature", "top_p", "seed", "prefill", "batch_size",
-                                "load_in_8bit", "load_in_4bit")},
-    "capture": {"components": "components", "capture_mlp": "capture_mlp", "layers": "capture_layers",
-                **{k: k for k in ("response_only", "responses_from", "dtype", "batch_size", "max_batch_tokens",
-                                  "load_in_8bit", "load_in_4bit")}},
-    "project": {k: k for k in ("traits", "layers", "method", "component", "position", "extraction_variant",
-                               "vectors_experiment", "steering_variant", "multi_vector", "centered", "save_means",
-                               "no_calibration", "responses_from", "dtype", "batch_size", "max_batch_tokens",
-                               "load_in_8bit", "load_in_4bit")},
-}
-
-
-@dataclass(frozen=True)
-class StageJob:
-    """One stage of a run as plain keywords of its options class; `options(ids)` builds them for a shard."""
-
-    stage: str
-    kwargs: dict = field(hash=False)
-    progress: bool = False
-
-    def options(self, prompt_ids: Optional[Sequence[str]] = None):
-        """The stage's frozen options for these ids, with skip-existing (and --fused for project)."""
-        ids = list(prompt_ids) if prompt_ids is not None else None
-        if self.stage == "generate":
-            from inference.generate_responses import GenerateOptions
-
-            return GenerateOptions(**self.kwargs, prompt_ids=ids, skip_existing=True, no_server=True,
-                                   progress=self.progress)
-        if self.stage == "capture":
-            from inference.capture_raw_activations import CaptureOptions
-
-            return CaptureOptions(**self.kwargs, prompt_ids=ids, skip_existing=True, progress=self.progress)
-        from inference.project_raw_activations_onto_traits import ProjectOptions
-
-        return ProjectOptions(**self.kwargs, prompt_ids=ids, skip_existing=True, fused=True, progress=self.progress)
-
-    @property
-    def experiment(self) -> str:
-        return self.kwargs["experiment"]
-
-
-def stage_job(opts: BatchOptions, stage: str, progress: bool = False) -> StageJob:
-    kwargs = {"experiment": opts.experiment, "prompt_set": opts.prompt_set, "model_variant": opts.model_variant}
-    kwargs.update({name: getattr(opts, src) for name, src in STAGE_FIELDS[stage].items()})
-    return StageJob(stage, kwargs, progress)
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One call of a worker: a stage, the shard's index and its prompt ids."""
-
-    job: StageJob
-    shard: int
-    ids: tuple[str, ...]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Surveys: what a stage has to do, from its own plan_* function (everything checked, nothing written)
-
-@dataclass(frozen=True)
-class StageSurvey:
-    stage: str
-    ids: tuple[str, ...]                 # every selected prompt: what the shards are cut from
-    pending: tuple[str, ...]             # those with an output still missing
-    tokens: dict = field(hash=False)     # id -> tokens (generate: prompt tokens + --max-new-tokens, an upper bound)
-    bytes_per_token: float = 0.0         # what the stage writes (an estimate; exact for raw activations)
-    bytes_per_prompt: float = 0.0
-    raw_bytes_per_token: int = 0         # a raw capture of every layer's residual, for comparison
-    detail: str = ""                     # how bytes_per_token is made up
-    needs_calibration: bool = False      # project: no calibration file yet; computed first over every id
-    estimated: bool = False              # its inputs come from an earlier stage of this run: generate's numbers
-
-    @property
-    def pending_tokens(self) -> int:
-        return sum(int(self.tokens.get(i, 0)) for i in self.pending)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(int(self.tokens.get(i, 0)) for i in self.ids)
-
-    @property
-    def bytes(self) -> int:
-        return int(len(self.pending) * self.bytes_per_prompt + self.pending_tokens * self.bytes_per_token)
-
-
-def _response_ids(job: StageJob, prompt_ids: Optional[list[str]], limit: Optional[int]) -> list[str]:
-    """The ids capture / project work on: --prompt-ids, else every response JSON of the replayed variant."""
-    if prompt_ids:
-        return list(prompt_ids)
-    from utils.config import resolve_variant
-    from utils.responses import list_response_files
-
-    kw = job.kwargs
-    source = kw.get("responses_from") or resolve_variant(job.experiment, kw.get("model_variant")).name
-    ids = [p.stem for p in list_response_files(job.experiment, source, kw["prompt_set"])]
-    ids = ids[:limit] if limit is not None else ids
-    if not ids:
-        raise BatchError(f"{job.stage}: no response JSONs in "
-                         f"{paths.responses_dir(job.experiment, source, kw['prompt_set'])}; run the generate stage")
-    return ids
-
-
-def _survey_generate(job: StageJob, prompt_ids, limit) -> tuple[list, list, dict, bool]:
-    from inference.generate_responses import format_and_tokenize, plan_generate
-    from utils.model import load_tokenizer
-
-    plan = plan_generate(dataclasses.replace(job.options(prompt_ids), limit=limit))
-    prompts = plan.pset.select(prompt_ids) if prompt_ids else list(plan.pset.prompts)
-    prompts = prompts[:limit] if limit is not None else prompts
-    tok = load_tokenizer(plan.variant.model_path(job.experiment))
-    new = plan.opts.max_new_tokens
-    tokens = {p.id: len(format_and_tokenize(tok, p, plan.pset.system_prompt, plan.template, plan.opts.prefill)[1])
-              + new for p in prompts}
-    return [p.id for p in prompts], [p.id for p in plan.todo], tokens, False
-
-
-def _survey_capture(job: StageJob, prompt_ids, limit) -> tuple[list, list, dict, bool]:
-    from inference.capture_raw_activations import plan_capture
-
-    plan = plan_capture(job.options(_response_ids(job, prompt_ids, limit)))
-    return ([pid for pid, _ in plan.items], [pid for pid, _ in plan.todo],
-            {pid: len(d["token_ids"]) for pid, d in plan.items}, False)
-
-
-def _survey_project(job: StageJob, prompt_ids, limit) -> tuple[list, list, dict, bool]:
-    from inference.project_raw_activations_onto_traits import plan_fused
-
-    plan = plan_fused(job.options(_response_ids(job, prompt_ids, limit)))
-    set_plan = plan.sets[0]
-    return (list(set_plan.responses), [pid for pid, _ in set_plan.todo],
-            {pid: len(d["token_ids"]) for pid, d in set_plan.responses.items()}, plan.wants_calibration)
-
-
-SURVEYS = {"generate": _survey_generate, "capture": _survey_capture, "project": _survey_project}
-
-
-def _sizes(job: StageJob, dtype_bytes: int) -> tuple[float, float, int, str, bool]:
-    """(bytes per token, bytes per prompt, raw residual bytes per token, how, calibration missing) of a stage."""
-    from utils.config import resolve_variant
-    from utils.model import DTYPES, load_model_config
-
-    kw, exp = job.kwargs, job.experiment
-    variant = resolve_variant(exp, kw.get("model_variant"))
-    cfg = load_model_config(variant.model_path(exp))
-    n_layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
-    store = DTYPES[kw["dtype"]].itemsize if kw.get("dtype") in DTYPES else dtype_bytes  # the stage names a bad one
-    raw = n_layers * hidden * store
-    if job.stage == "generate":
-        return 24.0, 1000.0, raw, "response JSONs, ~24 bytes per token", False
-    if job.stage == "capture":
-        from inference.capture_raw_activations import parse_components
-        from utils.layers import parse_layers
-
-        layers = parse_layers(str(kw.get("layers") or "all"), n_layers)
-        comps = parse_components(kw.get("components"), bool(kw.get("capture_mlp")))
-        return (float(len(layers) * hidden * len(comps) * store), 2000.0, raw,
-                f"raw: {len(layers)} layers x {hidden} hidden x {len(comps)} components x {store} bytes per token",
-                False)
-    return _project_sizes(job, variant.name, n_layers, hidden, raw)
-
-
-def _project_sizes(job: StageJob, variant: str, n_layers: int, hidden: int, raw: int):
-    from inference.project_raw_activations_onto_traits import load_calibration
-    from utils.vectors import resolve_vector_source
-
-    kw = job.kwargs
-    source = resolve_vector_source(job.experiment, kw.get("vectors_experiment"), kw.get("extraction_variant"),
-                                   kw.get("steering_variant"), kw.get("traits"))
-    n_traits = len(source.traits)
-    n_vec = kw.get("multi_vector") or len(str(kw.get("layers") or "best").split(","))
-    comps = len({"residual", kw.get("component") or "residual"})
-    means = 2 * n_layers * hidden * 4 * comps if kw.get("save_means") else 0     # fp32, both sides, every layer
-    missing = not kw.get("no_calibration") and load_calibration(job.experiment, variant) is None
-    dims = 0 if kw.get("no_calibration") else 200        # massive_dim_data: ~10 calibrated dims x 20 bytes a value
-    return (float(n_traits * (40 * n_vec + 20 + dims)), float(n_traits * 1500 + means), raw,
-            f"fused: {n_traits} traits x {n_vec} vectors of JSON scores" + (", means files" if means else ""), missing)
-
-
-def survey(job: StageJob, prompt_ids: Optional[list[str]] = None, limit: Optional[int] = None,
-           dtype_bytes: int = 2, prior: Optional[StageSurvey] = None) -> StageSurvey:
-    """What `job` has to do. With `prior` (generate's survey, still pending) its inputs do not exist yet: the
-    numbers are generate's (every id, generate's token bound); the exact survey runs when the stage starts."""
-    per_token, per_prompt, raw, detail, missing = _sizes(job, dtype_bytes)
-    if prior is not None and prior.pending:
-        return StageSurvey(job.stage, prior.ids, prior.ids, dict(prior.tokens), per_token, per_prompt, raw, detail,
-                           needs_calibration=missing, estimated=True)
-    ids, pending, tokens, calibrate = SURVEYS[job.stage](job, prompt_ids, limit)
-    return StageSurvey(job.stage, tuple(ids), tuple(pending), tokens, per_token, per_prompt, raw, detail,
-                       needs_calibration=calibrate)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The worker: plain Python, wrapped by the Modal class below
-
-def _run_generate(opts, loaded) -> dict:
-    from inference.generate_responses import generate
-
-    return generate(opts, loaded)
-
-
-def _run_capture(opts, loaded) -> dict:
-    from inference.capture_raw_activations import capture
-
-    return capture(opts, loaded)
-
-
-def _run_project(opts, loaded) -> dict:
-    from inference.project_raw_activations_onto_traits import project
-
-    return project(opts, loaded)
-
-
-STAGE_RUNS = {"generate": _run_generate, "capture": _run_capture, "project": _run_project}
-DONE_KEY = {"generate": "written", "capture": "captured", "project": "prompts"}   # prompts a summary counts
-
-
-class ShardWorker:
-    """One model load, then any number of shards (what BatchWorker runs in each container).
-
-        w = ShardWorker("demo", "instruct")
-        w.run(ShardTask(stage_job(opts, "generate"), 0, ("1", "2")))   # the stage on ids 1, 2; existing skipped
-        w.loads                                                        # 1, however many shards ran
-    """
-
-    def __init__(self, experiment: str, model_variant: Optional[str] = None, quantization: str = ""):
-        self.experiment, self.model_variant, self.quantization = experiment, model_variant, quantization
-        self.loaded = None
-        self.loads = 0
-
-    def load(self):
-        if self.loaded is None:
-            from utils.model import load_variant
-
-            self.loaded = load_variant(self.experiment, self.model_variant, load_in_8bit=self.quantization == "8bit",
-                                       load_in_4bit=self.quantization == "4bit")
-            self.loads += 1
-        return self.loaded
-
-    def run(self, task: ShardTask) -> dict:
-        """The stage function on the shard's ids (skip-existing) with the loaded model; a failure names the shard."""
-        t0 = time.perf_counter()
-        stage = task.job.stage
-        summary = _guarded(task, lambda: STAGE_RUNS[stage](task.job.options(task.ids), self.load()))
-        return {"stage": stage, "shard": task.shard, "ids": list(task.ids), "done": int(summary[DONE_KEY[stage]]),
-                "bytes": int(summary.get("bytes") or 0), "seconds": time.perf_counter() - t0}
-
-    def calibrate(self, task: ShardTask) -> dict:
-        """Massive-dims statistics of the shard's prompts (project --fused's calibration, split by shard)."""
-        return _guarded(task, lambda: _calibration_part(task, self.load()))
-
-
-def _guarded(task: ShardTask, fn):
-    try:
-        return fn()
-    except Exception as e:   # any failure of the stage: reported with the shard's ids, the other shards go on
-        raise ShardFailed(task.job.stage, task.shard, task.ids, f"{type(e).__name__}: {e}",
-                          traceback.format_exc()) from e
-
-
-def _calibration_part(task: ShardTask, loaded) -> dict:
-    from core.fused import calibrate_sequences
-    from core.projection import MassiveDimStats
-    from inference.project_raw_activations_onto_traits import CALIBRATION_TOP_K, plan_fused
-
-    opts = dataclasses.replace(task.job.options(task.ids), skip_existing=False, no_calibration=True)
-    plan = plan_fused(opts)
-    items = [d for s in plan.sets for d in s.responses.values()]
-    pad = loaded.tokenizer.pad_token_id
-    pad = 0 if pad is None else pad          # 0 is a valid pad id: B24 (docs/original-bugs.md)
-    stats = MassiveDimStats(CALIBRATION_TOP_K)
-    n = calibrate_sequences(loaded.model, [d["token_ids"] for d in items], [d["prompt_end"] for d in items], stats,
-                            list(range(plan.fused.n_layers)), pad, plan.fused.store_dtype, opts.max_batch_tokens,
-                            opts.batch_size)
-    return {"stage": "calibration", "shard": task.shard, "ids": list(task.ids), "n_prompts": n,
-            "stats": stats.to("cpu")}
-
-
-def finish_calibration(job: StageJob, parts: Sequence[dict]) -> str:
-    """Merge the shards' statistics (in shard order) and write the variant's calibration.json; its path."""
-    from core.projection import MassiveDimStats
-    from inference.project_raw_activations_onto_traits import CALIBRATION_TOP_K, write_calibration
-    from utils.config import resolve_variant
-
-    stats, n = MassiveDimStats(CALIBRATION_TOP_K), 0
-    for part in sorted(parts, key=lambda p: p["shard"]):
-        stats.merge(part["stats"])
-        n += part["n_prompts"]
-    variant = resolve_variant(job.experiment, job.kwargs.get("model_variant")).name
-    cal = write_calibration(job.experiment, variant, stats, n, [job.kwargs["prompt_set"].strip("/")],
-                            f"modal_batch.py: project --fused calibration, merged from {len(parts)} shards")
-    return str(cal.path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The Modal app
-
-@app.cls(image=image, gpu=DEFAULT_GPU, volumes={DATA_DIR: data_volume, CACHE_DIR: cache_volume},
-         secrets=[hf_secret], timeout=DEFAULT_TIMEOUT, scaledown_window=300)
+@app.cls(image=image, gpu=DEFAULT_GPU, volumes=VOLUMES, secrets=secrets, timeout=DEFAULT_TIMEOUT,
+         scaledown_window=300)
 class BatchWorker:
     """One ShardWorker per container; every method works on the Volume's experiment tree.
 
@@ -525,8 +85,6 @@ class BatchWorker:
         if not modal.is_local():
             data_volume.reload()      # the config and vectors pushed since the container started
         self.worker.load()
-        if not modal.is_local():
-            cache_volume.commit()     # keep what the first load downloaded into HF_HOME
 
     @modal.method()
     def run_shard(self, task: ShardTask) -> dict:
@@ -546,8 +104,29 @@ class BatchWorker:
             data_volume.commit()      # the shard's files, complete ones even when it failed part-way
 
 
-@app.function(image=image, volumes={DATA_DIR: data_volume, CACHE_DIR: cache_volume}, secrets=[hf_secret],
-              timeout=3600)
+@app.function(image=image, volumes=VOLUMES, secrets=secrets, timeout=3 * 3600)
+def warm_model_cache(experiment: str, model_variant: str = "") -> dict:
+    """Download the variant's weights (and LoRA) into the model-cache Volume, once, before the workers start:
+    otherwise every container of the fan-out downloads the same files at the same time."""
+    from utils.config import resolve_variant
+    from utils.model import load_model_config
+
+    data_volume.reload()
+    variant = resolve_variant(experiment, model_variant or None)
+    t0 = time.perf_counter()
+    fetched = []
+    for ref in (variant.model_path(experiment), getattr(variant, "lora", None)):
+        if isinstance(ref, str) and ref and not Path(ref).exists():   # a hub id (local folders are on the Volume)
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            fetched.append(ref)
+    load_model_config(variant.model_path(experiment))
+    cache_volume.commit()
+    return {"variant": variant.name, "fetched": fetched, "seconds": time.perf_counter() - t0}
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=secrets, timeout=3600)
 def survey_on_volume(job: StageJob, prompt_ids: Optional[list] = None, limit: Optional[int] = None,
                      dtype_bytes: int = 2, prior: Optional[StageSurvey] = None) -> StageSurvey:
     data_volume.reload()
@@ -562,272 +141,79 @@ def calibration_on_volume(job: StageJob, parts: list) -> str:
     return path
 
 
-class LocalBackend:
-    """Surveys and shards in this process on the local experiment tree, one shard after another, through the
-    worker class's `.local()` (one object: the model is loaded once)."""
+@app.function(image=image, volumes=VOLUMES, secrets=secrets, timeout=ORCHESTRATOR_TIMEOUT)
+def orchestrate(argv: list) -> dict:
+    """The whole run inside Modal (what `--detach` spawns): surveys, shards, calibration, each stage in turn,
+    its progress written to the Volume after every shard (`status`). Nothing depends on the caller staying."""
+    from inference.backends.modal import ModalBackend
+    from inference.batch import BatchOptions
 
-    name = "local"
-
-    def __init__(self, opts: BatchOptions):
-        from utils.model import resolve_dtype
-
-        self.obj = BatchWorker(experiment=opts.experiment, model_variant=opts.model_variant or "",
-                               quantization=opts.quantization)
-        self.gpu, self.containers, self.dtype_bytes = "this machine", 1, resolve_dtype("auto").itemsize
-        warnings.filterwarnings("ignore", message=".*executing locally and will not have access.*")
-
-    def survey(self, job: StageJob, prompt_ids, limit, prior=None) -> StageSurvey:
-        return survey(job, prompt_ids, limit, self.dtype_bytes, prior)
-
-    def map(self, method: str, tasks: Sequence[ShardTask]) -> Iterator[Any]:
-        for task in tasks:
-            try:
-                yield getattr(self.obj, method).local(task)
-            except Exception as e:   # what .map(return_exceptions=True) yields on Modal
-                yield e
-
-    def finish_calibration(self, job: StageJob, parts: list) -> str:
-        return finish_calibration(job, parts)
-
-
-class ModalBackend:
-    """Surveys in a CPU function and shards on GPU containers, all on the Volume (inside `modal run`)."""
-
-    name = "modal"
-
-    def __init__(self, opts: BatchOptions):
-        model = variant_entry(opts.experiment, opts.model_variant or "")[1].get("model")
-        self.gpu = opts.gpu or gpu_for_model(model, opts.quantization)   # the live chat's table
-        self.containers = max(1, opts.gpus // gpu_count(self.gpu))
-        self.dtype_bytes = 2                                              # bf16 on a GPU
-        cls = BatchWorker.with_options(gpu=self.gpu, max_containers=self.containers, timeout=opts.timeout)
-        self.obj = cls(experiment=opts.experiment, model_variant=opts.model_variant or "",
-                       quantization=opts.quantization)
-
-    def survey(self, job: StageJob, prompt_ids, limit, prior=None) -> StageSurvey:
-        return survey_on_volume.remote(job, prompt_ids, limit, self.dtype_bytes, prior)
-
-    def map(self, method: str, tasks: Sequence[ShardTask]) -> Iterator[Any]:
-        fn = getattr(self.obj, method)
-        for start in range(0, len(tasks), MAX_MAP_INPUTS):
-            yield from fn.map(list(tasks[start:start + MAX_MAP_INPUTS]), order_outputs=False, return_exceptions=True)
-
-    def finish_calibration(self, job: StageJob, parts: list) -> str:
-        return calibration_on_volume.remote(job, parts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The run
-
-def _collect(outputs: Iterable[Any], tasks: Sequence[ShardTask], log: bool) -> tuple[list[dict], list[dict]]:
-    """(results, failures) of one map: a ShardFailed names its shard; any other error (a container that died, a
-    failed model load) is charged to every shard that returned nothing."""
-    results, failed, other = [], [], []
-    for out in outputs:
-        if isinstance(out, ShardFailed):
-            failed.append({"stage": out.stage, "shard": out.shard, "ids": list(out.ids), "error": out.error,
-                           "details": out.details})
-        elif isinstance(out, BaseException):
-            other.append(f"{type(out).__name__}: {out}")
-        else:
-            results.append(out)
-            if log and "done" in out:
-                print(f"{out['stage']}: shard {out['shard']} done, {out['done']} of {len(out['ids'])} prompts "
-                      f"written in {out['seconds']:.1f} s", file=sys.stderr, flush=True)
-    seen = {r["shard"] for r in results} | {f["shard"] for f in failed}
-    for task in tasks:
-        if task.shard not in seen:
-            failed.append({"stage": task.job.stage, "shard": task.shard, "ids": list(task.ids),
-                           "error": "; ".join(other) or "no result came back", "details": ""})
-    return results, sorted(failed, key=lambda f: f["shard"])
-
-
-def run_stage(job: StageJob, s: StageSurvey, backend, n_shards: int) -> dict:
-    """Cut the shards, compute a missing calibration (project), then run every shard with something left."""
-    shards = plan_shards(s.ids, s.tokens, n_shards)
-    pending = set(s.pending)
-    tasks = [ShardTask(job, k, tuple(ids)) for k, ids in enumerate(shards) if pending.intersection(ids)]
-    out = {"stage": job.stage, "shards": len(shards), "run": len(tasks), "prompts": 0, "bytes": 0, "failed": [],
-           "calibration": None, "pending": len(s.pending)}
-    if tasks and s.needs_calibration:
-        every = [ShardTask(job, k, tuple(ids)) for k, ids in enumerate(shards)]
-        parts, out["failed"] = _collect(backend.map("calibrate_shard", every), every, log=False)
-        if out["failed"]:
-            return out
-        out["calibration"] = backend.finish_calibration(job, parts)
-        print(f"project: calibration over {len(s.ids)} prompts in {len(every)} shards -> {out['calibration']}",
-              file=sys.stderr)
-    results, out["failed"] = _collect(backend.map("run_shard", tasks), tasks, log=True)
-    out["prompts"] = sum(r["done"] for r in results)
-    out["bytes"] = sum(r["bytes"] for r in results)
-    return out
-
-
-def _fixed_seed(opts: BatchOptions) -> BatchOptions:
-    """Sampling without --seed: one seed for every shard (drawn here, printed), so shards sample alike."""
-    if "generate" in opts.stages and opts.temperature > 0 and opts.seed is None:
-        return dataclasses.replace(opts, seed=secrets.randbelow(2**31))
-    return opts
-
-
-def survey_all(opts: BatchOptions, backend, jobs: Sequence[StageJob]) -> list[StageSurvey]:
-    ids = _prompt_ids(opts.prompt_ids)
-    out: list[StageSurvey] = []
-    for job in jobs:
-        prior = out[0] if out and out[0].stage == "generate" else None
-        out.append(backend.survey(job, ids, opts.limit, prior))
-    return out
-
-
-def _prompt_ids(text: Optional[str]) -> Optional[list[str]]:
-    from utils.prompts import parse_prompt_ids
-
-    return parse_prompt_ids(text)
-
-
-def run_batch(opts: BatchOptions, backend) -> dict:
-    """Print the plan, then run each stage in order; a stage with a failed shard stops the later stages."""
-    opts = _fixed_seed(opts)
-    jobs = [stage_job(opts, s, progress=opts.progress and backend.name == "local") for s in opts.stages]
-    n_shards = opts.shards or SHARDS_PER_CONTAINER * backend.containers
-    surveys = survey_all(opts, backend, jobs)
-    print(format_plan(opts, backend, surveys, n_shards), flush=True)
-    summary = {"dry_run": opts.dry_run, "backend": backend.name, "stages": [], "failed": [], "not_run": []}
-    if opts.dry_run:
-        return summary
-    for i, job in enumerate(jobs):
-        s = surveys[i] if i == 0 else backend.survey(job, _prompt_ids(opts.prompt_ids), opts.limit)
-        stage = run_stage(job, s, backend, n_shards)
-        summary["stages"].append(stage)
-        if stage["failed"]:
-            summary["failed"] = stage["failed"]
-            summary["not_run"] = [j.stage for j in jobs[i + 1:]]
-            for f in stage["failed"]:
-                print(f"FAILED {f['stage']} shard {f['shard']} ({ids_text(f['ids'])}): {f['error']}\n{f['details']}",
-                      file=sys.stderr)
-            break
+    ns = build_parser().parse_args(argv)
+    opts = BatchOptions.from_args(ns)
+    status = StatusWriter(opts.experiment, argv, modal.current_function_call_id() or "")
+    try:
+        summary = run_batch(opts, ModalBackend(opts), progress=status.update)
+    except BaseException as e:
+        status.finish(None, f"{type(e).__name__}: {e}")
+        raise
+    status.finish(summary)
     return summary
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return ""
+class StatusWriter:
+    """The progress of one orchestrated run, as JSON on the Volume (batch_status/{exp}.json), after every event."""
 
+    def __init__(self, experiment: str, argv: Sequence[str], call_id: str):
+        self.path = Path(DATA_DIR) / STATUS_DIR / f"{experiment}.json"
+        self.state = {"experiment": experiment, "argv": list(argv), "call_id": call_id, "state": "running",
+                      "started": time.time(), "updated": time.time(), "stages": [], "summary": None, "error": None}
+        self._write()
 
-def format_plan(opts: BatchOptions, backend, surveys: Sequence[StageSurvey], n_shards: int) -> str:
-    where = ("here, shards one after another" if backend.name == "local" else
-             f"Modal: {backend.containers} containers of {backend.gpu} "
-             f"({backend.containers * gpu_count(backend.gpu)} GPUs), Volume {DATA_VOLUME}")
-    name, entry = variant_entry(opts.experiment, opts.model_variant or "")
-    lines = [f"plan: experiment {opts.experiment}, variant {name} ({entry.get('model')}), prompt set "
-             f"{opts.prompt_set}; {where}; up to {n_shards} shards balanced by tokens"]
-    if opts.seed is not None and opts.temperature > 0 and "generate" in opts.stages:
-        lines.append(f"  sampling seed {opts.seed} (pass --seed {opts.seed} on a rerun to resume with the same "
-                     f"samples)")
-    for s in surveys:
-        bound = " (prompt + --max-new-tokens: an upper bound)" if s.stage == "generate" or s.estimated else ""
-        line = (f"  {s.stage:<9} {len(s.ids):,} prompts, {len(s.pending):,} to do, {s.pending_tokens:,} tokens{bound}; "
-                f"writes ~{human_bytes(s.bytes)} ({s.detail})")
-        if s.stage == "project":
-            line += (f"; a raw capture of the same tokens: {human_bytes(s.pending_tokens * s.raw_bytes_per_token)} "
-                     f"(all layers' residual)")
-            line += "; calibration computed first over every prompt (none found)" if s.needs_calibration else ""
-        line += "; exact numbers when the stage starts (generate writes its inputs)" if s.estimated else ""
-        lines.append(line)
-    if opts.dry_run:
-        lines.append("dry run: nothing launched")
-    return "\n".join(lines)
+    def update(self, event: dict) -> None:
+        stages = [s for s in self.state["stages"] if s["stage"] != event["stage"]]
+        self.state["stages"] = stages + [event]
+        self._write()
 
+    def finish(self, summary: Optional[dict], error: Optional[str] = None) -> None:
+        self.state["state"] = "failed" if error or (summary and summary["failed"]) else "done"
+        self.state["summary"] = format_summary(summary) if summary else None
+        self.state["error"] = error
+        self._write()
 
-def format_summary(s: dict) -> str:
-    if s["dry_run"]:
-        return ""
-    parts = [f"{st['stage']}: {st['prompts']:,} prompts written by {st['run'] - len(st['failed'])} of {st['run']} "
-             f"shards run ({st['shards']} in all" + (f"; {human_bytes(st['bytes'])})" if st["bytes"] else ")")
-             for st in s["stages"]]
-    text = "; ".join(parts) or "nothing to do"
-    if s["failed"]:
-        ids = sum(len(f["ids"]) for f in s["failed"])
-        which = "; ".join(ids_text(f["ids"]) for f in s["failed"])
-        text += (f"; FAILED: {len(s['failed'])} shards ({ids} prompts: {which})"
-                 f"{'; not run: ' + ', '.join(s['not_run']) if s['not_run'] else ''}; rerun the same command to finish "
-                 f"the missing ids only")
-    return text
+    def _write(self) -> None:
+        from utils.storage import write_json
+
+        self.state["updated"] = time.time()
+        write_json(self.path, self.state)
+        if not modal.is_local():
+            data_volume.commit()
 
 
 # ---------------------------------------------------------------------------------------------------
-# push / pull: the experiment tree between here and the Volume
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
-
-
-def push_files(experiment: str, prompt_sets: Sequence[str] = (), model_variant: Optional[str] = None,
-               with_responses: bool = False) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(local file, Volume path) for config.json, vectors (+ metadata), steering evidence, calibration files,
-    the prompt sets (and their response JSONs with `with_responses`); plus notes on what cannot be pushed."""
-    config = paths.config_path(experiment)
-    if not config.is_file():
-        raise BatchError(f"push: {config} not found (--experiment {experiment!r})")
-    exp_dir, vol_exp, remote_exp = paths.experiment_dir(experiment), f"experiments/{experiment}", \
-        f"{REMOTE_ROOT}/experiments/{experiment}"
-    out = [(config, f"{vol_exp}/config.json")]
-    for local, remote, ignore in image_mounts(experiment, model_variant or ""):   # the live chat's selection
-        if remote.startswith(remote_exp + "/"):
-            out += [(f, f"{vol_exp}/{remote[len(remote_exp) + 1:]}/{f.relative_to(local).as_posix()}")
-                    for f in _files(local) if not ignore(f.relative_to(local))]
-    for f in sorted(exp_dir.glob("inference/**/massive_activations/calibration.json")):
-        out.append((f, f"{vol_exp}/{f.relative_to(exp_dir).as_posix()}"))
-    for name in prompt_sets:
-        f = paths.prompt_set_file(name)
-        if not f.is_file():
-            raise BatchError(f"push: --prompt-set {name!r}: {f} not found")
-        out.append((f, f"datasets/inference/{name.strip('/')}.json"))
-        if with_responses:
-            for d in sorted(exp_dir.glob(f"inference/*/responses/{name.strip('/')}")):
-                out += [(f, f"{vol_exp}/{f.relative_to(exp_dir).as_posix()}") for f in _files(d) if f.suffix == ".json"]
-    return out, _unpushable_models(experiment, model_variant)
-
-
-def _unpushable_models(experiment: str, model_variant: Optional[str]) -> list[str]:
-    """Local model / LoRA folders of the variant that push does not send (only folders inside the experiment)."""
-    name, entry = variant_entry(experiment, model_variant or "")
-    exp_dir = paths.experiment_dir(experiment).resolve()
-    notes = []
-    for key in ("model", "lora"):
-        ref = entry.get(key)
-        if not isinstance(ref, str) or not ref:
-            continue
-        folder = Path(ref) if Path(ref).is_absolute() else exp_dir / ref
-        if not folder.exists():
-            folder = paths.REPO_ROOT / ref
-        if folder.is_dir() and (Path(ref).is_absolute() or not folder.resolve().is_relative_to(exp_dir)):
-            notes.append(f"variant {name}: {key} {ref} is a local folder outside the experiment, which the workers "
-                         f"cannot see: use a hub id, or a folder under experiments/{experiment}/ named by a relative "
-                         f"path, and push again")
-    return notes
-
+# push / pull / status: the experiment tree between here and the Volume, many files at once
 
 def push(volume, experiment: str, prompt_sets: Sequence[str] = (), model_variant: Optional[str] = None,
-         with_responses: bool = False) -> dict:
-    files, notes = push_files(experiment, prompt_sets, model_variant, with_responses)
-    with volume.batch_upload(force=True) as batch:
-        for local, remote in files:
-            batch.put_file(str(local), "/" + remote)
+         with_responses: bool = False, threads: int = TRANSFER_THREADS) -> dict:
+    """Upload inputs_files(...) in `threads` batches at once (each a Volume batch_upload)."""
+    files, notes = input_files(experiment, prompt_sets, model_variant, with_responses)
+    chunks = [files[k::threads] for k in range(min(threads, len(files)))]
+
+    def upload(chunk) -> None:
+        with volume.batch_upload(force=True) as batch:
+            for local, remote in chunk:
+                batch.put_file(str(local), "/" + remote)
+    with ThreadPoolExecutor(max(1, len(chunks))) as pool:
+        list(pool.map(upload, chunks))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return {"command": "push", "files": len(files), "bytes": sum(f.stat().st_size for f, _ in files),
             "volume": DATA_VOLUME, "notes": notes}
 
 
-def pull(volume, experiment: str, skip_raw: bool = False) -> dict:
-    """Download experiments/{exp}/inference/ from the Volume; a local file as new as the Volume's is kept.
-
-    Each file is written atomically and gets the Volume's mtime, so a second pull fetches only what changed.
-    """
+def pull(volume, experiment: str, skip_raw: bool = False, threads: int = TRANSFER_THREADS) -> dict:
+    """Download experiments/{exp}/inference/ from the Volume, `threads` files at once; a local file as new as the
+    Volume's is kept. Each file is written atomically and gets the Volume's mtime, so a second pull fetches only
+    what changed."""
     from modal.exception import NotFoundError
     from modal.volume import FileEntryType
 
@@ -839,6 +225,7 @@ def pull(volume, experiment: str, skip_raw: bool = False) -> dict:
     except NotFoundError as e:
         raise BatchError(f"pull: nothing under {prefix} on the Volume {DATA_VOLUME}") from e
     got = {"command": "pull", "downloaded": 0, "kept_newer": 0, "skipped_raw": 0, "bytes": 0, "volume": DATA_VOLUME}
+    todo = []
     for e in entries:
         name = e.path.rsplit("/", 1)[-1]
         if e.type != FileEntryType.FILE or name.startswith("."):   # folders; a killed writer's temporary file
@@ -850,18 +237,49 @@ def pull(volume, experiment: str, skip_raw: bool = False) -> dict:
         if local.exists() and local.stat().st_mtime >= e.mtime:
             got["kept_newer"] += 1
             continue
+        todo.append((e, local))
+
+    def fetch(item) -> int:
+        e, local = item
         with atomic_write(local) as tmp:
             with open(tmp, "wb") as fh:
                 volume.read_file_into_fileobj(e.path, fh)
         os.utime(local, (e.mtime, e.mtime))
-        got["downloaded"] += 1
-        got["bytes"] += e.size
+        return e.size
+    with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
+        sizes = list(pool.map(fetch, todo))
+    got["downloaded"], got["bytes"] = len(sizes), sum(sizes)
     return got
+
+
+def read_status(volume, experiment: str) -> dict:
+    """The latest orchestrated run's progress (batch_status/{exp}.json on the Volume)."""
+    import json
+
+    from modal.exception import NotFoundError
+
+    try:
+        data = b"".join(volume.read_file(f"{STATUS_DIR}/{experiment}.json"))
+    except NotFoundError as e:
+        raise BatchError(f"status: no run of --experiment {experiment} on the Volume {DATA_VOLUME} "
+                         f"(started with --detach)") from e
+    return {"command": "status", **json.loads(data)}
 
 
 def format_transfer(s: dict) -> str:
     if s["command"] == "push":
         return f"pushed {s['files']} files ({human_bytes(s['bytes'])}) to the Volume {s['volume']}"
+    if s["command"] == "status":
+        ago = time.time() - s["updated"]
+        lines = [f"{s['experiment']}: {s['state']} (call {s['call_id'] or '?'}), updated {ago:,.0f} s ago, "
+                 f"running for {s['updated'] - s['started']:,.0f} s"]
+        for st in s["stages"]:
+            lines.append(f"  {st['stage']}: {st['finished']} of {st['run']} shards finished ({st['shards']} in all), "
+                         f"{st['prompts']:,} prompts written" + (f", {len(st['failed'])} failed" if st["failed"]
+                                                                 else ""))
+        if s["summary"] or s["error"]:
+            lines.append(f"  {s['error'] or s['summary']}")
+        return "\n".join(lines)
     return (f"pulled {s['downloaded']} files ({human_bytes(s['bytes'])}) from the Volume {s['volume']}; kept "
             f"{s['kept_newer']} local files as new or newer" + (f"; skipped {s['skipped_raw']} raw files"
                                                                   if s["skipped_raw"] else ""))
@@ -870,118 +288,97 @@ def format_transfer(s: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 
-EPILOG = f"""\
-examples:
-  modal run inference/modal_batch.py --experiment demo --prompt-set single_trait --stages generate,project --gpus 8
-  modal run inference/modal_batch.py --experiment rm_syco --prompt-set rm_syco/train_100 --stages project \\
-      --model-variant instruct --responses-from rm_lora --save-means --gpu H100 --gpus 4
-  python inference/modal_batch.py --local --shards 3 --experiment demo --prompt-set single_trait \\
-      --stages generate,capture,project --dry-run
-  python inference/modal_batch.py push --experiment demo --prompt-set single_trait
-  python inference/modal_batch.py pull --experiment demo --skip-raw
-
-Stages run in the order generate, capture, project; project is the fused path (no raw files). Shards are cut
-from the prompt ids, balanced by tokens, the same on every rerun of the same command; each shard skips files
-that exist, so a rerun finishes only what is missing. The Volume is {DATA_VOLUME} ($TRAIT_BATCH_VOLUME);
-the same transfers by hand:
-  modal volume put {DATA_VOLUME} experiments/E/config.json experiments/E/config.json
-  modal volume put {DATA_VOLUME} datasets/inference/S.json datasets/inference/S.json
-  modal volume get {DATA_VOLUME} experiments/E/inference experiments/E   (refuses existing files; --force overwrites)
-Exit status: 0 done, 1 a shard failed (the others finished; rerun to resume), 2 bad input (nothing launched)."""
+TRANSFER_HELP = {"push": "Send config.json, vectors, steering evidence, calibration and prompt sets to the Volume.",
+                 "pull": "Bring experiments/E/inference/ back from the Volume; local files as new or newer are kept.",
+                 "status": "The progress of the latest --detach run of an experiment, read from the Volume."}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.Parser(prog="modal_batch.py", epilog=EPILOG,
-                   description="Run generate, capture and fused projection over shards of a prompt set on many "
-                               "Modal GPUs (modal run), or the same shards here (--local), into the experiment "
-                               "layout. Also: push / pull (see below).")
-    a = p.add_argument
-    a("--experiment", required=True, help="experiment folder (on the Volume after `push`)")
-    a("--prompt-set", required=True, help="prompt set (may be nested: a/b)")
-    a("--stages", default="generate,project", help="comma list of generate, capture, project (default "
-                                                   "generate,project)")
-    a("--model-variant", help="variant every stage runs (default: defaults.application)")
-    a("--prompt-ids", metavar="A,B", help="only these prompt ids (comma list)")
-    a("--limit", type=int, help="only the first N prompts (natural id order)")
-    run = p.add_argument_group("where")
-    run.add_argument("--gpus", type=int, default=1, help="GPUs in all (containers = GPUS / GPUs per container)")
-    run.add_argument("--gpu", help="GPU per container, e.g. H100 or H100:2 (default: by model size, as the live chat)")
-    run.add_argument("--shards", type=int, help=f"shards (default {SHARDS_PER_CONTAINER} per container)")
-    run.add_argument("--local", action="store_true", help="run the shards here, one after another (no Modal account)")
-    run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    run.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds one shard may run on Modal")
-    run.add_argument("--quiet", action="store_true", help="no progress bars (--local)")
-    run.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
-    run.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4) weights")
-    g = p.add_argument_group("generate (generate_responses.py)")
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, help="sampling seed (default: drawn once for every shard, printed)")
-    g.add_argument("--prefill", help="text appended after the chat template")
-    c = p.add_argument_group("capture (capture_raw_activations.py)")
-    c.add_argument("--components", help="comma list of residual, attn_contribution, mlp_contribution")
-    c.add_argument("--capture-mlp", action="store_true", help="also attn_contribution and mlp_contribution")
-    c.add_argument("--capture-layers", default="all", help="capture's --layers (default all)")
-    c.add_argument("--response-only", action="store_true", help="store response activations only")
-    j = p.add_argument_group("project (project_raw_activations_onto_traits.py --fused)")
-    for flag, kw in (("--traits", {}), ("--layers", {"default": "best", "help": "projection grammar (default best)"}),
-                     ("--method", {}), ("--component", {"default": "residual"}), ("--position", {}),
-                     ("--extraction-variant", {}), ("--vectors-experiment", {}), ("--steering-variant", {}),
-                     ("--multi-vector", {"type": int})):
-        j.add_argument(flag, **kw)
-    for flag in ("--centered", "--save-means", "--no-calibration"):
-        j.add_argument(flag, action="store_true")
-    s = p.add_argument_group("capture and project")
-    s.add_argument("--responses-from", metavar="VARIANT", help="replay this variant's responses (model diff)")
-    s.add_argument("--dtype", help="storage dtype: float16, bfloat16, float32 (default: the model's)")
-    s.add_argument("--batch-size", type=int, help="prompts per forward / generate batch (default: automatic)")
-    s.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward (default: automatic)")
-    return p
-
-
-def build_transfer_parser(command: str) -> argparse.ArgumentParser:
-    p = cli.Parser(prog=f"modal_batch.py {command}", description=(
-        "Send config.json, vectors, steering evidence, calibration and prompt sets to the Volume." if command == "push"
-        else "Bring experiments/E/inference/ back from the Volume; local files as new or newer are kept."))
+def build_transfer_parser(command: str):
+    p = cli.Parser(prog=f"modal_batch.py {command}", description=TRANSFER_HELP[command],
+                   epilog=f"example:\n  python inference/modal_batch.py {command} --experiment demo"
+                          + (" --prompt-set harmful" if command == "push" else ""))
     p.add_argument("--experiment", required=True)
     if command == "push":
         p.add_argument("--prompt-set", action="append", default=[], help="a prompt set to send (repeatable)")
         p.add_argument("--model-variant", help="whose local model / LoRA folder inside the experiment to send")
         p.add_argument("--with-responses", action="store_true", help="also the sets' response JSONs")
-    else:
+    elif command == "pull":
         p.add_argument("--skip-raw", action="store_true", help="leave raw/residual/ activations on the Volume")
     return p
 
 
-def _transfer(command: str, ns: argparse.Namespace) -> dict:
+def _transfer(command: str, ns) -> dict:
     if command == "push":
         return push(data_volume, ns.experiment, ns.prompt_set, ns.model_variant, ns.with_responses)
+    if command == "status":
+        return read_status(data_volume, ns.experiment)
     return pull(data_volume, ns.experiment, ns.skip_raw)
 
 
-def _run_cli(ns: argparse.Namespace, on_modal: bool) -> dict:
-    opts = BatchOptions.from_args(ns)
-    if not opts.local and not on_modal:
-        raise BatchError("this file is a Modal app: run `modal run inference/modal_batch.py --experiment ...`, or "
-                         "add --local to run the shards here")
-    return run_batch(opts, LocalBackend(opts) if opts.local else ModalBackend(opts))
+MODAL_EPILOG = f"""\
+examples:
+  python inference/modal_batch.py push --experiment demo --prompt-set harmful
+  modal run inference/modal_batch.py --experiment demo --prompt-set harmful --stages generate,project --gpus 8
+  modal run inference/modal_batch.py --experiment demo --prompt-set harmful --gpus 8 --dry-run
+  modal deploy inference/modal_batch.py
+  python inference/modal_batch.py --experiment demo --prompt-set harmful --gpus 8 --detach
+  python inference/modal_batch.py status --experiment demo
+  python inference/modal_batch.py pull --experiment demo --skip-raw
+  python inference/modal_batch.py --local --shards 3 --experiment demo --prompt-set harmful --dry-run
+
+This file's backend is modal (--local / --backend ray run elsewhere, as trait-batch does). `modal run` orchestrates
+from this machine; --detach starts the deployed app's orchestrator (.spawn) and returns: a closed laptop does not
+stop the run, `status` reads its progress from the Volume. One container first downloads the weights into the
+model-cache Volume; then the GPU containers start. The Volume is {DATA_VOLUME} ($TRAIT_BATCH_VOLUME, version 2);
+the same transfers by hand:
+  modal volume put {DATA_VOLUME} experiments/E/config.json experiments/E/config.json
+  modal volume put {DATA_VOLUME} datasets/inference/S.json datasets/inference/S.json
+  modal volume get {DATA_VOLUME} experiments/E/inference experiments/E   (refuses existing files; --force overwrites)
+Gated models: `modal secret create huggingface HF_TOKEN=hf_...` and TRAIT_HF_SECRET=huggingface when deploying
+or running (no secret is attached without it).
+Exit status: 0 done, 1 a shard failed (the others finished; rerun to resume), 2 bad input (nothing launched)."""
 
 
-def main(argv: Optional[list[str]] = None, on_modal: bool = False) -> int:
+def build_modal_parser():
+    return build_parser(prog="modal_batch.py", epilog=MODAL_EPILOG)
+
+
+def with_backend(argv: Sequence[str]) -> list[str]:
+    """This file's default backend is modal; `--local` / `--backend X` choose another."""
+    argv = list(argv)
+    return argv if "--local" in argv or any(a == "--backend" or a.startswith("--backend=") for a in argv) \
+        else ["--backend", "modal", *argv]
+
+
+def main(argv: Optional[list] = None, on_modal: bool = False) -> int:
+    from inference import batch
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("push", "pull"):
+    if argv and argv[0] in batch.MODAL_COMMANDS:
         return cli.run(build_transfer_parser(argv[0]), lambda ns: _transfer(argv[0], ns), format_transfer, argv[1:])
-    return cli.run(build_parser(), lambda ns: _run_cli(ns, on_modal), format_summary, argv,
-                   status=lambda s: 1 if s["failed"] else 0)
+    return batch.main(with_backend(argv), on_modal=on_modal, parser=build_modal_parser())
 
 
 @app.local_entrypoint()
-def batch(*arglist):
-    """`modal run inference/modal_batch.py --experiment E ...`: the flags of `modal_batch.py --help`."""
+def batch_entrypoint(*arglist):
+    """`modal run inference/modal_batch.py --experiment E ...`: every flag of `modal_batch.py --help`."""
     code = main(list(arglist), on_modal=True)
     if code:
         sys.exit(code)
+
+
+def modal_run_asks_for_help(argv: Sequence[str]) -> bool:
+    """`modal run inference/modal_batch.py --help`: Modal's click command would answer with its own empty help for
+    the entrypoint (it owns --help); the module is imported first, so it answers with ours."""
+    argv = list(argv)
+    at = next((k for k, a in enumerate(argv) if Path(a.split("::")[0]).name == "modal_batch.py"), None)
+    return building_app() and "run" in argv[:at or 0] and at is not None and \
+        any(a in ("--help", "-h") for a in argv[at + 1:])
+
+
+if modal_run_asks_for_help(sys.argv):
+    build_modal_parser().print_help()
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
     model_size_billions(model)           parameters in billions read from a model id, or None
     gpu_for_model(model, quantization)   $TRAIT_GPU if set, else the GPU_BY_SIZE row for the model's size
     ModalSettings.from_env(environ)      the TRAIT_* deploy settings, read without raising;
-        .check()                         SettingsError naming the variable when one is malformed
+        .check()                         SettingsError naming the variable when one is malformed or out of the
+                                         range Modal accepts (before Modal sees it)
         .image_env()                     the settings baked into the image, so a container sees what was deployed
+        .secrets()                       [the Hugging Face secret] when $TRAIT_HF_SECRET names one, else []
     building_app()                       True under the `modal` CLI (deploy / run / serve): when settings are checked
     variant_entry(experiment, variant)   (variant name, config entry), read with plain json
     image_mounts(experiment, variant)    (local folder, container folder, ignore) for each folder the image adds
@@ -33,6 +35,8 @@ CACHE_DIR = "/models"                        # the Volume: HF downloads persist 
 CACHE_VOLUME = "model-cache"                 # that Volume's name
 QUANTIZATIONS = ("", "8bit", "4bit")
 WEB_AUTHS = ("proxy", "none")
+SCALEDOWN_RANGE = (2, 3600)                  # Modal's bounds on scaledown_window, in seconds (_functions.py)
+SECRET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")   # what Modal accepts as an object name
 
 # Smallest GPU whose memory holds the weights (bf16: 2 bytes per parameter; 8-bit 1, 4-bit 0.5) plus the
 # KV cache of a chat or a batch: (up to this many billion bf16-equivalent parameters, GPU).
@@ -89,8 +93,11 @@ class ModalSettings:
     model_variant: str = ""             # TRAIT_MODEL_VARIANT (empty: the config's application variant)
     quantization: str = ""              # TRAIT_QUANTIZATION: 8bit, 4bit or empty
     gpu: str = ""                       # TRAIT_GPU (empty: chosen from the model's size)
-    scaledown_window: str = "300"       # TRAIT_SCALEDOWN_WINDOW: idle seconds before a container stops
+    scaledown_window: str = "300"       # TRAIT_SCALEDOWN_WINDOW: idle seconds before a container stops (2-3600)
     web_auth: str = "proxy"             # TRAIT_WEB_AUTH: proxy (Modal proxy-auth tokens) or none (public)
+    hf_secret: str = ""                 # TRAIT_HF_SECRET: a Modal secret holding HF_TOKEN (gated models); empty: none
+    chat_concurrency: str = "8"         # TRAIT_CHAT_CONCURRENCY: chats one container accepts (they take turns)
+    max_containers: str = "1"           # TRAIT_MAX_CONTAINERS: chat containers at most (GPUs the chat may hold)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ModalSettings":
@@ -101,22 +108,52 @@ class ModalSettings:
                    quantization=env.get("TRAIT_QUANTIZATION", d.quantization),
                    gpu=env.get("TRAIT_GPU", d.gpu),
                    scaledown_window=env.get("TRAIT_SCALEDOWN_WINDOW") or d.scaledown_window,
-                   web_auth=env.get("TRAIT_WEB_AUTH") or d.web_auth)
+                   web_auth=env.get("TRAIT_WEB_AUTH") or d.web_auth,
+                   hf_secret=env.get("TRAIT_HF_SECRET", d.hf_secret).strip(),
+                   chat_concurrency=env.get("TRAIT_CHAT_CONCURRENCY") or d.chat_concurrency,
+                   max_containers=env.get("TRAIT_MAX_CONTAINERS") or d.max_containers)
 
     def check(self) -> "ModalSettings":
-        if not self.scaledown_window.isdigit():
-            raise SettingsError(f"$TRAIT_SCALEDOWN_WINDOW must be a whole number of seconds, "
-                                f"got {self.scaledown_window!r}")
+        lo, hi = SCALEDOWN_RANGE
+        if not self.scaledown_window.isdigit() or not lo <= int(self.scaledown_window) <= hi:
+            raise SettingsError(f"$TRAIT_SCALEDOWN_WINDOW must be a whole number of seconds from {lo} to {hi} "
+                                f"(Modal's range), got {self.scaledown_window!r}")
         if self.web_auth not in WEB_AUTHS:
             raise SettingsError(f"$TRAIT_WEB_AUTH must be proxy or none, got {self.web_auth!r}")
         if self.quantization not in QUANTIZATIONS:
             raise SettingsError(f"$TRAIT_QUANTIZATION must be 8bit, 4bit or empty, got {self.quantization!r}")
+        if self.hf_secret and not SECRET_NAME.match(self.hf_secret):
+            raise SettingsError(f"$TRAIT_HF_SECRET must name a Modal secret (letters, digits, . _ -), "
+                                f"got {self.hf_secret!r}")
+        for var, value in (("TRAIT_CHAT_CONCURRENCY", self.chat_concurrency),
+                           ("TRAIT_MAX_CONTAINERS", self.max_containers)):
+            if not value.isdigit() or int(value) < 1:
+                raise SettingsError(f"${var} must be a positive whole number, got {value!r}")
         return self
 
     @property
     def scaledown_seconds(self) -> int:
-        """The window in seconds (the default while a malformed value waits for check() to name it)."""
-        return int(self.scaledown_window) if self.scaledown_window.isdigit() else int(ModalSettings.scaledown_window)
+        """The window in seconds (the default while a bad value waits for check() to name it: never what Modal
+        rejects, so an import never fails on it)."""
+        lo, hi = SCALEDOWN_RANGE
+        ok = self.scaledown_window.isdigit() and lo <= int(self.scaledown_window) <= hi
+        return int(self.scaledown_window) if ok else int(ModalSettings.scaledown_window)
+
+    @property
+    def chat_inputs(self) -> int:
+        return int(self.chat_concurrency) if self.chat_concurrency.isdigit() and int(self.chat_concurrency) else 8
+
+    @property
+    def container_limit(self) -> int:
+        return int(self.max_containers) if self.max_containers.isdigit() and int(self.max_containers) else 1
+
+    def secrets(self) -> list:
+        """The Hugging Face secret when one is configured ($TRAIT_HF_SECRET), else none: a user without a
+        `modal secret create` deploys and runs public models."""
+        import modal
+
+        return [modal.Secret.from_name(self.hf_secret)] if self.hf_secret and SECRET_NAME.match(self.hf_secret) \
+            else []
 
     def model(self) -> str | None:
         """The variant's model id from the experiment's config (None without a config)."""
@@ -128,7 +165,8 @@ class ModalSettings:
     def image_env(self, gpu: str) -> dict[str, str]:
         return {"TRAIT_EXPERIMENT": self.experiment, "TRAIT_MODEL_VARIANT": self.model_variant, "TRAIT_GPU": gpu,
                 "TRAIT_QUANTIZATION": self.quantization, "TRAIT_SCALEDOWN_WINDOW": self.scaledown_window,
-                "TRAIT_WEB_AUTH": self.web_auth}
+                "TRAIT_WEB_AUTH": self.web_auth, "TRAIT_HF_SECRET": self.hf_secret,
+                "TRAIT_CHAT_CONCURRENCY": self.chat_concurrency, "TRAIT_MAX_CONTAINERS": self.max_containers}
 
 
 def variant_entry(experiment: str, variant: str) -> tuple[str, dict]:

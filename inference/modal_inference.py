@@ -2,7 +2,9 @@
 """Live chat on Modal (or locally): stream a model's tokens with per-token trait scores.
 
     modal deploy inference/modal_inference.py             the app "trait-capture": class TraitChat + web endpoint
-    modal run inference/modal_inference.py --prompt "..."  one streamed chat on Modal, printed here (`chat`)
+    python inference/modal_inference.py --prompt "..."     one streamed chat from the deployed app, printed here
+    python inference/modal_inference.py --warmup           wait until the deployed app has its model loaded
+    modal run inference/modal_inference.py --prompt "..."  the same in an ephemeral app (built now, gone after)
     python inference/modal_inference.py --local --experiment E --prompt "..." [--json]   the same class, here
     python inference/modal_inference.py --local --experiment E --serve [--port 8770]   its web app (and chat
                                                           page) on 127.0.0.1, for a local model
@@ -14,16 +16,19 @@
                                    system_prompt, steering, traits, layers, return_activations) -> Iterator[dict]
         web()                     ASGI app: GET /info, GET|POST /stream (server-sent events of the same dicts)
     SETTINGS, GPU, image          the deploy settings, the GPU they give, the image (inference/modal_common.py)
-    main(argv)                    the --local CLI (console script `trait-chat`): one chat printed, or --serve
+    main(argv)                    the CLI (console script `trait-chat`): the deployed app (modal.Cls.from_name),
+                                  or --local: one chat printed here, or --serve
 
 The session itself (ChatSession, the streamed dicts) is inference/chat_session.py, the web app
 inference/chat_web.py; neither needs Modal.
 
 Deploy-time settings (environment variables, baked into the image): TRAIT_EXPERIMENT (default demo),
 TRAIT_MODEL_VARIANT (default: the config's application variant), TRAIT_QUANTIZATION (8bit / 4bit),
-TRAIT_GPU (e.g. A100-80GB, H100:2), TRAIT_SCALEDOWN_WINDOW (seconds, default 300), TRAIT_WEB_AUTH
-(proxy (default): Modal proxy-auth tokens required; none: public endpoint). They are checked when the
-`modal` CLI builds the app and when a container (or a --local run) starts; importing never raises.
+TRAIT_GPU (e.g. A100-80GB, H100:2), TRAIT_SCALEDOWN_WINDOW (seconds, 2-3600, default 300), TRAIT_WEB_AUTH
+(proxy (default): Modal proxy-auth tokens required; none: public endpoint), TRAIT_HF_SECRET (a Modal secret
+with HF_TOKEN, for gated models; none by default), TRAIT_CHAT_CONCURRENCY (chats one container accepts, taking
+turns on the GPU; default 8) and TRAIT_MAX_CONTAINERS (default 1). They are checked when the `modal` CLI builds
+the app and when a container (or a --local run) starts; importing never raises.
 """
 # No `from __future__ import annotations`: Modal reads the annotations at runtime.
 import argparse
@@ -31,7 +36,11 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
+
+if __package__ in (None, ""):   # `python inference/modal_inference.py` without `pip install -e .`: the repo first
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modal
 
@@ -48,12 +57,15 @@ GPU = SETTINGS.gpu_choice()
 # Secret.from_name / Volume.from_name are lazy handles: importing this module needs no network.
 app = modal.App(APP_NAME)
 cache_volume = modal.Volume.from_name("model-cache", create_if_missing=True)
-hf_secret = modal.Secret.from_name("huggingface")     # HF_TOKEN, for gated models
+secrets = SETTINGS.secrets()      # the HF_TOKEN secret only when $TRAIT_HF_SECRET names one (gated models)
 image = build_image(SETTINGS.experiment, SETTINGS.model_variant, SETTINGS.image_env(GPU))
 
 
-@app.cls(image=image, gpu=GPU, volumes={CACHE_DIR: cache_volume}, secrets=[hf_secret],
-         scaledown_window=SETTINGS.scaledown_seconds, timeout=900)
+# Several chats share one container (ChatSession streams one at a time, the others wait their turn), so a second
+# browser tab does not start a second GPU; max_containers caps the GPUs the chat can hold.
+@app.cls(image=image, gpu=GPU, volumes={CACHE_DIR: cache_volume}, secrets=secrets,
+         scaledown_window=SETTINGS.scaledown_seconds, timeout=900, max_containers=SETTINGS.container_limit)
+@modal.concurrent(max_inputs=SETTINGS.chat_inputs)
 class TraitChat:
     """The live chat, one loaded model per container.
 
@@ -99,7 +111,9 @@ class TraitChat:
 @app.local_entrypoint()
 def chat(prompt: str = "What is artificial intelligence?", max_new_tokens: int = 50, traits: str = "",
          temperature: float = 0.0):
-    """`modal run inference/modal_inference.py --prompt ...`: one streamed chat on Modal, printed here."""
+    """`modal run inference/modal_inference.py --prompt ...`: one streamed chat in an ephemeral app (built for this
+    run from the local settings, stopped after it); after `modal deploy`, `python inference/modal_inference.py
+    --prompt ...` talks to the deployed app instead."""
     remote = TraitChat()
     for msg in remote.capture_activations_stream.remote_gen(prompt=prompt, max_new_tokens=max_new_tokens,
                                                             traits=traits or None, temperature=temperature):
@@ -165,9 +179,6 @@ def check_local_args(args: argparse.Namespace) -> None:
     from utils.config import resolve_variant
     from utils.vectors import resolve_vector_source
 
-    if not args.local:
-        raise ChatError("without --local this file is a Modal app: run `modal run inference/modal_inference.py "
-                        "--prompt ...` or `modal deploy inference/modal_inference.py`; add --local to run it here")
     if not args.serve and not args.prompt:
         raise ChatError("--prompt is required (or --serve to chat in the browser)")
     if not 0 <= args.port <= 65535:
@@ -234,11 +245,73 @@ def serve_local(args: argparse.Namespace) -> ServeRun:
     return ServeRun(url)
 
 
+def deployed_chat(experiment: Optional[str] = None, model_variant: Optional[str] = None):
+    """The deployed app's TraitChat (`modal deploy inference/modal_inference.py`), looked up by name: no image is
+    built and nothing is redeployed. Parameters only when asked (each value set is its own container pool)."""
+    params = {k: v for k, v in (("experiment", experiment), ("model_variant", model_variant)) if v}
+    return modal.Cls.from_name(APP_NAME, "TraitChat")(**params)
+
+
+def _modal_errors(fn):
+    """Modal's lookup and auth failures as one line a user can act on."""
+    from modal.exception import AuthError, NotFoundError
+
+    try:
+        return fn()
+    except NotFoundError as e:
+        raise ChatError(f"the app {APP_NAME} is not deployed in this Modal environment ({e}): run `modal deploy "
+                        f"inference/modal_inference.py` first, or add --local to run here") from e
+    except AuthError as e:
+        raise ChatError(f"Modal refused the credentials ({e}): run `modal token new`") from e
+
+
+@dataclass(frozen=True)
+class WarmRun:
+    info: dict
+    seconds: float
+
+
+def chat_remote(args: argparse.Namespace) -> Any:
+    """Without --local: the deployed app. --warmup waits for a container with the model loaded (a .remote call has
+    no 150 s web limit); otherwise one streamed chat, printed as it arrives."""
+    import time
+
+    if args.serve:
+        raise ChatError("--serve runs the web app here: add --local (the deployed app serves it at its URL)")
+    if not args.warmup and not args.prompt:
+        raise ChatError("--prompt is required (or --warmup, or --local --serve)")
+    steering = [parse_steer(s) for s in args.steer] if args.steer else None
+    chat = deployed_chat(args.experiment, args.model_variant)
+    if args.warmup:
+        t0 = time.perf_counter()
+        info = _modal_errors(lambda: chat.warmup.remote())
+        return WarmRun(info, time.perf_counter() - t0)
+
+    def stream() -> ChatRun:
+        n, done = 0, None
+        for msg in chat.capture_activations_stream.remote_gen(
+                prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed, system_prompt=args.system_prompt, steering=steering,
+                traits=args.traits, layers=args.layers):
+            print(json.dumps(msg, ensure_ascii=False, allow_nan=False) if args.json else format_message(msg),
+                  flush=True)
+            n += msg["type"] == "token"
+            done = msg if msg["type"] == "done" else done
+        return ChatRun(n, done["stop_reason"], done["seconds"], args.json)
+    return _modal_errors(stream)
+
+
 def run_cli(args: argparse.Namespace):
+    if not args.local:
+        return chat_remote(args)
+    args.experiment = args.experiment or SETTINGS.experiment
     return serve_local(args) if args.serve else chat_local(args)
 
 
 def format_summary(run) -> str:
+    if isinstance(run, WarmRun):
+        return (f"the deployed {APP_NAME} is warm after {run.seconds:.1f} s: {run.info.get('model')} "
+                f"(variant {run.info.get('variant')}); web requests now answer at once")
     if isinstance(run, ServeRun):
         return f"stopped serving {run.url}"
     text = f"streamed {run.n_tokens} tokens (stop: {run.stop_reason}) in {run.seconds:.2f} s"
@@ -251,8 +324,8 @@ def format_summary(run) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         prog="modal_inference.py",
-        description="Live chat with per-token trait scores. On Modal: modal deploy / modal run this file. "
-                    "Here (no Modal account): --local runs the same class in this process.",
+        description="Live chat with per-token trait scores. On Modal: `modal deploy` this file, then this command "
+                    "talks to the deployed app. Here (no Modal account): --local runs the same class in this process.",
         epilog="examples:\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt \"Tell me a story\" "
                "--traits behavioral/refusal --max-new-tokens 32 --json\n"
@@ -262,10 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
                "--steer behavioral/refusal:2:0.5x --stop-when behavioral/refusal:2:9\n"
                "  python inference/modal_inference.py --local --experiment demo --serve --port 8770 "
                "--prompt \"Tell me a story\"   # then open the printed URL\n"
-               "  TRAIT_EXPERIMENT=demo modal deploy inference/modal_inference.py")
-    p.add_argument("--local", action="store_true", help="run here instead of on Modal (required for this entry point)")
-    p.add_argument("--experiment", default=SETTINGS.experiment,
-                   help=f"experiment folder (default $TRAIT_EXPERIMENT or demo: {SETTINGS.experiment})")
+               "  TRAIT_EXPERIMENT=demo modal deploy inference/modal_inference.py\n"
+               "  python inference/modal_inference.py --warmup                     # the deployed app, model loaded\n"
+               "  python inference/modal_inference.py --prompt \"Tell me a story\"   # a chat with the deployed app")
+    p.add_argument("--local", action="store_true", help="run here (no Modal account) instead of on the deployed app")
+    p.add_argument("--warmup", action="store_true",
+                   help="the deployed app: wait until a container has loaded the model (then web requests answer "
+                        "at once, never with Modal's 303 for requests over 150 s)")
+    p.add_argument("--experiment",
+                   help=f"experiment folder (--local: default $TRAIT_EXPERIMENT or demo: {SETTINGS.experiment}; "
+                        f"the deployed app: the one it was deployed with)")
     p.add_argument("--model-variant", help="model variant of config.json (default: the application variant)")
     p.add_argument("--prompt", help="the user message (formatted with the chat template); required unless --serve, "
                                     "where it starts the page's first chat")

@@ -500,6 +500,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+
+def _under_root(path) -> str:
+    """A file's path relative to the experiments root when it lies inside it (experiments/{exp}/...: the same on
+    every machine a batch runs on), else as given."""
+    root = paths.experiments_root().resolve()
+    p = Path(path).resolve()
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(path)
+
 def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait: str, vectors: Sequence[SelectedVector],
                       sc: PromptScores, date: str) -> dict:
     """The projection JSON of one trait for one prompt (docs/formats.md); the same for both paths."""
@@ -526,7 +534,7 @@ def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait:
             "layers_spec": None if opts.multi_vector else opts.layer_spec, "multi_vector_n": opts.multi_vector,
             "position_arg": opts.position, "token_norms_component": sc.norms_component,
             "vectors": [v.describe(vec_root) for v in vectors],
-            "calibration": None if plan.calibration is None else str(plan.calibration.path),
+            "calibration": None if plan.calibration is None else _under_root(plan.calibration.path),
             # per vector and side: n, mean, max, ema_max, frac_above (over the threshold: the baseline, 0 when centered)
             "aggregates": [{"layer": e["layer"], "method": e["method"], **{side: response_aggregates(
                 e[side], 0.0 if opts.centered else v.baseline) for side in SIDES}} for e, v in zip(entries, vectors)],

@@ -10,10 +10,14 @@
     mlp_oracle(arch, block, h_mid)              the MLP half of a zoo block, recomputed from its own submodules
                                                 (knowledge written from the HF modelling code, not core/hooks.py)
     PAIRS, TRAITS, POSITION                     the writers' default data
+    batch_world(...), plain_batch_runs(), BATCH_PROMPTS, BATCH_IDS   a batch run's experiment and its one-process oracle
+    tree(folder), assert_same(a, b, where), assert_same_trees(expected, got), stamps(folder)   file-for-file
+                                                comparison of two output trees (floats within 1e-5 relative)
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ from torch import nn
 from utils import paths
 from utils.model import decode_tokens, format_prompt, load_tokenizer, tokenize_continuation, tokenize_prompt
 from utils.responses import build_response
-from utils.storage import write_json
+from utils.storage import load_pt, write_json
 from utils.vectors import sanitize_position
 
 # val_accuracy per layer: the best layers (2 and 1) are not the last, whose HF hidden state is after the final norm
@@ -146,3 +150,91 @@ socket.socket.connect = _blocked
 socket.create_connection = _blocked
 socket.getaddrinfo = _blocked
 """
+
+
+# ---- batch runs (tests/test_batch.py, test_modal_batch.py, test_ray_batch.py) --------------------------------------
+BATCH_PROMPTS = {"prompts": [
+    {"id": 1, "text": "hello"},
+    {"id": 2, "text": "the model will refuse to help the user because it is rude and harmful, a long prompt"},
+    {"id": 3, "text": "why?"},
+    {"id": 10, "text": "write a poem about café 日本 🙂 please, a long one with many words in it"},
+    {"id": "b", "text": "what is 42"},
+    {"id": 7, "text": "tell me a story about honest code"},
+    {"id": 11, "text": "yes or no"},
+]}
+BATCH_IDS = ["1", "2", "3", "7", "10", "11", "b"]
+VOLATILE = {"capture_date", "projection_date", "date", "computed_by"}   # differ between two runs by design
+
+
+def tree(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same(a, b, where: str) -> None:
+    """Equal apart from VOLATILE keys; floats and tensors within 1e-5 relative (of the larger magnitude)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
+        scale = max(float(a.abs().max()) if a.numel() else 0.0, 1e-30)
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5 * scale, msg=where)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"
+        for k in a:
+            if k not in VOLATILE:
+                assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths {len(a)} vs {len(b)}"
+        floats = [x for x in a if isinstance(x, float)]
+        scale = max((abs(x) for x in floats), default=0.0)
+        for i, (x, y) in enumerate(zip(a, b)):
+            if isinstance(x, float) and isinstance(y, (int, float)):
+                assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-5 * scale), f"{where}[{i}]: {x} vs {y}"
+            else:
+                assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9), f"{where}: {a} vs {b}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_same_trees(expected: Path, got: Path) -> int:
+    want, have = tree(expected), tree(got)
+    assert set(want) == set(have), f"files only in one tree: {sorted(set(want) ^ set(have))}"
+    for rel, path in want.items():
+        if path.suffix == ".pt":
+            assert_same(load_pt(path, mmap=False), load_pt(have[rel], mmap=False), rel)
+        else:
+            assert_same(json.loads(path.read_text(encoding="utf-8")),
+                        json.loads(have[rel].read_text(encoding="utf-8")), rel)
+    return len(want)
+
+
+def stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) per file: an atomic rewrite gives a new inode, so an untouched file keeps both."""
+    return {rel: (p.stat().st_ino, p.stat().st_mtime_ns) for rel, p in tree(folder).items()}
+
+
+
+
+def batch_world(tmp_path: Path, monkeypatch, experiments, zoo) -> Path:
+    """Experiment `e` (tiny llama, variant base), prompt set `tiny` (BATCH_PROMPTS, 7 prompts), two traits' vectors."""
+    root = tmp_path / "datasets"
+    monkeypatch.setenv("TRAIT_DATASETS_DIR", str(root))
+    (root / "inference").mkdir(parents=True)
+    (root / "inference" / "tiny.json").write_text(json.dumps(BATCH_PROMPTS, ensure_ascii=False), encoding="utf-8")
+    experiments("e", {"base": {"model": zoo("llama")}})
+    write_vectors("e", hidden=64)
+    return paths.experiment_dir("e")
+
+
+def plain_batch_runs(stages=("generate", "capture", "project")) -> None:
+    """The single-process oracle of a batch run on batch_world: each stage function once over the whole set."""
+    from inference.capture_raw_activations import capture_raw_activations
+    from inference.generate_responses import generate_responses
+    from inference.project_raw_activations_onto_traits import project_raw_activations_onto_traits
+
+    if "generate" in stages:
+        generate_responses("e", "tiny", max_new_tokens=6, no_server=True, progress=False)
+    if "capture" in stages:
+        capture_raw_activations("e", "tiny", progress=False)
+    if "project" in stages:
+        project_raw_activations_onto_traits("e", prompt_set="tiny", fused=True, progress=False)

@@ -24,7 +24,7 @@ SCRIPTS = ["inference/generate_responses.py", "inference/capture_raw_activations
            "inference/project_raw_activations_onto_traits.py", "inference/extract_viz.py",
            "inference/model_server.py", "inference/modal_inference.py",
            "analysis/model_diff/compare_variants.py", "analysis/model_diff/per_token_diff.py",
-           "extraction/extract_vectors.py", "inference/modal_batch.py", "analysis/report.py",
+           "extraction/extract_vectors.py", "inference/modal_batch.py", "inference/batch.py", "analysis/report.py",
            "analysis/scores.py", "analysis/spans.py"]
 
 

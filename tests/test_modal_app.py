@@ -397,7 +397,8 @@ def test_cli_text_output_and_bad_input(chat_exp, capsys):
                  ["--local", "--experiment", "live", "--prompt", "x", "--steer", "behavioral/refusal:x:1"],
                  ["--local", "--experiment", "live", "--prompt", "x", "--steer", "behavioral/refusal:9:1"],
                  ["--local", "--experiment", "live"],                      # no --prompt and no --serve
-                 ["--experiment", "live", "--prompt", "x"]):
+                 ["--experiment", "live", "--serve"],          # the deployed app serves its page at its URL
+                 ["--experiment", "live"]):                    # the deployed app: no --prompt and no --warmup
         assert mi.main(args) == 2, args
         cap = capsys.readouterr()
         assert cap.out == "" and len(cap.err.strip().splitlines()) == 1 and cap.err.startswith("error: ")
