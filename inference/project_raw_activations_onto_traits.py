@@ -52,6 +52,7 @@ from core.fused import BatchScores, ScoringSpec, calibrate_sequences, score_sequ
 from core.hooks import COMPONENTS, num_layers
 from core.projection import MassiveDimStats, project as project_onto, token_norms
 from utils import cli, paths
+from utils.summaries import DEFAULT_UNITS, add_units_flag, score_lines, tally
 from utils.config import Variant, resolve_variant
 from utils.layers import LayerSpecError, parse_projection_layers
 from utils.means import validate_means
@@ -93,6 +94,7 @@ class ProjectOptions:
     steering_variant: str | None = None
     multi_vector: int | None = None
     centered: bool = False
+    units: str = DEFAULT_UNITS                         # how the summary shows scores (files keep raw scores)
     skip_existing: bool = False
     no_calibration: bool = False
     progress: bool = True
@@ -518,7 +520,7 @@ def projection_record(plan: ProjectPlan, prompt_set: str, prompt_id: str, trait:
         entries.append({
             "method": v.method, "layer": v.layer, "position": v.position, "component": v.component,
             "selection_source": v.selection_source, "selected_by": v.selected_by,
-            "selection_reason": v.selection_reason, "baseline": v.baseline,
+            "selection_reason": v.selection_reason, "baseline": v.baseline, "reference": v.reference.to_json(),
             **{side: ([x - shift for x in got[side]] if shift else got[side]) for side in SIDES},
             "token_norms": sc.norms[v.layer],
         })
@@ -561,9 +563,15 @@ def prompt_records(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, pending
 
 
 def write_prompt(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, pending: Sequence[str],
-                 sc: PromptScores) -> list[tuple[Path, int]]:
-    """Write the pending traits' JSONs of one prompt, each atomically; returns (path, bytes) per file."""
-    return [(path, write_json(path, rec)) for path, rec in prompt_records(plan, set_plan, prompt_id, pending, sc)]
+                 sc: PromptScores, scores: dict | None = None) -> list[tuple[Path, int]]:
+    """Write the pending traits' JSONs of one prompt, each atomically; returns (path, bytes) per file.
+    `scores` (the summary's) tallies each record for the summary line."""
+    out = []
+    for trait, (path, rec) in zip(pending, prompt_records(plan, set_plan, prompt_id, pending, sc)):
+        if scores is not None:
+            tally(scores, trait, rec)
+        out.append((path, write_json(path, rec)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -578,7 +586,7 @@ def new_summary(plan: ProjectPlan) -> dict[str, Any]:
         "vectors": {s.prompt_set: {t: [v.describe(paths.experiment_dir(plan.source.vectors_experiment)) for v in vs]
                                    for t, vs in s.vectors.items()} for s in plan.sets},
         "calibration": None, "calibration_note": "off (--no-calibration)" if opts.no_calibration else "none",
-        "seconds": 0.0,
+        "seconds": 0.0, "units": opts.units, "scores": {},
     }
 
 
@@ -610,7 +618,7 @@ def run_projection(plan: ProjectPlan) -> dict:
         for set_plan in plan.sets:
             for pid, pending in set_plan.todo:
                 sc = scores_from_raw(plan, set_plan, set_plan.files[pid], pending)
-                count_written(summary, write_prompt(plan, set_plan, pid, pending, sc))
+                count_written(summary, write_prompt(plan, set_plan, pid, pending, sc, summary["scores"]))
                 bar.update(1)
     summary["seconds"] = time.perf_counter() - t0
     return summary
@@ -869,7 +877,8 @@ def _score_set_fused(plan: ProjectPlan, set_plan: SetPlan, lm: LoadedModel, stri
                 pid, pending = set_plan.todo[i]
                 if pending:
                     sc = scores_from_batch(scoring, set_plan, batch, b, data[i]["prompt_end"], model_name)
-                    for path, record in prompt_records(plan, set_plan, pid, pending, sc):
+                    for trait, (path, record) in zip(pending, prompt_records(plan, set_plan, pid, pending, sc)):
+                        tally(summary["scores"], trait, record)
                         writer.submit_json(path, record)
                     summary["written"] += len(pending)
                 if pid in set_plan.means_todo:
@@ -975,7 +984,13 @@ def format_summary(s: dict) -> str:
             f"written{extra}, {s['skipped']} existing skipped, {s['bytes']:,} bytes written ({per_prompt:,.0f} per "
             f"prompt; activations {how}) in {s['seconds']:.1f} s "
             f"({paths.inference_dir(s['experiment'], s['model_variant']) / 'projections'}); "
-            f"calibration: {s['calibration_note']}")
+            f"calibration: {s['calibration_note']}" + _score_lines(s))
+
+
+def _score_lines(s: dict) -> str:
+    """What the scores written in this run say, relative to each vector's baseline (--units)."""
+    lines = score_lines(s.get("scores") or {}, s.get("units") or DEFAULT_UNITS)
+    return "".join(f"\n  {line}" for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1036,6 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true", help="skip prompts whose projection JSON exists")
     p.add_argument("--no-calibration", action="store_true",
                    help="neither read nor compute massive-dims calibration (no massive_dim_data)")
+    add_units_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     f = p.add_argument_group("fused scoring (no raw files: a prefill forward over the stored response token ids)")
     f.add_argument("--fused", action="store_true",

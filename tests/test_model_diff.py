@@ -364,7 +364,7 @@ def test_compare_one_failing_trait_keeps_the_others(experiments, capsys):
     rc = cv.main(["--experiment", "md", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "s/set",
                   "--method", "probe", "--position", POS, "--quiet"])
     captured = capsys.readouterr()
-    assert rc == 0 and "t/bad failed" in captured.err and "t/overlap peak L" in captured.out
+    assert rc == 0 and "t/bad failed" in captured.err and "t/overlap: no selected vector (no headline); exploratory peak L" in captured.out
     res = strict_json(paths.model_diff_dir("md", "a", "b") / "s/set" / "results.json")
     assert set(res["traits"]) == {"t/overlap"}
     assert "hidden size" in res["skipped_traits"]["t/bad"] and "no overlapping" in res["skipped_traits"]["t/elsewhere"]
@@ -599,7 +599,18 @@ def test_readme_model_diff_workflow_matches_hf_hidden_states(experiments, zoo, z
             assert rec["tokens"] == responses[pid]["tokens"][responses[pid]["prompt_end"]:]
         agg = strict_json(out / "aggregate.json")
         assert agg["n_prompts"] == len(ids_with_tokens) and agg["layer"] == best
-        assert agg["top_clauses_overall"][0]["mean_delta"] >= agg["bottom_clauses_overall"][0]["mean_delta"]
+        # one layer rule: the headline of compare_variants is the layer per_token_diff used (the selected vector's)
+        k = t["layers"].index(best)
+        assert t["headline_layer"] == agg["layer"] == best and t["layers_searched"] == 3
+        assert t["headline_effect_size"] == t["per_layer_effect_size"][k]
+        assert t["headline_paired_effect_size"] == t["per_layer_paired_effect_size"][k]
+        assert "exploratory" in t["peak_is_exploratory"] and "3 layers searched" in t["peak_is_exploratory"]
+        # clauses by the sign of their delta: B above A in top, B below A in bottom, never the other way
+        pooled = [c for pid in ids_with_tokens for c in strict_json(out / f"{pid}.json")["clauses"]]
+        assert all(c["mean_delta"] > 0 for c in agg["top_clauses_overall"])
+        assert all(c["mean_delta"] < 0 for c in agg["bottom_clauses_overall"])
+        assert bool(agg["top_clauses_overall"]) == any(c["mean_delta"] > 0 for c in pooled)
+        assert bool(agg["bottom_clauses_overall"]) == any(c["mean_delta"] < 0 for c in pooled)
 
 
 # ---------------------------------------------------------------------------------------------------------

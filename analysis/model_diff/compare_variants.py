@@ -53,6 +53,7 @@ from utils.config import ConfigError, load_config
 from utils.layers import format_layers
 from utils.means import MeansError, fp32_mean, load_means
 from utils.storage import StorageError, load_pt, write_json
+from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
                            resolve_vector_source, sanitize_position)
 
@@ -64,7 +65,12 @@ STATISTICS = {
     "effect_size": "Cohen's d = (mean p_B - mean p_A) / pooled sample std",
     "paired_effect_size": "d_z = mean(p_B - p_A) / sample std(p_B - p_A)",
     "std_a/std_b": "sample std of the per-prompt projections",
-    "peak": "layer of the largest |effect_size|; peak_paired_effect_size is d_z at that layer",
+    "headline": "headline_layer is the selected vector's layer (the one projection and per_token_diff use); "
+                "headline_effect_size / headline_paired_effect_size are d and d_z there",
+    "peak": "exploratory: layer of the largest |effect_size| over every layer searched (layers_searched), a "
+            "selection over layers; peak_paired_effect_size is d_z at that layer",
+    "headline_mean_projection_diff_z": "mean(p_B - p_A) at the headline layer in held-out spreads of the vector "
+                                       "(its reference.spread); null without held-out class statistics",
 }
 
 
@@ -87,6 +93,7 @@ class CompareOptions:
     steering_variant: str | None = None
     use_existing_diff: bool = False
     progress: bool = True
+    units: str = DEFAULT_UNITS
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "CompareOptions":
@@ -94,7 +101,7 @@ class CompareOptions:
                    use_best_vector=ns.use_best_vector, method=ns.method, position=ns.position,
                    component=ns.component, vector_experiment=ns.vector_experiment,
                    extraction_variant=ns.extraction_variant, steering_variant=ns.steering_variant,
-                   use_existing_diff=ns.use_existing_diff, progress=not ns.quiet)
+                   use_existing_diff=ns.use_existing_diff, progress=not ns.quiet, units=ns.units)
 
     def check_flags(self) -> None:
         """The flag combinations, before any file is read."""
@@ -369,6 +376,9 @@ class TraitSpec:
     component: str
     available: tuple[int, ...]            # layers with a vector file
     selection: dict                       # how the spec was chosen
+    headline_layer: int | None = None     # the selected vector's layer: the one number every view reports
+    reference: dict | None = None         # that vector's Reference (baseline, held-out spreads), JSON
+    explanation: str = ""                 # why that vector, in plain words
 
 
 def trait_spec(source: VectorSource, trait: str, opts: CompareOptions) -> TraitSpec:
@@ -387,7 +397,15 @@ def trait_spec(source: VectorSource, trait: str, opts: CompareOptions) -> TraitS
     if not refs:
         raise VectorError(f"no vector files for method {method}, position {position}, component {opts.component} "
                           f"under {paths.vectors_dir(source.vectors_experiment, trait, source.extraction_variant)}")
-    return TraitSpec(trait, method, position, opts.component, tuple(sorted({r.layer for r in refs})), selection)
+    # the headline layer: the vector projection would select for this method and position (as per_token_diff reads)
+    try:
+        chosen = source.best(trait, component=opts.component, position=position, method=method)
+    except VectorError as e:  # explicit vectors without evidence: no layer is "the" layer; the sweep stays
+        return TraitSpec(trait, method, position, opts.component, tuple(sorted({r.layer for r in refs})), selection,
+                         None, None, f"no selected vector: {first_line(e)}")
+    return TraitSpec(trait, method, position, opts.component, tuple(sorted({r.layer for r in refs})), selection,
+                     chosen.layer, chosen.reference.to_json(), getattr(chosen, "explanation", "") or
+                     chosen.selection_reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -587,6 +605,7 @@ def trait_entry(plan: ComparePlan, data: DiffData, spec: TraitSpec, old: dict | 
         files.append({"layer": layer, "path": str(vf.relative_to(vroot)), "sha256": file_sha256(vf)})
     entry = {"method": spec.method, "position": spec.position,
              **trait_statistics(data.means_a, data.means_b, data.diff, data.layers, vectors),
+             **headline(spec, sorted(vectors)),
              "vector_component": spec.component, "vector_experiment": src.vectors_experiment,
              "extraction_variant": src.extraction_variant, "selection": spec.selection, "vector_files": files}
     missing = sorted(set(spec.available) - set(data.layers))
@@ -596,7 +615,37 @@ def trait_entry(plan: ComparePlan, data: DiffData, spec: TraitSpec, old: dict | 
         why = keep_earlier_effect_sizes(entry, old)
         if why:
             entry["effect_sizes_not_kept"] = why
+    fill_headline(entry)
     return entry
+
+
+def headline(spec: TraitSpec, sweep: list[int]) -> dict:
+    """The layer rule of every view of this comparison: the selected vector's layer, and the exploratory peak's
+    context (how many layers were searched for it)."""
+    out = {"headline_layer": spec.headline_layer, "headline_rule": f"the selected vector's layer ({spec.explanation})"
+           if spec.explanation else "the selected vector's layer", "reference": spec.reference,
+           "layers_searched": len(sweep)}
+    if spec.headline_layer is None:
+        out["headline_missing"] = spec.explanation
+    elif spec.headline_layer not in sweep:
+        out["headline_missing"] = (f"the selected vector's layer {spec.headline_layer} was not captured or has no "
+                                   f"vector file for {spec.method} {spec.position} (layers {format_layers(sweep)})")
+    return out
+
+
+def fill_headline(entry: dict) -> None:
+    """d, d_z and the mean projection difference (raw and in held-out spreads) at the headline layer."""
+    layer, layers = entry.get("headline_layer"), entry.get("layers") or []
+    k = layers.index(layer) if layer in layers else None
+    at = lambda key: (entry.get(key) or [None] * len(layers))[k] if k is not None else None  # noqa: E731
+    entry["headline_effect_size"] = at("per_layer_effect_size")
+    entry["headline_paired_effect_size"] = at("per_layer_paired_effect_size")
+    diff = at("per_layer_mean_projection_diff")
+    entry["headline_mean_projection_diff"] = diff
+    spread = (entry.get("reference") or {}).get("spread")
+    entry["headline_mean_projection_diff_z"] = diff / spread if diff is not None and spread else None
+    entry["peak_is_exploratory"] = (f"exploratory: the largest |d| over {entry.get('layers_searched', len(layers))} "
+                                    f"layers searched: a selection over layers, not the headline")
 
 
 def run_compare(plan: ComparePlan) -> dict:
@@ -619,13 +668,16 @@ def run_compare(plan: ComparePlan) -> dict:
             plan.warn(f"trait {t} failed: {e}")
         else:
             results["skipped_traits"].pop(t, None)
-            done[t] = {k: results["traits"][t][k] for k in ("peak_layer", "peak_effect_size",
-                                                            "peak_paired_effect_size")}
+            done[t] = {k: results["traits"][t].get(k) for k in (
+                "peak_layer", "peak_effect_size", "peak_paired_effect_size", "headline_layer", "headline_effect_size",
+                "headline_paired_effect_size", "headline_mean_projection_diff", "headline_mean_projection_diff_z",
+                "layers_searched", "reference")}
         write_json(plan.results_path, viewer_safe(results), indent=1)
     o = plan.opts
     return {"out_dir": str(plan.out_dir), "n_prompts": data.n_prompts, "layers": data.layers, "traits": done,
             "skipped": plan.skipped, "failed": failed, "warnings": plan.warnings, "variant_a": o.variant_a,
             "variant_b": o.variant_b, "prompt_set": plan.prompt_set, "seconds": time.perf_counter() - t0,
+            "units": o.units,
             "inputs": plan.scan.input_counts() if plan.scan is not None else None,
             "incomplete": {t: e["reason"] for t, e in (results.get(INCOMPLETE) or {}).items() if t in done}}
 
@@ -643,9 +695,26 @@ def compare_variants(experiment: str, variant_a: str, variant_b: str, prompt_set
     return run_compare(plan_compare(opts))
 
 
+def _trait_part(t: str, r: dict, units: str) -> str:
+    """Headline first (the selected vector's layer), the all-layer peak after it, labelled exploratory."""
+    if r.get("headline_layer") is None:
+        return (f"{t}: no selected vector (no headline); exploratory peak L{r['peak_layer']} "
+                f"d={_num(r['peak_effect_size'])} of {r.get('layers_searched')} layers searched")
+    head = f"{t} L{r['headline_layer']} (selected vector): d={_num(r['headline_effect_size'])} " \
+           f"d_z={_num(r['headline_paired_effect_size'])}"
+    diff, diff_z = r.get("headline_mean_projection_diff"), r.get("headline_mean_projection_diff_z")
+    if diff is not None:
+        if units == "z" and diff_z is not None:
+            head += f", mean B - A {diff_z:+.3g} held-out spreads ({(r.get('reference') or {}).get('spread'):.3g})"
+        else:
+            note = " (no held-out spread: raw)" if units == "z" else ""
+            head += f", mean B - A {diff:+.3g} raw projection units{note}"
+    return (f"{head}; exploratory peak L{r['peak_layer']} d={_num(r['peak_effect_size'])} of "
+            f"{r.get('layers_searched')} layers searched")
+
+
 def format_summary(s: dict) -> str:
-    parts = [f"{t} peak L{r['peak_layer']} d={_num(r['peak_effect_size'])} d_z={_num(r['peak_paired_effect_size'])}"
-             for t, r in s["traits"].items()]
+    parts = [_trait_part(t, r, s.get("units") or DEFAULT_UNITS) for t, r in s["traits"].items()]
     extra = "".join(f"; {len(s[k])} trait(s) {k}" for k in ("skipped", "failed") if s[k])
     inputs = ""
     if s.get("inputs"):
@@ -712,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-existing-diff", action="store_true",
                    help="reuse diff_vectors.pt and prompt_means.pt instead of reading the activations (also "
                         "trait-interp's diff_vectors.pt; without per-prompt means the earlier effect sizes are kept)")
+    add_units_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

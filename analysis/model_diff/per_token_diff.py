@@ -41,6 +41,7 @@ from utils import cli, paths
 from utils.config import ConfigError, load_config, resolve_variant
 from utils.layers import format_layers
 from utils.storage import StorageError, load_pt, read_json, write_json
+from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import VectorError, resolve_vector_source
 
 PROMPT_TEXT_CHARS = 100      # prompt text kept with each pooled clause in aggregate.json (as trait-interp)
@@ -265,11 +266,12 @@ class PerTokenOptions:
     layer: int | None = None
     top_pct: float = 5.0
     progress: bool = True
+    units: str = DEFAULT_UNITS
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "PerTokenOptions":
         return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, ns.trait, ns.variant_a_prompt_set,
-                   ns.layer, ns.top_pct, progress=not ns.quiet)
+                   ns.layer, ns.top_pct, progress=not ns.quiet, units=ns.units)
 
     def check_flags(self) -> None:
         if not (isinstance(self.top_pct, (int, float)) and 0 < self.top_pct <= 100):
@@ -505,13 +507,17 @@ def trait_diff(plan: PerTokenPlan, ti: TraitInputs, texts: _PromptTexts, tokens_
     if sha_missing:
         plan.warn(f"trait {ti.trait}: projection files without a vector sha256 (trait-interp's?): vector identity "
                   f"checked by layer, method, component and centering only")
-    result.aggregate = _aggregate(plan, result, chosen, first[0])
+    entry_b = first[1].entry(chosen)
+    ref = entry_b.get("reference") if isinstance(entry_b.get("reference"), dict) else (
+        {"baseline": entry_b["baseline"]} if isinstance(entry_b.get("baseline"), (int, float)) else None)
+    result.aggregate = _aggregate(plan, result, chosen, first[0], ref)
     result.aggregate["layer_source"] = layer_source
     return result
 
 
-def _aggregate(plan: PerTokenPlan, res: _TraitResult, layer: int, key: VectorKey) -> dict:
+def _aggregate(plan: PerTokenPlan, res: _TraitResult, layer: int, key: VectorKey, ref_json: dict | None) -> dict:
     o = plan.opts
+    spread = (ref_json or {}).get("spread")
     recs = list(res.files.values())
     means = [r["mean_delta"] for r in recs if r["mean_delta"] is not None]
     across_mean, across_std = (stats.mean(means), stats.std(means))
@@ -524,16 +530,25 @@ def _aggregate(plan: PerTokenPlan, res: _TraitResult, layer: int, key: VectorKey
     pooled = [{"prompt_id": r["prompt_id"], "prompt_text": r["prompt_text"][:PROMPT_TEXT_CHARS], **c}
               for r in recs for c in r["clauses"]]
     top_n = max(1, int(len(pooled) * o.top_pct / 100)) if pooled else 0
-    # ties broken by prompt order then text position, so the lists are reproducible
+    # ties broken by prompt order then text position, so the lists are reproducible; each list holds clauses of
+    # its own sign only (a clause with delta +0.3 is never listed under "B < A")
     order = {pid: i for i, pid in enumerate(res.files)}
-    top = sorted(pooled, key=lambda c: (-c["mean_delta"], order[c["prompt_id"]], c["token_range"][0]))[:top_n]
-    bottom = sorted(pooled, key=lambda c: (c["mean_delta"], order[c["prompt_id"]], c["token_range"][0]))[:top_n]
+    top = sorted((c for c in pooled if c["mean_delta"] > 0),
+                 key=lambda c: (-c["mean_delta"], order[c["prompt_id"]], c["token_range"][0]))[:top_n]
+    bottom = sorted((c for c in pooled if c["mean_delta"] < 0),
+                    key=lambda c: (c["mean_delta"], order[c["prompt_id"]], c["token_range"][0]))[:top_n]
     agg: dict[str, Any] = {
         "trait": res.trait, "variant_a": o.variant_a, "variant_b": o.variant_b, "n_prompts": len(recs),
         "mean_delta_across_prompts": across_mean.value, "std_delta_across_prompts": across_std.value,
         "per_position_mean_delta": per_pos, "per_position_count": counts,
         "top_clauses_overall": top, "bottom_clauses_overall": bottom,
-        "layer": layer, "method": key.method, "component": key.component, "position": key.position,
+        "layer": layer, "layer_rule": "the selected vector's layer (the best-vector entry of the projection files), "
+                                      "the same layer compare_variants reports as headline_layer",
+        "reference": ref_json, "mean_delta_across_prompts_z": None if across_mean.value is None or not spread
+        else across_mean.value / spread,
+        "clause_lists": "top: clauses with mean_delta > 0 (B above A), highest first; bottom: mean_delta < 0, lowest "
+                        "first; each at most top_pct of all clauses",
+        "method": key.method, "component": key.component, "position": key.position,
         "vector_sha256": key.sha256, "centered": key.centered,
         "prompt_set": plan.prompt_set, "variant_a_prompt_set": plan.set_a, "top_pct": o.top_pct,
         "n_clauses": len(pooled),
@@ -590,6 +605,7 @@ def run_per_token(plan: PerTokenPlan) -> dict:
         "prompts": sum(len(r.files) for r in results), "files": files,
         "output_dirs": [str(r.out_dir) for r in results], "warnings": plan.warnings,
         "aggregates": {r.trait: r.aggregate for r in results}, "seconds": time.perf_counter() - t0,
+        "units": o.units,
     }
 
 
@@ -605,9 +621,17 @@ def per_token_diff(experiment: str, variant_a: str, variant_b: str, prompt_set: 
                                                         variant_a_prompt_set, layer, top_pct, progress)))
 
 
+def _trait_part(t: str, agg: dict, units: str) -> str:
+    mean, z = agg.get("mean_delta_across_prompts"), agg.get("mean_delta_across_prompts_z")
+    if units == "z" and z is not None:
+        shown = f"{_num(z)} held-out spreads ({(agg.get('reference') or {}).get('spread'):.3g})"
+    else:
+        shown = f"{_num(mean)} raw projection units" + (" (no held-out spread)" if units == "z" else "")
+    return f"{t} L{agg['layer']} (selected vector): mean delta {shown}"
+
+
 def format_summary(s: dict) -> str:
-    parts = [f"{t} L{s['layers'][t]}: mean delta {_num(s['aggregates'][t]['mean_delta_across_prompts'])}"
-             for t in s["traits"]]
+    parts = [_trait_part(t, s["aggregates"][t], s.get("units") or DEFAULT_UNITS) for t in s["traits"]]
     skipped = f"; skipped {len(s['skipped'])} trait(s)" if s["skipped"] else ""
     return (f"per-token diff {s['variant_b']} - {s['variant_a']} on {s['prompt_set']}: {s['prompts']} prompt files for "
             f"{len(s['traits'])} trait(s) ({'; '.join(parts)}){skipped} in {s['seconds']:.1f} s -> "
@@ -655,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "else the steering results' best layer)")
     p.add_argument("--top-pct", type=float, default=5.0,
                    help="share of all clauses kept at each end in aggregate.json (default 5)")
+    add_units_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,58 +95,89 @@ def prepare_models(exp_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # What the demo prints between the stages
 
-def show_vectors() -> None:
+def show_vectors(exp: str) -> None:
     from utils.vectors import rank_vectors
 
     print("\nBest vector per trait (no steering results yet: held-out separation, accuracy as a floor):")
     print(f"  {'trait':<18}{'position':<14}{'method':<11}{'layer':>5}{'held-out acc':>14}{'separation':>12}")
     for trait in TRAITS:
-        top = rank_vectors(EXP, trait, "instruct", "instruct")[0]
+        top = rank_vectors(exp, trait, "instruct", "instruct")[0]
         print(f"  {trait:<18}{top.ref.position:<14}{top.ref.method:<11}{top.ref.layer:>5}"
               f"{top.accuracy:>14.2f}{top.separation:>12.2f}")
 
 
-def _scores(variant: str, trait: str, prompt_set: str) -> list[dict]:
+def _records(exp: str, variant: str, trait: str, prompt_set: str) -> list[dict]:
     from utils import paths
     from utils.storage import read_json
 
-    folder = paths.projection_dir(EXP, variant, trait, prompt_set)
-    return [read_json(p)["projections"][0] for p in sorted(folder.glob("*.json"))]
+    folder = paths.projection_dir(exp, variant, trait, prompt_set)
+    return [read_json(p) for p in sorted(folder.glob("*.json"))]
 
 
-def show_set_means() -> None:
-    print(f"\nMean {STEER_TRAIT} score per prompt set (instruct, scalar projection on the best vector):")
-    print(f"  {'set':<10}{'prompts':>8}{'prompt tokens':>15}{'response tokens':>17}")
-    for prompt_set in SETS:
-        entries = _scores("instruct", STEER_TRAIT, prompt_set)
-        mean = lambda key: sum(sum(e[key]) / max(1, len(e[key])) for e in entries) / max(1, len(entries))  # noqa: E731
-        print(f"  {prompt_set:<10}{len(entries):>8}{mean('prompt'):>15.2f}{mean('response'):>17.2f}")
+def set_means_lines(exp: str, variant: str, trait: str, sets: tuple[str, ...], units: str = "z") -> list[str]:
+    """The per-set table of one trait: mean prompt / response scores relative to the vector's baseline, in `units`,
+    and the share of response tokens above the baseline (where the vector itself reads "the trait")."""
+    import math
+
+    from utils.summaries import in_units, raw_scores, reference_of, unit_words
+
+    rows, ref, layer = [], None, None
+    for prompt_set in sets:
+        records = _records(exp, variant, trait, prompt_set)
+        if not records:
+            continue
+        entry = records[0]["projections"][0]
+        ref, layer = reference_of(entry), entry["layer"]
+        sides = {side: [raw_scores(r["projections"][0], r["metadata"], side) for r in records]
+                 for side in ("prompt", "response")}
+        mean = {side: math.fsum(math.fsum(v) / len(v) for v in vals if v) / max(1, sum(bool(v) for v in vals))
+                for side, vals in sides.items()}
+        tokens = [x for v in sides["response"] for x in v]
+        above = sum(x > ref.baseline for x in tokens) / max(1, len(tokens))
+        rows.append(f"  {prompt_set:<10}{len(records):>8}{in_units(mean['prompt'], ref, units):>+15.2f}"
+                    f"{in_units(mean['response'], ref, units):>+17.2f}{above:>22.0%}")
+    if ref is None:
+        return [f"no projections of {trait} for {', '.join(sets)}"]
+    head = (f"Mean {trait} score per prompt set ({variant}, best vector at layer {layer}), in {unit_words(ref, units)}"
+            f"; above 0 reads as {trait.split('/')[-1]} by the vector's own threshold (its class midpoint, "
+            f"baseline {ref.baseline:.3g}):")
+    return [head, f"  {'set':<10}{'prompts':>8}{'prompt tokens':>15}{'response tokens':>17}"
+                  f"{'response tokens above':>22}", *rows]
 
 
-def steer(coefficient: float) -> str:
-    out = run(["inference/modal_inference.py", "--local", "--experiment", EXP, "--prompt", STEER_PROMPT,
+def steer(exp: str, layer: int, coefficient: float) -> str:
+    out = run(["inference/modal_inference.py", "--local", "--experiment", exp, "--prompt", STEER_PROMPT,
                "--traits", STEER_TRAIT, "--max-new-tokens", str(STEER_TOKENS),
-               "--steer", f"{STEER_TRAIT}:{STEER_LAYER}:{coefficient:g}", "--json"], capture=True)
+               "--steer", f"{STEER_TRAIT}:{layer}:{coefficient:g}", "--json"], capture=True)
     done = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
     return done.get("response", "")
 
 
-def show_diff() -> None:
+def diff_lines(exp: str, units: str) -> list[str]:
+    """The model diff per trait at the selected vector's layer (the headline), the all-layer peak as exploratory."""
     from utils import paths
     from utils.storage import read_json
 
-    results = read_json(paths.model_diff_dir(EXP, "instruct", "lora") / DIFF_SET / "results.json")
-    traits = results.get("traits", results)
-    print(f"\nModel diff, lora - instruct on the LoRA's own tokens ({DIFF_SET}): Cohen's d of the per-prompt mean")
-    print(f"  {'trait':<18}{'peak layer':>11}{'d':>8}{'paired d_z':>12}")
+    results = read_json(paths.model_diff_dir(exp, "instruct", "lora") / DIFF_SET / "results.json")
+    traits = results.get("traits") or {}
+    out = [f"Model diff, lora - instruct on the LoRA's own tokens ({DIFF_SET}), each trait at its selected vector's "
+           f"layer: Cohen's d and paired d_z of the per-prompt means, the mean difference "
+           f"{'in held-out spreads' if units == 'z' else 'in raw projection units'}; the largest |d| over all layers "
+           f"is exploratory",
+           f"  {'trait':<18}{'layer':>6}{'d':>8}{'d_z':>8}{'mean B - A':>12}{'exploratory peak':>20}"]
+    fmt = lambda x, w, p=".2f": f"{x:>+{w}{p}}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
     for trait in TRAITS:
-        r = traits.get(trait) if isinstance(traits, dict) else None
-        if not isinstance(r, dict) or r.get("peak_effect_size") is None:
-            print(f"  {trait:<18}{'-':>11}")
+        r = traits.get(trait)
+        if not isinstance(r, dict):
+            out.append(f"  {trait:<18}{'-':>6}")
             continue
-        dz = r.get("peak_paired_effect_size")
-        print(f"  {trait:<18}{r['peak_layer']:>11}{r['peak_effect_size']:>+8.2f}"
-              f"{(f'{dz:+.2f}' if dz is not None else '-'):>12}")
+        diff = r.get("headline_mean_projection_diff_z") if units == "z" else None
+        diff = diff if diff is not None else r.get("headline_mean_projection_diff")
+        peak = (f"L{r.get('peak_layer')} d={r['peak_effect_size']:+.2f} of {r.get('layers_searched')}"
+                if isinstance(r.get("peak_effect_size"), (int, float)) else "-")
+        out.append(f"  {trait:<18}{str(r.get('headline_layer')):>6}{fmt(r.get('headline_effect_size'), 8)}"
+                   f"{fmt(r.get('headline_paired_effect_size'), 8)}{fmt(diff, 12, '.3g')}{peak:>20}")
+    return out
 
 
 def colour(score: float, scale: float) -> str:
@@ -157,23 +189,31 @@ def colour(score: float, scale: float) -> str:
     return f"\033[48;5;{shade}m\033[97m"
 
 
-def show_table(exp: str, variant: str, prompt_set: str, traits: list[str], max_rows: int = 24) -> None:
+def show_table(exp: str, variant: str, prompt_set: str, traits: list[str], units: str, max_rows: int = 24) -> None:
     from utils import paths
     from utils.responses import list_response_files, load_response
     from utils.storage import read_json
+    from utils.summaries import effective_units, in_units, raw_scores, reference_of
 
     files = list_response_files(exp, variant, prompt_set)
     pid = files[0].stem
     resp = load_response(files[0])
     tokens = resp["tokens"][resp["prompt_end"]:]
     cols = []
+    shown = set()
     for trait in traits:
-        entry = read_json(paths.projection_file(exp, variant, trait, prompt_set, pid))["projections"][0]
-        cols.append((trait.split("/")[-1], entry["layer"], entry["response"]))
+        record = read_json(paths.projection_file(exp, variant, trait, prompt_set, pid))
+        entry = record["projections"][0]
+        ref = reference_of(entry)
+        shown.add(effective_units(ref, units))
+        cols.append((trait.split("/")[-1], entry["layer"],
+                     [in_units(v, ref, units) for v in raw_scores(entry, record["metadata"])]))
     use_colour = sys.stdout.isatty() or os.environ.get("FORCE_COLOR")
     scale = max((abs(v) for _, _, vals in cols for v in vals), default=1.0) or 1.0
-    print(f"\nPer-token trait scores, variant {variant}, prompt {prompt_set}/{pid} "
-          f"(scalar projection <h, v> on each trait's best layer):")
+    what = {"raw": "raw scalar projection <h, v>", "baseline": "projection minus the vector's baseline",
+            "z": "held-out spreads from the vector's baseline"}
+    print(f"\nPer-token trait scores, variant {variant}, prompt {prompt_set}/{pid}, each trait on its best layer, "
+          f"in {' / '.join(what[u] for u in sorted(shown))} (above 0: the trait by the vector's own threshold):")
     print("  " + f"{'token':<16}" + "".join(f"{f'{name} L{layer}':>16}" for name, layer, _ in cols))
     for i, tok in enumerate(tokens[:max_rows]):
         cells = []
@@ -186,61 +226,75 @@ def show_table(exp: str, variant: str, prompt_set: str, traits: list[str], max_r
 
 
 # ---------------------------------------------------------------------------------------------------
-# The real demo
+# The pipeline: the same stages on the real model and on the tiny one
 
-def main_real() -> Path:
+@dataclass(frozen=True)
+class Setup:
+    exp: str
+    extract_layers: str | None      # None: every layer
+    viz_layers: str | None
+    steer_layer: int
+    steer_coefficient: float
+    max_new_tokens: int
+
+
+REAL = Setup(EXP, EXTRACT_LAYERS, "0-29:3", STEER_LAYER, STEER_COEFFICIENT, MAX_NEW_TOKENS)
+TINY = Setup("demo_tiny", None, None, 1, 4.0, 24)
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def pipeline(setup: Setup, units: str) -> Path:
+    """generate -> capture -> project (and fused), viz, steering, the LoRA diff, the report; returns the report."""
     from utils import paths
 
-    prepare_models(paths.experiment_dir(EXP))
-    traits = ",".join(TRAITS)
-    if not all(paths.vectors_dir(EXP, t, "instruct").exists() for t in TRAITS):
-        run(["extraction/extract_vectors.py", "--experiment", EXP, "--traits", traits, "--model-variant", "instruct",
-             "--layers", EXTRACT_LAYERS, "--quiet"])
+    exp, traits = setup.exp, ",".join(TRAITS)
+    if not all(paths.vectors_dir(exp, t, "instruct").exists() for t in TRAITS):
+        layers = ["--layers", setup.extract_layers] if setup.extract_layers else []
+        run(["extraction/extract_vectors.py", "--experiment", exp, "--traits", traits, "--model-variant", "instruct",
+             *layers, "--quiet"])
     else:
-        print("\ntrait vectors already extracted (delete experiments/demo/extraction to redo)")
-    show_vectors()
-    gen = ["--max-new-tokens", str(MAX_NEW_TOKENS), "--skip-existing", "--no-server", "--no-progress"]
+        print(f"\ntrait vectors already extracted (delete {shown(paths.extraction_dir(exp))} to redo)")
+    show_vectors(exp)
+    gen = ["--max-new-tokens", str(setup.max_new_tokens), "--skip-existing", "--no-server", "--no-progress"]
     for prompt_set in SETS:
-        run(["inference/generate_responses.py", "--experiment", EXP, "--prompt-set", prompt_set,
+        run(["inference/generate_responses.py", "--experiment", exp, "--prompt-set", prompt_set,
              "--model-variant", "instruct", *gen])
-    harmful = ["--experiment", EXP, "--prompt-set", "harmful", "--model-variant", "instruct"]
+    harmful = ["--experiment", exp, "--prompt-set", "harmful", "--model-variant", "instruct"]
     run(["inference/capture_raw_activations.py", *harmful, "--skip-existing"])
-    run(["inference/project_raw_activations_onto_traits.py", *harmful, "--traits", traits, "--skip-existing"])
-    run(["inference/project_raw_activations_onto_traits.py", "--experiment", EXP, "--prompt-set", "benign",
-         "--model-variant", "instruct", "--traits", traits, "--fused", "--skip-existing"])
-    show_set_means()
+    run(["inference/project_raw_activations_onto_traits.py", *harmful, "--traits", traits, "--skip-existing",
+         "--units", units])
+    run(["inference/project_raw_activations_onto_traits.py", "--experiment", exp, "--prompt-set", "benign",
+         "--model-variant", "instruct", "--traits", traits, "--fused", "--skip-existing", "--units", units])
+    print("\n" + "\n".join(set_means_lines(exp, "instruct", STEER_TRAIT, SETS, units)))
+    viz_layers = ["--layers", setup.viz_layers] if setup.viz_layers else []
     run(["inference/extract_viz.py", *harmful, "--attention", "--heads", "mean", "--logit-lens", "--top-k", "5",
-         "--layers", "0-29:3", "--limit", "2", "--skip-existing"])
+         *viz_layers, "--limit", "2", "--skip-existing"])
 
-    print(f"\nSteering: {STEER_PROMPT!r}, greedy, {STEER_TRAIT} added at layer {STEER_LAYER}")
-    plain, steered = steer(0.0), steer(STEER_COEFFICIENT)
-    print(f"\n  coefficient 0:  {plain.strip()!r}\n  coefficient {STEER_COEFFICIENT:g}: {steered.strip()!r}")
+    print(f"\nSteering: {STEER_PROMPT!r}, greedy, {STEER_TRAIT} added at layer {setup.steer_layer}")
+    plain, steered = steer(exp, setup.steer_layer, 0.0), steer(exp, setup.steer_layer, setup.steer_coefficient)
+    print(f"\n  coefficient 0:  {plain.strip()!r}\n  coefficient {setup.steer_coefficient:g}: {steered.strip()!r}")
 
-    diff = ["--experiment", EXP, "--prompt-set", DIFF_SET]
+    diff = ["--experiment", exp, "--prompt-set", DIFF_SET]
     run(["inference/generate_responses.py", *diff, "--model-variant", "lora", *gen])
     run(["inference/project_raw_activations_onto_traits.py", *diff, "--model-variant", "lora", "--traits", traits,
-         "--fused", "--save-means", "--skip-existing"])
+         "--fused", "--save-means", "--skip-existing", "--units", units])
     run(["inference/project_raw_activations_onto_traits.py", *diff, "--model-variant", "instruct",
-         "--responses-from", "lora", "--traits", traits, "--fused", "--save-means", "--skip-existing"])
+         "--responses-from", "lora", "--traits", traits, "--fused", "--save-means", "--skip-existing",
+         "--units", units])
     pair = ["--variant-a", "instruct", "--variant-b", "lora"]
-    run(["analysis/model_diff/compare_variants.py", *diff, *pair, "--use-best-vector"])
-    run(["analysis/model_diff/per_token_diff.py", *diff, *pair, "--trait", "all", "--top-pct", "5"])
-    show_diff()
-    report = None
-    if (ROOT / "analysis" / "report.py").exists():
-        run(["analysis/report.py", *diff, "--compare", "instruct,lora", "--quiet"])
-        report = paths.experiment_dir(EXP) / "analysis" / "report" / f"{DIFF_SET}_instruct_vs_lora.html"
-    show_table(EXP, "lora", DIFF_SET, TRAITS)
-    return report
+    run(["analysis/model_diff/compare_variants.py", *diff, *pair, "--use-best-vector", "--units", units])
+    run(["analysis/model_diff/per_token_diff.py", *diff, *pair, "--trait", "all", "--top-pct", "5", "--units", units])
+    print("\n" + "\n".join(diff_lines(exp, units)))
+    run(["analysis/report.py", *diff, "--compare", "instruct,lora", "--quiet"])
+    show_table(exp, "lora", DIFF_SET, TRAITS, units)
+    return paths.report_file(exp, DIFF_SET, ("instruct", "lora"))
 
 
-# ---------------------------------------------------------------------------------------------------
-# The tiny random-weight demo (no fetch): the mechanics only
-
-TINY = "demo_tiny"
-
-
-def main_tiny() -> None:
+def prepare_tiny(exp: str) -> None:
+    """A tiny random-weight llama and LoRA in the experiment's models/, with the real demo's variant names."""
     import transformers
 
     import utils.model  # noqa: F401
@@ -249,60 +303,54 @@ def main_tiny() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    exp_dir = paths.experiment_dir(TINY)
-    build_model("llama", exp_dir / "models" / "base", seed=0)
-    build_lora_adapter(exp_dir / "models" / "base", exp_dir / "models" / "lora", seed=1)
-    config = exp_dir / "config.json"
-    if not config.exists():
-        config.write_text(json.dumps({"defaults": {"extraction": "base", "application": "base"},
-                                      "model_variants": {"base": {"model": "models/base"},
-                                                         "lora": {"model": "models/base", "lora": "models/lora"}},
-                                      "use_chat_template": None}, indent=2) + "\n")
-    print(f"tiny random-weight model and LoRA in {exp_dir.relative_to(ROOT)}/models (text will be gibberish)")
-    traits = ",".join(TRAITS)
-    if not all(paths.vectors_dir(TINY, t, "base").exists() for t in TRAITS):
-        run(["extraction/extract_vectors.py", "--experiment", TINY, "--traits", traits, "--model-variant", "base",
-             "--quiet"])
-    common = ["--experiment", TINY, "--prompt-set", "harmful"]
-    run(["inference/generate_responses.py", *common, "--model-variant", "lora", "--max-new-tokens", "24",
-         "--skip-existing", "--no-server"])
-    run(["inference/capture_raw_activations.py", *common, "--model-variant", "lora", "--skip-existing"])
-    run(["inference/capture_raw_activations.py", *common, "--model-variant", "base", "--responses-from", "lora",
-         "--skip-existing"])
-    for variant in ("lora", "base"):
-        run(["inference/project_raw_activations_onto_traits.py", *common, "--model-variant", variant,
-             "--traits", traits, "--skip-existing"])
-    run(["inference/extract_viz.py", *common, "--model-variant", "lora", "--attention", "--logit-lens",
-         "--top-k", "5", "--skip-existing"])
-    pair = ["--variant-a", "base", "--variant-b", "lora"]
-    run(["analysis/model_diff/compare_variants.py", *common, *pair, "--use-best-vector"])
-    run(["analysis/model_diff/per_token_diff.py", *common, *pair, "--trait", "all", "--top-pct", "5"])
-    show_table(TINY, "lora", "harmful", TRAITS)
+    exp_dir = paths.experiment_dir(exp)
+    config = {"defaults": {"extraction": "instruct", "application": "instruct"},
+              "model_variants": {"instruct": {"model": "models/tiny"},
+                                 "lora": {"model": "models/tiny", "lora": "models/tiny_lora"}},
+              "use_chat_template": None}
+    path = exp_dir / "config.json"
+    if path.exists() and json.loads(path.read_text()) != config:
+        raise SystemExit(f"demo: {shown(path)} exists and is not the tiny demo's: choose another --experiment")
+    build_model("llama", exp_dir / "models" / "tiny", seed=0)
+    build_lora_adapter(exp_dir / "models" / "tiny", exp_dir / "models" / "tiny_lora", seed=1)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    print(f"tiny random-weight model and LoRA in {shown(exp_dir / 'models')} (text will be gibberish)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="run_demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random-weight model instead (no fetch)")
+    p.add_argument("--experiment", default=None,
+                   help=f"with --tiny: the experiment to build (default {TINY.exp}; `--experiment demo` in a scratch "
+                        f"$TRAIT_EXPERIMENTS_DIR gives the layout every --help example uses)")
+    p.add_argument("--units", choices=("raw", "baseline", "z"), default="z",
+                   help="how the tables show scores: raw projections, minus each vector's baseline (class midpoint), "
+                        "or that in held-out spreads (default: z)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     from core.errors import TraitError
+    from utils import paths
 
     try:
-        report = None if args.tiny else main_real()
         if args.tiny:
-            main_tiny()
+            setup = replace(TINY, exp=args.experiment or TINY.exp)
+            prepare_tiny(setup.exp)
+        else:
+            if args.experiment not in (None, EXP):
+                p.error("--experiment is for --tiny (the real demo is experiment demo)")
+            setup = REAL
+            prepare_models(paths.experiment_dir(EXP))
+        report = pipeline(setup, args.units)
     except TraitError as e:   # the model cannot be fetched, for instance: one line, and what else to run
         print(f"error: {e}\n(`make demo-tiny` runs the same pipeline on a tiny local model, no fetch)", file=sys.stderr)
         return 2
-    from utils import paths
-
-    exp_dir = paths.experiment_dir(TINY if args.tiny else EXP)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; outputs under {exp_dir.relative_to(ROOT)}/ "
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; outputs under {shown(paths.experiment_dir(setup.exp))}/ "
           f"(rerun to see them again: every stage skips what exists; `make clean-demo` starts over)")
-    if report is not None:
-        print(f"report: {report.relative_to(ROOT) if report.is_relative_to(ROOT) else report}")
+    print(f"report: {shown(report)}")
     return 0
 
 
