@@ -53,12 +53,13 @@ class ReportOptions:
     model_variant: str | None = None
     traits: tuple[str, ...] | None = None
     compare: tuple[str, str] | None = None
-    centered: bool = False
+    centered: bool = False                   # kept for old command lines: the baseline is the centre by default
     out: str | None = None
     precision: int = 4
     viz_suffix: str | None = None
     viz_top_k: int = 5
     progress: bool = True
+    units: str = "baseline"                  # raw: colour centred on 0; baseline / z: on each vector's baseline
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ReportOptions":
@@ -70,7 +71,7 @@ class ReportOptions:
                 raise ReportError(f"--compare {ns.compare!r}: give two different variants as A,B (B - A is shown)")
             compare = (parts[0], parts[1])
         return cls(ns.experiment, ns.prompt_set, ns.model_variant, traits, compare, ns.centered, ns.out,
-                   ns.precision, ns.viz_suffix, ns.viz_top_k, progress=not ns.quiet)
+                   ns.precision, ns.viz_suffix, ns.viz_top_k, progress=not ns.quiet, units=ns.units)
 
 
 @dataclass
@@ -272,24 +273,33 @@ def _vector_key(meta: dict, k: int, e: dict) -> tuple:
             e.get("component") or meta.get("component"), sha, bool(meta.get("centered")))
 
 
-def _score_view(meta: dict, k: int, e: dict, variant: str, centered: bool, path: Path, prefix: str = "") -> dict:
+def _score_view(meta: dict, k: int, e: dict, variant: str, centered: bool, path: Path, prefix: str = "",
+                units: str = "baseline") -> dict:
+    """One view of a trait. The colour centre is the vector's baseline (its class midpoint: above it a token reads
+    as the trait by the vector's own threshold); --units raw centres on 0 instead."""
     vecs = meta.get("vectors") or []
     vec = vecs[k] if k < len(vecs) and isinstance(vecs[k], dict) else {}
     baseline = e.get("baseline", vec.get("baseline"))
+    ref = e.get("reference") if isinstance(e.get("reference"), dict) else vec.get("reference")
+    spread = (ref or {}).get("spread") if isinstance(ref, dict) else None
     if meta.get("centered"):
-        center, note = 0.0, "scores centered at projection (baseline subtracted)"
+        center, note = 0.0, "scores centered at projection (baseline subtracted): colour centred on the baseline"
+    elif units == "raw" and not centered:
+        center, note = 0.0, "colour centred on 0 (--units raw)"
+    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        center, note = float(baseline), f"colour centred on the vector's baseline {float(baseline):.4g}"
     elif centered:
-        if not isinstance(baseline, (int, float)):
-            raise ReportError(f"--centered: {path}: the vector at layer {e.get('layer')} has no baseline")
-        center, note = float(baseline), "colour centred on the vector's baseline (--centered)"
+        raise ReportError(f"--centered: {path}: the vector at layer {e.get('layer')} has no baseline")
     else:
-        center, note = 0.0, "colour centred on 0"
+        center, note = 0.0, "colour centred on 0 (the projection file records no baseline)"
+    note += "; colour scale from the non-special tokens (BOS and chat-template tokens left out)"
     return {"kind": "score", "variant": variant, "label": f"{prefix}L{e.get('layer')} {e.get('method')}",
             "layer": e.get("layer"), "method": e.get("method"),
             "position": e.get("position") or meta.get("position"),
             "component": e.get("component") or meta.get("component"),
             "selection_source": e.get("selection_source") or vec.get("selection_source"),
             "baseline": baseline, "centered": bool(meta.get("centered")), "center": center, "note": note,
+            "spread": spread, "reference": ref,
             "vector_path": vec.get("path"), "sha256": vec.get("sha256"),
             "extraction_variant": meta.get("extraction_variant"), "steering_variant": meta.get("steering_variant"),
             "source": str(path.parent)}
@@ -312,9 +322,11 @@ class _TraitViews:
             raise ReportError(f"{path}: projected onto other vectors than {self.first} ({_describe(keys)} vs "
                               f"{_describe(self.keys)}); re-project the whole set")
 
-    def add(self, k: int, values: Sequence[float]) -> None:
+    def add(self, k: int, values: Sequence[float], skip: frozenset[int] = frozenset()) -> None:
+        """Deviations from the centre for the colour scale; `skip`: positions of special tokens (a BOS scoring
+        -8432 on Gemma-3 would otherwise wash out every other token)."""
         c = self.views[k]["center"]
-        self.abs_dev[k].extend(abs(float(v) - c) for v in values)
+        self.abs_dev[k].extend(abs(float(v) - c) for i, v in enumerate(values) if i not in skip)
 
     def finish(self) -> list[dict]:
         for view, dev in zip(self.views, self.abs_dev):
@@ -358,9 +370,13 @@ def _specials(toks: PromptTokens, ids: set[int] | None) -> list[int]:
     return [i for i, t in enumerate(toks.tokens) if SPECIAL_PATTERN.match(t)]
 
 
-def _prompt_scores(plan: ReportPlan, pid: str, toks: PromptTokens, views: dict[str, _TraitViews]) -> tuple[list, list]:
-    """Per trait: [[prompt scores, response scores] per view] (None when the trait lacks this prompt), and means."""
+def _prompt_scores(plan: ReportPlan, pid: str, toks: PromptTokens, views: dict[str, _TraitViews],
+                   specials: Sequence[int] = ()) -> tuple[list, list]:
+    """Per trait: [[prompt scores, response scores] per view] (None when the trait lacks this prompt), and means.
+    `specials`: token positions (prompt and response together) left out of the colour scale."""
     digits, n_p, n_r = plan.opts.precision, toks.prompt_end, len(toks.ids) - toks.prompt_end
+    skip_p = frozenset(i for i in specials if i < n_p)
+    skip_r = frozenset(i - n_p for i in specials if i >= n_p)
     scores, means, aggs = [], [], []
     for t in plan.traits:
         path = plan.projections[t].get(pid)
@@ -374,11 +390,12 @@ def _prompt_scores(plan: ReportPlan, pid: str, toks: PromptTokens, views: dict[s
         if plan.opts.compare:
             per_view = _compare_views(plan, t, pid, toks, meta, entries, views[t], path)
         else:
-            views[t].fix([_score_view(meta, k, e, plan.variant, plan.opts.centered, path) for k, e in
-                          enumerate(entries)], [_vector_key(meta, k, e) for k, e in enumerate(entries)], path)
+            views[t].fix([_score_view(meta, k, e, plan.variant, plan.opts.centered, path, units=plan.opts.units)
+                          for k, e in enumerate(entries)], [_vector_key(meta, k, e) for k, e in enumerate(entries)],
+                         path)
         for k, (p, r) in enumerate(per_view):
-            views[t].add(k, p)
-            views[t].add(k, r)
+            views[t].add(k, p, skip_p)
+            views[t].add(k, r, skip_r)
         scores.append([[_round(p, digits), _round(r, digits)] for p, r in per_view])
         means.append([None if (m := _mean(r)) is None else float(f"{m:.{digits}g}") for _, r in per_view])
         aggs.append([_aggregates(r, view, digits) for (_, r), view in zip(per_view, views[t].views)])
@@ -420,8 +437,8 @@ def _compare_views(plan: ReportPlan, trait: str, pid: str, toks: PromptTokens, m
     ka, ea = pick(meta_a, entries_a, afile)
     kb, eb = pick(meta_b, entries_b, path_b)
     a, b = plan.variant_a, plan.variant
-    va = _score_view(meta_a, ka, ea, a, plan.opts.centered, afile, f"{a}: ")
-    vb = _score_view(meta_b, kb, eb, b, plan.opts.centered, path_b, f"{b}: ")
+    va = _score_view(meta_a, ka, ea, a, plan.opts.centered, afile, f"{a}: ", plan.opts.units)
+    vb = _score_view(meta_b, kb, eb, b, plan.opts.centered, path_b, f"{b}: ", plan.opts.units)
     delta = {**vb, "kind": "delta", "label": f"{b} \u2212 {a}: L{d.get('layer')} {d.get('method')}", "center": 0.0,
              "note": f"per token, {b} minus {a} on identical tokens (per_token_diff)", "source": str(dfile.parent)}
     tv.fix([delta, va, vb], [("delta", d.get("layer"), d.get("method")), _vector_key(meta_a, ka, ea),
@@ -501,7 +518,11 @@ def _compare_block(plan: ReportPlan, digits: int) -> dict | None:
                 **{k: [r4(x) for x in e.get(k) or []] for k in ("per_layer_effect_size", "per_layer_paired_effect_size",
                                                                "per_layer_cosine_sim", "per_layer_mean_projection_diff")},
                 "peak_layer": e.get("peak_layer"), "peak_effect_size": r4(e.get("peak_effect_size")),
-                "peak_paired_effect_size": r4(e.get("peak_paired_effect_size"))}
+                "peak_paired_effect_size": r4(e.get("peak_paired_effect_size")),
+                "headline_layer": e.get("headline_layer"), "headline_effect_size": r4(e.get("headline_effect_size")),
+                "headline_paired_effect_size": r4(e.get("headline_paired_effect_size")),
+                "headline_mean_projection_diff_z": r4(e.get("headline_mean_projection_diff_z")),
+                "layers_searched": e.get("layers_searched", len(e.get("layers") or []))}
         try:
             agg = read_json(plan.aggregates[t])
         except StorageError as e:
@@ -529,11 +550,12 @@ def build_data(plan: ReportPlan) -> tuple[dict, list[str]]:
     prompts = []
     for pid in tqdm(plan.prompt_ids, desc="report", unit="prompt", file=sys.stderr, disable=not opts.progress):
         toks = read_tokens(opts.experiment, plan.variant, opts.prompt_set, pid)
-        scores, means, aggs = _prompt_scores(plan, pid, toks, views)
+        specials = _specials(toks, special_ids)
+        scores, means, aggs = _prompt_scores(plan, pid, toks, views, specials)
         missing = [t for t, s in zip(plan.traits, scores) if s is None]
         if missing:
             warn[f"prompts without projections of some trait ({', '.join(missing)}), shown uncoloured there"] += 1
-        rec = {"id": pid, "t": toks.tokens, "i": toks.ids, "e": toks.prompt_end, "sp": _specials(toks, special_ids),
+        rec = {"id": pid, "t": toks.tokens, "i": toks.ids, "e": toks.prompt_end, "sp": specials,
                "s": scores, "m": means, "g": aggs}
         rec.update(_viz(plan, pid, toks, warn))
         prompts.append(rec)
@@ -637,8 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, metavar="A,B",
                    help="model diff: B - A per token (per_token_diff.py output), top clauses, effect sizes")
     p.add_argument("--centered", action="store_true",
-                   help="centre the colour scale on each vector's baseline (scores projected with --centered "
-                        "already are)")
+                   help="centre the colour scale on each vector's baseline (the default unless --units raw; kept for "
+                        "old command lines)")
+    p.add_argument("--units", choices=("raw", "baseline", "z"), default="baseline",
+                   help="colour centre: each vector's baseline (baseline, z; the default: baseline) or 0 (raw); the "
+                        "scale always leaves special tokens out")
     p.add_argument("--out", default=None, help="output file (default experiments/{exp}/analysis/report/{set}.html)")
     p.add_argument("--precision", type=int, default=4, help="significant digits of every score (default 4)")
     p.add_argument("--viz-suffix", default=None,

@@ -248,7 +248,8 @@ def test_compare_report_shows_per_token_delta_clauses_and_effect_sizes(env, brow
     results = json.loads((env / "model_diff" / "base_vs_lora" / SET / "results.json").read_text())
     assert "Cohen's d" in body and js_num(results["traits"][trait]["peak_effect_size"]) in body
     agg = json.loads((diff_dir / "aggregate.json").read_text())
-    assert agg["top_clauses_overall"][0]["text"].strip() in body
+    clauses = agg["top_clauses_overall"] or agg["bottom_clauses_overall"]
+    assert clauses[0]["text"].strip() in body
     assert page.requests == [path.as_uri()] and page.errors == []
     page.close()
 

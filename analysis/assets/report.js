@@ -152,24 +152,67 @@
     });
     return h("div", {class: "clause-box"}, [h("h3", {text: title}), list.length ? ol : h("p", {class: "muted", text: "none"})]);
   }
+  // d and d_z per layer as lines (any number of layers fits the card), the headline layer marked
+  function effectPlot(e) {
+    var W = 960, H = 220, L = 48, Rm = 12, T = 16, B = 34, n = e.layers.length;
+    var series = [["Cohen's d", e.per_layer_effect_size, "d"], ["paired d_z", e.per_layer_paired_effect_size, "dz"]];
+    var vals = [0];
+    series.forEach(function (sr) { sr[1].forEach(function (x) { if (x !== null && x !== undefined) vals.push(x); }); });
+    var lo = Math.min.apply(null, vals), hi = Math.max.apply(null, vals);
+    if (!(hi > lo)) { hi = lo + 1; }
+    var pad = (hi - lo) * 0.08; lo -= pad; hi += pad;
+    var x = function (k) { return n > 1 ? L + (W - L - Rm) * k / (n - 1) : L + (W - L - Rm) / 2; };
+    var y = function (v) { return T + (H - T - B) * (1 - (v - lo) / (hi - lo)); };
+    var s = svg("svg", {viewBox: "0 0 " + W + " " + H, class: "effects-plot", role: "img", "data-layers": n});
+    s.appendChild(svg("line", {x1: L, x2: W - Rm, y1: y(0), y2: y(0), class: "zero"}));
+    var hk = e.layers.indexOf(e.headline_layer);
+    if (hk >= 0) {
+      s.appendChild(svg("line", {x1: x(hk), x2: x(hk), y1: T, y2: H - B, class: "headline-mark"}));
+      var ht = svg("text", {x: x(hk) + 4, y: T + 10, class: "tick headline-label"});
+      ht.textContent = "headline L" + e.headline_layer; s.appendChild(ht);
+    }
+    series.forEach(function (sr) {
+      var pts = [];
+      sr[1].forEach(function (v, k) { if (v !== null && v !== undefined) pts.push(x(k).toFixed(1) + "," + y(v).toFixed(1)); });
+      s.appendChild(svg("polyline", {points: pts.join(" "), class: "series " + sr[2], fill: "none"}));
+      sr[1].forEach(function (v, k) {
+        if (v === null || v === undefined) return;
+        var c = svg("circle", {cx: x(k).toFixed(1), cy: y(v).toFixed(1), r: n > 40 ? 1.8 : 3, class: "series " + sr[2]});
+        var tt = svg("title", {}); tt.textContent = "layer " + e.layers[k] + ": " + sr[0] + " = " + fmt(v);
+        c.appendChild(tt); s.appendChild(c);
+      });
+    });
+    var every = Math.max(1, Math.ceil(n / 16));
+    e.layers.forEach(function (l, k) {
+      if (k % every && k !== hk) return;
+      var tk = svg("text", {x: x(k), y: H - B + 14, class: "tick xt"}); tk.textContent = String(l); s.appendChild(tk);
+    });
+    [hi - pad, 0, lo + pad].forEach(function (tv) {
+      var tk = svg("text", {x: L - 4, y: y(tv) + 3, class: "tick"}); tk.textContent = fmt(tv); s.appendChild(tk);
+    });
+    var xl = svg("text", {x: (L + W - Rm) / 2, y: H - 4, class: "axis-label"}); xl.textContent = "layer"; s.appendChild(xl);
+    var yl = svg("text", {x: 12, y: (T + H - B) / 2, class: "axis-label", transform: "rotate(-90 12 " + (T + H - B) / 2 + ")"});
+    yl.textContent = "effect size (B \u2212 A)"; s.appendChild(yl);
+    var key = h("p", {class: "muted effects-key", text: "lines: Cohen's d (solid) and paired d_z (dashed) per layer; the " +
+      "vertical mark is the headline layer (the selected vector's); hover a point for its value."});
+    return h("div", {class: "effects-box"}, [s, key]);
+  }
   function fillCompare() {
     if (!cmp) return;
     var body = document.getElementById("compare-body");
     body.innerHTML = "";
     var name = D.traits[R.state.trait].name, e = D.compare.effects[name], c = D.compare.clauses[name];
     if (e) {
-      var t = h("table", {class: "effects"});
-      t.appendChild(h("tr", {}, [h("th", {text: "layer"})].concat(e.layers.map(function (l) {
-        return h("th", {text: String(l), class: l === e.peak_layer ? "peak" : ""}); }))));
-      [["Cohen's d", "per_layer_effect_size"], ["paired d_z", "per_layer_paired_effect_size"],
-       ["cos(diff, v)", "per_layer_cosine_sim"], ["mean projection diff", "per_layer_mean_projection_diff"]].forEach(function (r) {
-        t.appendChild(h("tr", {}, [h("th", {text: r[0]})].concat(e[r[1]].map(function (x, i) {
-          return h("td", {text: x === null ? "\u2013" : fmt(x), class: e.layers[i] === e.peak_layer ? "peak" : ""}); }))));
-      });
-      body.appendChild(h("p", {text: "Effect sizes of " + name + " (" + e.method + ", " + e.position + "), per-prompt mean " +
-        "response activations, " + D.compare.b + " over " + D.compare.a + "; peak layer " + e.peak_layer + ": d = " +
-        fmt(e.peak_effect_size) + ", d_z = " + fmt(e.peak_paired_effect_size) + "."}));
-      body.appendChild(t);
+      var head = e.headline_layer === null || e.headline_layer === undefined ? "no selected vector, so no headline" :
+        "headline at the selected vector's layer " + e.headline_layer + ": d = " + fmt(e.headline_effect_size) +
+        ", d_z = " + fmt(e.headline_paired_effect_size) + (e.headline_mean_projection_diff_z === null ||
+        e.headline_mean_projection_diff_z === undefined ? "" : ", mean difference " +
+        fmt(e.headline_mean_projection_diff_z) + " held-out spreads");
+      body.appendChild(h("p", {class: "headline", text: "Effect sizes of " + name + " (" + e.method + ", " + e.position +
+        "), per-prompt mean response activations, " + D.compare.b + " over " + D.compare.a + "; " + head +
+        ". Exploratory: the largest |d| over the " + e.layers_searched + " layers searched is at layer " +
+        e.peak_layer + " (d = " + fmt(e.peak_effect_size) + "), a selection over layers."}));
+      body.appendChild(effectPlot(e));
     } else {
       body.appendChild(h("p", {class: "muted", text: D.compare.results ? "results.json has no entry for " + name :
         "no results.json (run analysis/model_diff/compare_variants.py) : effect sizes not shown"}));
@@ -177,7 +220,8 @@
     if (c) {
       body.appendChild(h("p", {text: "Per-token " + D.compare.b + " \u2212 " + D.compare.a + " at layer " + c.layer +
         " over " + c.n_prompts + " prompts: mean of per-prompt means " + fmt(c.mean) + " (std " + fmt(c.std) +
-        "). Clauses: the top and bottom " + c.top_pct + "% of all clauses by mean delta (aggregate.json)."}));
+        "). Clauses: at most " + c.top_pct + "% of all clauses on each side, listed by the sign of their mean delta " +
+        "(aggregate.json)."}));
       body.appendChild(h("div", {class: "clause-cols"}, [clauseList(D.compare.b + " > " + D.compare.a, c.top),
         clauseList(D.compare.b + " < " + D.compare.a, c.bottom)]));
     }
@@ -224,13 +268,16 @@
       [hi - pad, lo + pad].forEach(function (tv) {
         var tk = svg("text", {x: L - 4, y: y(tv) + 3, class: "tick"}); tk.textContent = fmt(tv); s.appendChild(tk);
       });
+      var ax = svg("text", {x: 2, y: 58, class: "lab2 axis-label"});
+      ax.textContent = "y: mean response score (line: " + (w.kind === "delta" ? "0" : "centre " + fmt(w.center)) + ")";
+      s.appendChild(ax);
       var r = n > 300 ? 1.6 : 2.6;
       order.forEach(function (pi, k) {
         var p = D.prompts[pi], m = meanOf(p, t, v);
         if (m === null || m === undefined) return;
         var a = svg("a", {href: "#p-" + p.id, class: "pt"});
         var c = svg("circle", {cx: x(k).toFixed(1), cy: y(m).toFixed(1), r: r, fill: TraitTokens.color(m, w.center, w.extent)});
-        var title = svg("title", {}); title.textContent = "#" + p.id + ": " + fmt(m);
+        var title = svg("title", {}); title.textContent = "prompt #" + p.id + ": mean " + fmt(m);
         c.appendChild(title); a.appendChild(c); s.appendChild(a);
       });
       s.addEventListener("click", function (ev) {
