@@ -753,7 +753,7 @@ def _unpushable_models(experiment: str, model_variant: Optional[str]) -> list[st
     from inference.modal_common import variant_entry
 
     name, entry = variant_entry(experiment, model_variant or "")
-    exp_dir = paths.experiment_dir(experiment).resolve()
+    exp_dir = Path(os.path.abspath(paths.experiment_dir(experiment)))   # a symlinked model folder inside it counts
     notes = []
     for key in ("model", "lora"):
         ref = entry.get(key)
@@ -762,7 +762,8 @@ def _unpushable_models(experiment: str, model_variant: Optional[str]) -> list[st
         folder = Path(ref) if Path(ref).is_absolute() else exp_dir / ref
         if not folder.exists():
             folder = paths.REPO_ROOT / ref
-        if folder.is_dir() and (Path(ref).is_absolute() or not folder.resolve().is_relative_to(exp_dir)):
+        inside = Path(os.path.normpath(os.path.abspath(folder))).is_relative_to(exp_dir)
+        if folder.is_dir() and (Path(ref).is_absolute() or not inside):
             notes.append(f"variant {name}: {key} {ref} is a local folder outside the experiment, which the workers "
                          f"cannot see: use a hub id, or a folder under experiments/{experiment}/ named by a relative "
                          f"path, and push again")

@@ -285,3 +285,41 @@ def test_cli_exit_status_1_names_the_failed_ids(world, monkeypatch, capsys):
     assert "Traceback" in cap.err and "injected failure on prompt b" in cap.err
     assert batch("--shards", "2", "--stages", "generate,capture") == 0
     assert len(list(paths.raw_dir("e", "base", "tiny").glob("*.pt"))) == 7
+
+
+def test_readme_batch_commands_parse():
+    """Every trait-batch / modal_batch.py command of the README's batch section parses with today's flags."""
+    import shlex
+
+    from inference import modal_batch as mb
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("<!-- section: modal-batch -->"):readme.index("<!-- section: report -->")]
+    blocks = section.split("```bash")[1:]
+    lines = []
+    for block in blocks:
+        text = block.split("```")[0].replace("\\\n", " ")
+        lines += [line.split("#")[0].strip() for line in text.splitlines() if line.strip()]
+    checked = 0
+    for line in lines:
+        if "trait-batch" not in line and "inference/modal_batch.py" not in line:
+            continue
+        words = shlex.split(line)
+        words = [w for w in words if "=" not in w or w.startswith("--")]   # VAR=value prefixes
+        if not words:
+            continue
+        if words[0].endswith("trait-batch"):
+            args, parser = words[1:], eng.build_parser()
+        elif words[1:2] == ["inference/modal_batch.py"]:
+            args = words[2:]
+            parser = mb.build_transfer_parser(args[0]) if args[0] in eng.MODAL_COMMANDS else mb.build_modal_parser()
+            args = args[1:] if args[0] in eng.MODAL_COMMANDS else mb.with_backend(args)
+        elif words[:3] == [words[0], "run", "inference/modal_batch.py"] and words[0].endswith("modal"):
+            args, parser = mb.with_backend(words[3:]), mb.build_modal_parser()
+        else:
+            continue
+        ns = parser.parse_args(args)
+        if hasattr(ns, "stages"):
+            eng.BatchOptions.from_args(ns)
+        checked += 1
+    assert checked >= 8
