@@ -111,19 +111,29 @@ def warm_model_cache(experiment: str, model_variant: str = "") -> dict:
     from utils.config import resolve_variant
     from utils.model import load_model_config
 
-    data_volume.reload()
+    if not modal.is_local():
+        data_volume.reload()
     variant = resolve_variant(experiment, model_variant or None)
     t0 = time.perf_counter()
+    fetched = download_weights([variant.model_path(experiment), variant.lora_path(experiment)])
+    load_model_config(variant.model_path(experiment))
+    if not modal.is_local():
+        cache_volume.commit()
+    return {"variant": variant.name, "fetched": fetched, "seconds": time.perf_counter() - t0}
+
+
+def download_weights(refs: Sequence[Optional[str]]) -> list[str]:
+    """Each hub id among `refs` downloaded into HF_HOME (the model-cache Volume in a container); local folders
+    (on the Volume already) and None are skipped. The hub ids fetched."""
     fetched = []
-    for ref in (variant.model_path(experiment), getattr(variant, "lora", None)):
-        if isinstance(ref, str) and ref and not Path(ref).exists():   # a hub id (local folders are on the Volume)
+    for ref in refs:
+        if isinstance(ref, str) and ref and not Path(ref).exists():
             from huggingface_hub import snapshot_download
 
-            snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                   "*.tiktoken"])
             fetched.append(ref)
-    load_model_config(variant.model_path(experiment))
-    cache_volume.commit()
-    return {"variant": variant.name, "fetched": fetched, "seconds": time.perf_counter() - t0}
+    return fetched
 
 
 @app.function(image=image, volumes=VOLUMES, secrets=secrets, timeout=3600)

@@ -380,3 +380,20 @@ def test_detach_spawns_the_deployed_orchestrator_with_the_runs_flags(world, monk
                        ["--backend", "modal", "--experiment", "e", "--prompt-set", "tiny", "--gpus", "4"]]
     assert "fc-123" in out and "modal_batch.py status --experiment e" in out
     assert not (world / "inference").exists()
+
+
+def test_the_cache_warm_up_downloads_hub_weights_once_and_skips_local_folders(world, monkeypatch, tmp_path):
+    import warnings
+
+    import huggingface_hub
+
+    warnings.filterwarnings("ignore", message=".*executing locally.*")
+    got = mb.warm_model_cache.local("e")            # the zoo model is a local folder: nothing to download
+    assert got["variant"] == "base" and got["fetched"] == []
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, **k: calls.append((ref, k)))
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    assert mb.download_weights(["meta-llama/Llama-3.3-70B-Instruct", str(lora), None]) == [
+        "meta-llama/Llama-3.3-70B-Instruct"]
+    assert len(calls) == 1 and "*.safetensors" in calls[0][1]["allow_patterns"]
