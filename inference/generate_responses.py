@@ -500,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Exit status: 0 done, 2 bad input (nothing written), 1 the server failed mid-run (files written\n"
                "so far are complete: rerun with --skip-existing).")
     p.add_argument("--experiment", required=True, help="experiments/E/config.json names the model variants")
-    p.add_argument("--prompt-set", required=True, help="datasets/inference/SET.json (may be nested: a/b)")
+    p.add_argument("--prompt-set", required=True,
+                   help="datasets/inference/SET.json (may be nested: a/b), or the path of a .json file of your own "
+                        "(the set is then named by its stem: later stages take --prompt-set STEM)")
     p.add_argument("--model-variant", help="variant to use (default: defaults.application of the config)")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

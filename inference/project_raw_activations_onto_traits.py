@@ -52,6 +52,7 @@ from core.fused import BatchScores, ScoringSpec, calibrate_sequences, score_sequ
 from core.hooks import COMPONENTS, num_layers
 from core.projection import MassiveDimStats, project as project_onto, token_norms
 from utils import cli, paths
+from utils.prompts import only_set_ids
 from utils.summaries import DEFAULT_UNITS, add_units_flag, score_lines, tally
 from utils.config import Variant, resolve_variant
 from utils.layers import LayerSpecError, parse_projection_layers
@@ -177,7 +178,7 @@ def find_prompt_sets(exp: str, variant: str) -> list[str]:
 
 
 def _raw_files(exp: str, variant: str, prompt_set: str) -> dict[str, Path]:
-    files = paths.raw_files(exp, variant, prompt_set)
+    files = only_set_ids(paths.raw_files(exp, variant, prompt_set), prompt_set, paths.raw_dir(exp, variant, prompt_set))
     if not files:
         sets = ", ".join(find_prompt_sets(exp, variant)) or "none"
         raise ProjectError(

@@ -1,6 +1,11 @@
 """Prompt sets: `datasets/inference/{name}.json` (docs/formats.md), loaded and validated.
 
-    load_prompt_set(name) -> PromptSet       name may be nested ("rm_syco/train_100"); errors name file and item
+    load_prompt_set(name) -> PromptSet       name may be nested ("rm_syco/train_100"), or a path to a .json file of
+                                             your own (the set is then named by the file's stem); errors name file/item
+    set_ids(name) -> [str] | None            the ids of the set's file; None where there is no file (imported
+                                             responses: the files in the folder are the set)
+    only_set_ids(found, name, folder) -> {id: path}   a folder's files restricted to the set's ids; files of ids no
+                                             longer in the set are reported once on stderr, never processed
     list_prompt_sets()    -> [name]          every set under datasets/inference/, nested names included
     PromptSet                                name, path, prompts, system_prompt, description;
                                              .select(ids) -> [Prompt] a subset in natural id order
@@ -129,10 +134,30 @@ def _item(path: Path, index: int, item) -> Prompt:
     return Prompt(id=pid, text=text, note=note or None, extra=extra)
 
 
+def _as_file(name: str) -> Path | None:
+    """--prompt-set given as a path to a JSON file of one's own (absolute, or relative to the current folder)."""
+    if not name.strip().endswith(".json"):
+        return None
+    path = Path(name.strip()).expanduser()
+    return path.resolve() if path.is_file() else None
+
+
+def _file_name(path: Path) -> str:
+    """The set's name of a JSON path: its name under datasets/inference/ when it lies there, else the file's stem."""
+    try:
+        return path.relative_to(paths.prompt_sets_dir().resolve()).with_suffix("").as_posix()
+    except ValueError:
+        return path.stem
+
+
 def load_prompt_set(name: str) -> PromptSet:
-    """Load and validate `datasets/inference/{name}.json`."""
-    name = _check_name(name)
-    path = paths.prompt_set_file(name)
+    """Load and validate `datasets/inference/{name}.json`, or the JSON file `name` points at."""
+    own = _as_file(name)
+    if own is not None:
+        name, path = _file_name(own), own
+    else:
+        name = _check_name(name)
+        path = paths.prompt_set_file(name)
     if not path.is_file():
         raise _unknown(name)
     try:
@@ -161,3 +186,35 @@ def load_prompt_set(name: str) -> PromptSet:
         seen[p.id] = i
     return PromptSet(name=name, path=path, prompts=prompts, system_prompt=system_prompt or None,
                      description=description)
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def set_ids(name: str) -> list[str] | None:
+    """The ids of prompt set `name` (its file under datasets/inference/, or a JSON path); None when no file exists."""
+    own = _as_file(name)
+    clean = name.strip().strip("/")
+    if own is None and (not clean or not paths.prompt_set_file(clean).is_file()):
+        return None
+    return load_prompt_set(name).ids
+
+
+def only_set_ids(found: dict, name: str, folder: Path | str) -> dict:
+    """`found` ({id: file} of a folder) restricted to the ids of the set's file, in the order given. Files of ids
+    that are no longer in the set (the set was edited after generation) are reported once per folder on stderr and
+    left out. Without a set file (imported responses, a --output-suffix folder) every file is the set."""
+    ids = set_ids(name)
+    if ids is None:
+        return found
+    keep = set(ids)
+    stale = [i for i in found if i not in keep]
+    if stale and (str(folder), name) not in _reported:
+        _reported.add((str(folder), name))
+        import sys
+
+        shown = ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else "")
+        print(f"warning: {folder}: {len(stale)} file(s) of id(s) not in prompt set {name!r} "
+              f"({_as_file(name) or paths.prompt_set_file(name.strip().strip('/'))}) left out: {shown} "
+              f"(the set was edited after they were written; delete them or restore the ids)", file=sys.stderr)
+    return {i: f for i, f in found.items() if i in keep}

@@ -1,6 +1,7 @@
 """Response JSONs (docs/formats.md): listing, loading and validating the files generate_responses.py writes.
 
-    list_response_files(exp, variant, prompt_set, suffix=None) -> [Path]   natural id order, *_annotations.json skipped
+    list_response_files(exp, variant, prompt_set, suffix=None) -> [Path]   natural id order, *_annotations.json skipped;
+                                                                  only the ids of the set's file (utils/prompts.py)
     load_response(path, vocab_size=None) -> dict                          validated: token_ids ints, prompt_end in range
     load_responses(exp, variant, prompt_set, prompt_ids=None, limit=None, vocab_size=None, suffix=None)
                                                                   -> [(prompt_id, dict)]
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from utils import paths
 from utils.model import decode_tokens
+from utils.prompts import only_set_ids
 from utils.storage import StorageError, read_json
 from core.errors import TraitError
 
@@ -35,6 +37,8 @@ def list_response_files(exp: str, variant: str, prompt_set: str, suffix: str | N
             f"--prompt-set {prompt_set} --model-variant {variant})"
         )
     files = [p for p in folder.glob("*.json") if not p.name.endswith("_annotations.json") and not p.name.startswith(".")]
+    if not suffix:  # the set's ids, not whatever lies in the folder (stale ids are reported, never processed)
+        files = list(only_set_ids({p.stem: p for p in files}, prompt_set, folder).values())
     return sorted(files, key=lambda p: paths.natural_key(p.stem))
 
 

@@ -53,6 +53,7 @@ from utils.config import ConfigError, load_config
 from utils.layers import format_layers
 from utils.means import MeansError, fp32_mean, load_means
 from utils.storage import StorageError, load_pt, write_json
+from utils.prompts import only_set_ids
 from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
                            resolve_vector_source, sanitize_position)
@@ -243,6 +244,7 @@ def inputs_of(exp: str, variant: str, prompt_set: str) -> dict[str, PromptInput]
     """{id: input} of a variant: its means file where there is one (same numbers, far fewer bytes), else raw."""
     found = {pid: PromptInput("raw", p) for pid, p in paths.raw_files(exp, variant, prompt_set).items()}
     found.update({pid: PromptInput("means", p) for pid, p in paths.means_files(exp, variant, prompt_set).items()})
+    found = only_set_ids(found, prompt_set, paths.inference_dir(exp, variant) / "raw" / "{means,residual}" / prompt_set)
     if not found:
         raise CompareError(f"no activations of variant {variant!r} for prompt set {prompt_set!r}: neither "
                            f"{paths.means_dir(exp, variant, prompt_set)} nor {paths.raw_dir(exp, variant, prompt_set)} "
