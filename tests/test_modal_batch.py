@@ -397,3 +397,14 @@ def test_the_cache_warm_up_downloads_hub_weights_once_and_skips_local_folders(wo
     assert mb.download_weights(["meta-llama/Llama-3.3-70B-Instruct", str(lora), None]) == [
         "meta-llama/Llama-3.3-70B-Instruct"]
     assert len(calls) == 1 and "*.safetensors" in calls[0][1]["allow_patterns"]
+
+
+def test_modal_batch_py_keeps_local_as_an_alias(world, capsys):
+    """`python inference/modal_batch.py --local ...` (the old spelling) is trait-batch --backend local; without it
+    the file's backend is modal, which runs inside `modal run` (or --detach on the deployed app)."""
+    assert mb.main(["--local", "--experiment", "e", "--prompt-set", "tiny", "--shards", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "here, shards one after another; up to 3 shards" in out and "dry run: nothing launched" in out
+    assert mb.main(["--experiment", "e", "--prompt-set", "tiny"]) == 2
+    assert "modal run inference/modal_batch.py" in capsys.readouterr().err
+    assert not (world / "inference").exists()
