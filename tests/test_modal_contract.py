@@ -232,3 +232,23 @@ def test_the_apps_build_with_their_code_and_inputs(experiments, zoo):
     assert got["torch"] is False
     defaults = declared()["functions"]["TraitChat.*"]
     assert (defaults["max_inputs"], defaults["max_containers"]) == (8, 1)
+
+
+def test_the_chat_entrypoint_parses_its_flags_through_modals_click_command(monkeypatch):
+    from click.testing import CliRunner
+    from modal.cli import run as modal_run
+
+    import inference.modal_inference as mi
+
+    calls = []
+    monkeypatch.setattr(modal_run, "run_app", lambda *a, **k: nullcontext())
+    monkeypatch.setattr(mi, "TraitChat", lambda **params: type("Obj", (), {
+        "capture_activations_stream": FakeMethod(calls, "stream")})())
+    command = modal_run._get_click_command_for_local_entrypoint(mi.app, mi.chat)
+    obj = {"detach": False, "show_progress": False, "show_timestamps": False, "name": None, "env": None,
+           "interactive": False, "result_path": None}
+    result = CliRunner().invoke(command, ["--prompt", "hello there", "--max-new-tokens", "7", "--traits", "t/x",
+                                          "--temperature", "0.5"], obj=obj, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert calls == [("stream", {"prompt": "hello there", "max_new_tokens": 7, "traits": "t/x", "temperature": 0.5})]
+    assert '" there"' in result.output and "done: 1 tokens, stop eos" in result.output   # printed here
