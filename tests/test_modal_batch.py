@@ -343,22 +343,22 @@ def test_the_orchestrator_writes_progress_that_status_reads(world, monkeypatch, 
     monkeypatch.setattr(mb, "DATA_DIR", str(tmp_path / "volume"))
     monkeypatch.setattr("inference.backends.modal.ModalBackend", LocalBackend)
     argv = ["--backend", "modal", "--experiment", "e", "--prompt-set", "tiny", "--stages", "generate", "--shards", "3",
-            "--max-new-tokens", "6", "--quiet"]
+            "--max-new-tokens", "2", "--limit", "3", "--quiet"]
     import warnings
 
     warnings.filterwarnings("ignore", message=".*executing locally.*")
     summary = mb.orchestrate.local(argv)
-    assert summary["failed"] == [] and summary["stages"][0]["prompts"] == 7
+    assert summary["failed"] == [] and summary["stages"][0]["prompts"] == 3
     status_file = tmp_path / "volume" / mb.STATUS_DIR / "e.json"
     vol = FakeVolume()
     vol.files[f"{mb.STATUS_DIR}/e.json"] = (status_file.read_bytes(), 0)
     state = mb.read_status(vol, "e")
     assert state["state"] == "done" and state["argv"] == argv
-    assert state["stages"] == [{"stage": "generate", "shards": 3, "run": 3, "finished": 3, "prompts": 7,
+    assert state["stages"] == [{"stage": "generate", "shards": 3, "run": 3, "finished": 3, "prompts": 3,
                                 "failed": []}]
     text = mb.format_transfer(state)
-    assert "e: done" in text and "generate: 3 of 3 shards finished (3 in all), 7 prompts written" in text
-    assert "generate: 7 prompts written by 3 of 3 shards run" in text
+    assert "e: done" in text and "generate: 3 of 3 shards finished (3 in all), 3 prompts written" in text
+    assert "generate: 3 prompts written by 3 of 3 shards run" in text
     with pytest.raises(eng.BatchError, match="no run of --experiment other"):
         mb.read_status(vol, "other")
 

@@ -43,7 +43,7 @@ class ShardActor:
     def __init__(self, experiment: str, model_variant: Optional[str], quantization: str, env: dict,
                  worker_cls: type = ShardWorker, inputs: Optional[dict] = None):
         os.environ.update(env)     # before anything reads a path: the driver's experiment and dataset roots
-        self.scratch = None
+        self.scratch, self.sent = None, set()   # --ray-collect: the private data root, the inputs written there
         if inputs is not None:     # --ray-collect: a private data root holding the experiment's inputs
             self.scratch = Path(tempfile.mkdtemp(prefix="trait-batch-"))
             os.environ["TRAIT_EXPERIMENTS_DIR"] = str(self.scratch / "experiments")
@@ -52,6 +52,7 @@ class ShardActor:
         self.worker = worker_cls(experiment, model_variant, quantization)
 
     def _write(self, files: dict) -> None:
+        self.sent.update(files)
         for rel, data in files.items():
             target = self.scratch / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,16 +79,16 @@ class ShardActor:
         except ShardFailed as e:   # a value, not a RayTaskError: the driver reports it with the shard's ids
             return e
         if self.scratch is not None and "done" in out:
-            out["files"] = self._take_outputs(task.job.experiment, set(inputs or {}))
+            out["files"] = self._take_outputs(task.job.experiment)
         return out
 
-    def _take_outputs(self, experiment: str, sent: set) -> dict:
+    def _take_outputs(self, experiment: str) -> dict:
         """The files this shard wrote (under the scratch experiment's inference/), removed from the scratch."""
         root = self.scratch / "experiments" / experiment / "inference"
         files = {}
         for p in sorted(root.rglob("*")) if root.is_dir() else ():
             rel = p.relative_to(self.scratch).as_posix()
-            if p.is_file() and rel not in sent and not p.name.startswith("."):
+            if p.is_file() and rel not in self.sent and not p.name.startswith("."):
                 files[rel] = p.read_bytes()
                 p.unlink()
         return files
