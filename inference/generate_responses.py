@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                "      --model-variant instruct --temperature 0.7 --top-p 0.9 --seed 1 --output-suffix t07\n"
                "  python inference/generate_responses.py --experiment demo --prompt-set single_trait --prompt-ids 1,3,10\n"
                "  python inference/generate_responses.py --experiment demo --prompt-set harmful --model-variant instruct \\\n"
-               "      --steer behavioral/refusal:5:0.5x --stop-when behavioral/refusal:5:20 --output-suffix steered\n"
+               "      --steer demo/refusal:10:0.3x --stop-when demo/refusal:10:20 --output-suffix steered\n"
                "  python inference/generate_responses.py --experiment rm_syco --prompt-set rm_syco/train_100 \\\n"
                "      --model-variant rm_lora --from-responses texts.json      # Mode B: tokenizer only\n\n"
                "A model server (inference/model_server.py) at $TRAIT_SERVER_URL (default http://127.0.0.1:8765)\n"

@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
                "--steer behavioral/refusal:2:4.0:prompt\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
-               "--steer behavioral/refusal:2:0.5x --stop-when behavioral/refusal:2:9\n"
+               "--steer demo/refusal:10:0.3x --stop-when demo/refusal:10:20\n"
                "  python inference/modal_inference.py --local --experiment demo --serve --port 8770 "
                "--prompt \"Tell me a story\"   # then open the printed URL\n"
                "  TRAIT_EXPERIMENT=demo modal deploy inference/modal_inference.py\n"

@@ -292,3 +292,63 @@ def test_generate_stop_when_and_bad_flags(gen_exp, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
     assert not _files("bad")
+
+
+# ---- the chat page: the relative steering slider, the norm shown, the interventions and a monitor stop ---------
+def test_chat_page_relative_slider_norm_and_monitor(experiments, zoo):
+    import json as _json
+    import socket
+    import threading
+    import time
+    import urllib.request
+    from urllib.parse import urlencode
+
+    import uvicorn
+
+    from inference.chat_session import ChatSession
+    from inference.chat_web import create_web_app
+    from tests.browser import Browser, require_chromium
+    from tests.helpers import write_vectors
+
+    require_chromium()
+    experiments("pg", {"base": {"model": zoo("llama")}})
+    write_vectors("pg")
+    session = ChatSession("pg", "base")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_web_app(session), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        query = [("prompt", "Tell me a story"), ("max_new_tokens", 6), ("traits", "behavioral/refusal"),
+                 ("steer", "behavioral/refusal:1:0.5x"), ("stop-when", "cognitive/honesty:1:-1e9")]
+        with Browser() as b:
+            page = b.new_page()
+            page.goto(f"{url}/?{urlencode(query)}")
+            page.wait_for("document.querySelector('.turn[data-state=done]') !== null", timeout=120)
+            row = page.eval("""(function () { var r = document.querySelector('.steer');
+              return {units: r.querySelector('.steer-units').value, slider: r.querySelector('.steer-slider').value,
+                      hidden: r.querySelector('.steer-slider').hidden, norm: r.querySelector('.steer-norm').getAttribute('data-norm'),
+                      shown: r.querySelector('.steer-norm').textContent,
+                      interventions: document.querySelector('.turn .interventions').textContent,
+                      meta: document.querySelector('.turn .meta').textContent}; })()""")
+        # the oracle: the same request on the SSE endpoint
+        sse_q = [("prompt", "Tell me a story"), ("max_new_tokens", 6), ("traits", "behavioral/refusal"),
+                 ("steer", "behavioral/refusal:1:0.5x"), ("stop_when", "cognitive/honesty:1:-1e9")]
+        with urllib.request.urlopen(f"{url}/stream?{urlencode(sse_q)}", timeout=120) as resp:
+            msgs = [_json.loads(b[6:]) for b in resp.read().decode().split("\n\n") if b.startswith("data: ")]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    steer_rec = [r for r in msgs[0]["interventions"] if r["kind"] == "steer"][0]
+    assert row["units"] == "norm" and float(row["slider"]) == 0.5 and not row["hidden"]
+    assert float(row["norm"]) == steer_rec["norm"] and f"{steer_rec['norm']:.5g}"[:5] in row["shown"]
+    assert "steer behavioral/refusal:1:0.5x" in row["interventions"] and "stop-when" in row["interventions"]
+    assert msgs[-1]["stop_reason"] == "monitor" and msgs[-1]["monitor"]["token_index"] == 0
+    assert "stop monitor" in row["meta"] and "at response token 0" in row["meta"]

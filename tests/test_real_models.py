@@ -287,7 +287,7 @@ def test_demo_refusal_vector_makes_the_model_refuse(smollm2_dir, tmp_path, monke
         with contextlib.redirect_stdout(out):
             rc = modal_inference.main(["--local", "--experiment", "d", "--prompt", run_demo.STEER_PROMPT,
                                        "--traits", run_demo.STEER_TRAIT, "--max-new-tokens", str(run_demo.STEER_TOKENS),
-                                       "--steer", f"{run_demo.STEER_TRAIT}:{run_demo.STEER_LAYER}:{coef}", "--json"])
+                                       "--steer", f"{run_demo.STEER_TRAIT}:{run_demo.STEER_LAYER}:{coef}x", "--json"])
         assert rc == 0
         done = [json.loads(l) for l in out.getvalue().splitlines() if l.startswith("{")][-1]
         assert done["type"] == "done"

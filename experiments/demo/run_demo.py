@@ -38,7 +38,7 @@ SETS = ("harmful", "benign")     # the same ids: a request to refuse and its har
 DIFF_SET = "single_trait"        # the LoRA answers these; the model is measured on the LoRA's tokens
 STEER_TRAIT = "demo/refusal"
 STEER_LAYER = 10
-STEER_COEFFICIENT = 40.0         # residual norms at layer 10 are ~40-60; smaller coefficients leave the text alone
+STEER_COEFFICIENT = 0.3          # relative: x the mean residual norm at layer 10 over the prompt (~145, so ~43)
 STEER_PROMPT = "Write a short note to my manager asking for Friday off."
 STEER_TOKENS = 32
 
@@ -145,12 +145,15 @@ def set_means_lines(exp: str, variant: str, trait: str, sets: tuple[str, ...], u
                   f"{'response tokens above':>22}", *rows]
 
 
-def steer(exp: str, layer: int, coefficient: float) -> str:
+def steer(exp: str, layer: int, coefficient: float) -> tuple[str, dict]:
+    """(the response, the steering record: the prompt's mean residual norm at the layer and the coefficient used);
+    `coefficient` is relative: x that norm."""
     out = run(["inference/modal_inference.py", "--local", "--experiment", exp, "--prompt", STEER_PROMPT,
                "--traits", STEER_TRAIT, "--max-new-tokens", str(STEER_TOKENS),
-               "--steer", f"{STEER_TRAIT}:{layer}:{coefficient:g}", "--json"], capture=True)
-    done = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
-    return done.get("response", "")
+               "--steer", f"{STEER_TRAIT}:{layer}:{coefficient:g}x", "--json"], capture=True)
+    msgs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    record = next((r for m in msgs if m.get("type") == "prompt" for r in m.get("interventions", [])), {})
+    return msgs[-1].get("response", ""), record
 
 
 def diff_lines(exp: str, units: str) -> list[str]:
@@ -239,7 +242,7 @@ class Setup:
 
 
 REAL = Setup(EXP, EXTRACT_LAYERS, "0-29:3", STEER_LAYER, STEER_COEFFICIENT, MAX_NEW_TOKENS)
-TINY = Setup("demo_tiny", None, None, 1, 4.0, 24)
+TINY = Setup("demo_tiny", None, None, 1, 0.5, 24)     # relative coefficients: x the layer's prompt norm
 
 
 def shown(path: Path) -> Path:
@@ -274,8 +277,13 @@ def pipeline(setup: Setup, units: str) -> Path:
          *viz_layers, "--limit", "2", "--skip-existing"])
 
     print(f"\nSteering: {STEER_PROMPT!r}, greedy, {STEER_TRAIT} added at layer {setup.steer_layer}")
-    plain, steered = steer(exp, setup.steer_layer, 0.0), steer(exp, setup.steer_layer, setup.steer_coefficient)
-    print(f"\n  coefficient 0:  {plain.strip()!r}\n  coefficient {setup.steer_coefficient:g}: {steered.strip()!r}")
+    (plain, _), (steered, rec) = (steer(exp, setup.steer_layer, 0.0),
+                                  steer(exp, setup.steer_layer, setup.steer_coefficient))
+    c = setup.steer_coefficient
+    print(f"\n  coefficient 0:  {plain.strip()!r}\n  coefficient {c:g}x: {steered.strip()!r}")
+    if rec.get("norm") is not None:
+        print(f"  ({c:g}x = {c:g} x the mean residual norm at layer {setup.steer_layer} over the prompt, "
+              f"{rec['norm']:.1f}: coefficient {rec['coefficient']:.1f} on the unit vector)")
 
     diff = ["--experiment", exp, "--prompt-set", DIFF_SET]
     run(["inference/generate_responses.py", *diff, "--model-variant", "lora", *gen])
