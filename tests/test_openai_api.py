@@ -185,3 +185,27 @@ def test_requests_refused(served):
                          (dict(extra_body={"tools_x": 1}), "tools_x")):
         with pytest.raises(openai.BadRequestError, match=field):
             client.chat.completions.create(**{**ok, **extra})
+
+
+def test_interventions_from_extra_body(served):
+    client, trait = served["client"], "behavioral/refusal"
+    ok = dict(model=model_id(served), messages=[{"role": "user", "content": "Tell me about honest code"}],
+              max_tokens=8, temperature=0)
+    r = client.chat.completions.create(**ok, extra_body={"stop_when": f"{trait}:1:-1e9"})
+    ext = r.choices[0].model_extra["trait_scores"]
+    assert r.choices[0].finish_reason == "content_filter" and ext["stop_reason"] == "monitor"
+    assert len(ext["token_ids"]) == 1 and ext["monitor"]["token_index"] == 0 and ext["monitor"]["trait"] == trait
+    # relative steering: the record carries the norm; absolute steering with C x that norm gives the same tokens
+    rel = client.chat.completions.create(**ok, extra_body={"steering": [f"{trait}:1:0.5x"]})
+    rec = rel.choices[0].model_extra["trait_scores"]["interventions"][0]
+    absolute = client.chat.completions.create(**ok, extra_body={"steering": [
+        {"trait": trait, "layer": 1, "coefficient": 0.5 * rec["norm"]}]})
+    plain = client.chat.completions.create(**ok)
+    ids = lambda x: x.choices[0].model_extra["trait_scores"]["token_ids"]   # noqa: E731
+    assert ids(rel) == ids(absolute) != ids(plain)
+    # a cap streams too; the prompt chunk lists it with its numbers
+    chunks = list(client.chat.completions.create(**ok, stream=True, extra_body={"cap": [f"{trait}:1:0.01x"]}))
+    first = chunks[0].choices[0].delta.model_extra["trait_scores"]["interventions"][0]
+    assert first["kind"] == "cap" and first["high"] == pytest.approx(0.01 * first["norm"], rel=1e-6)
+    with pytest.raises(openai.BadRequestError, match="cap"):
+        client.chat.completions.create(**ok, extra_body={"cap": f"{trait}:1"})
