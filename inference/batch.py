@@ -539,7 +539,13 @@ class Backend(Protocol):
 def make_backend(opts: BatchOptions) -> Backend:
     """The backend `opts.backend` names, imported only now (ray and modal are imported by their own modules)."""
     module, _, cls = BACKENDS[opts.backend].partition(":")
-    return getattr(importlib.import_module(module), cls)(opts)
+    try:
+        backend_module = importlib.import_module(module)
+    except ImportError as e:   # ray and modal are pinned in requirements.txt, but a lean install may lack one
+        raise BatchError(f"--backend {opts.backend} needs the {e.name or opts.backend} package: pip install -r "
+                         f"requirements.txt (or pip install {'ray==2.60.0' if opts.backend == 'ray' else 'modal'})"
+                         ) from e
+    return getattr(backend_module, cls)(opts)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -323,3 +323,14 @@ def test_readme_batch_commands_parse():
             eng.BatchOptions.from_args(ns)
         checked += 1
     assert checked >= 8
+
+
+def test_a_backend_whose_package_is_missing_is_one_line(world, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)                      # `import ray` now fails
+    monkeypatch.delitem(sys.modules, "inference.backends.ray", raising=False)
+    assert batch("--backend", "ray", "--stages", "generate") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backend ray needs the ray package" in err[0] and "ray==2.60.0" in err[0]
+    assert not (world / "inference").exists()
