@@ -278,8 +278,9 @@ class _Columns:
         self.run_keys: list[tuple] = []
         self.run_len: list[int] = []
         self.run_offset: list[int] = []
+        self.run_max: list[float] = []
         self.token_id: list = []
-        self.token: list[str] = []
+        self.token: list[list[str]] = []
         self.score: list = []
         self.delta: list = []
         self.clause: list = []
@@ -316,8 +317,9 @@ class _Columns:
                                       side))
                 self.run_len.append(n)
                 self.run_offset.append(offset[side])
+                self.run_max.append(float(arr.max()))
                 self.token_id.append(toks.ids[side])
-                self.token.extend(toks.tokens[side])
+                self.token.append(toks.tokens[side])
                 self.score.append(arr)
                 self.clause.append(toks.clause[side])
                 deltas = None
@@ -345,6 +347,13 @@ class _Columns:
         import pyarrow as pa
 
         tok_schema, prompt_schema = _schemas()
+        # runs ordered by (vector, side, their max score, high first): with small row groups DuckDB's top-N skips
+        # every row group whose max is below the k-th best found so far (a top-100 query reads a few row groups)
+        order = sorted(range(len(self.run_keys)), key=lambda r: (self.run_keys[r][6], self.run_keys[r][7],
+                                                                -self.run_max[r], r))
+        for name in ("run_keys", "run_len", "run_offset", "run_max", "token_id", "token", "score", "delta", "clause"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in order])
         lens = np.asarray(self.run_len, dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else np.zeros(0, np.int64)
         position = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(starts, lens)
@@ -362,7 +371,7 @@ class _Columns:
         cols["token_index"] = pa.array((position + np.repeat(np.asarray(self.run_offset, np.int64), lens))
                                        .astype(np.int32), pa.int32())
         cols["token_id"] = pa.array(np.concatenate(self.token_id), pa.int32())
-        cols["token"] = pa.array(self.token, pa.string()).dictionary_encode()
+        cols["token"] = pa.array([t for run in self.token for t in run], pa.string()).dictionary_encode()
         cols["score"] = pa.array(np.concatenate(self.score), pa.float64())
         delta = np.concatenate(self.delta)
         cols["delta"] = pa.array(delta, pa.float64(), mask=np.isnan(delta))
@@ -380,7 +389,7 @@ def _write_parquet(table, path: Path) -> int:
     # score held as float64 has four zero low bytes, which zstd then removes), never dictionary-encoded
     floats = [f.name for f in table.schema if f.type == "double"]
     with atomic_write(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=3, row_group_size=1 << 20,
+        pq.write_table(table, tmp, compression="zstd", compression_level=3, row_group_size=1 << 16,
                        use_dictionary=[f.name for f in table.schema if f.name not in floats],
                        use_byte_stream_split=floats)
         size = tmp.stat().st_size
