@@ -281,6 +281,7 @@ def chat_remote(args: argparse.Namespace) -> Any:
     if not args.warmup and not args.prompt:
         raise ChatError("--prompt is required (or --warmup, or --local --serve)")
     steering = [parse_steer(s) for s in args.steer] if args.steer else None
+    interventions = check_interventions(args)     # the same request fields as --local
     chat = deployed_chat(args.experiment, args.model_variant)
     if args.warmup:
         t0 = time.perf_counter()
@@ -292,7 +293,7 @@ def chat_remote(args: argparse.Namespace) -> Any:
         for msg in chat.capture_activations_stream.remote_gen(
                 prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed, system_prompt=args.system_prompt, steering=steering,
-                traits=args.traits, layers=args.layers):
+                traits=args.traits, layers=args.layers, **interventions):
             print(json.dumps(msg, ensure_ascii=False, allow_nan=False) if args.json else format_message(msg),
                   flush=True)
             n += msg["type"] == "token"

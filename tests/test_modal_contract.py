@@ -128,6 +128,11 @@ def test_the_chat_command_talks_to_the_deployed_app(monkeypatch, capsys):
                                    "seed": None, "system_prompt": None, "steering": None, "traits": "t/x",
                                    "layers": None})
     assert "streamed 1 tokens" in out
+    calls.clear()                                     # steering and interventions reach the deployed app as --local
+    assert mi.main(["--prompt", "hi", "--steer", "t/x:2:4.0:prompt", "--stop-when", "t/x:2:9"]) == 0
+    assert calls[2][1]["steering"] == [{"trait": "t/x", "layer": 2, "coefficient": 4.0, "positions": "prompt"}]
+    assert calls[2][1]["stop_when"] == ["t/x:2:9"]
+    capsys.readouterr()
     # the README's chat command after `modal deploy` is that client, not `modal run` (an ephemeral app)
     section = README[README.index("<!-- section: modal -->"):README.index("<!-- section: modal-batch -->")]
     deploy = section[section.index("modal deploy inference/modal_inference.py"):]
