@@ -71,6 +71,7 @@ class SpanOptions:
     out: str | None = None
     html: str | None = None
     write: bool = True
+    overwrite: bool = False            # replace an existing JSON / page (otherwise an error, nothing queried)
 
     def check(self) -> None:
         for flag, value, allowed in (("--side", self.side, ("prompt", "response")), ("--by", self.by, ("score", "delta")),
@@ -336,6 +337,11 @@ def top_spans(opts: SpanOptions) -> dict:
         raise SpanError(f"--traits: {unknown[0]!r} is not in the score store of {opts.experiment} (it holds: "
                         f"{', '.join(have)}); index it with python analysis/scores.py --experiment {opts.experiment}")
     page = Path(opts.html) if opts.html else paths.experiment_dir(opts.experiment) / "analysis" / "report" / "top_spans.html"
+    path = Path(opts.out) if opts.out else paths.experiment_dir(opts.experiment) / "analysis" / "spans" / "top_spans.json"
+    if opts.write and not opts.overwrite:
+        for f, flag in ((path, "--out"), (page, "--html")):
+            if f.exists():
+                raise SpanError(f"{f} exists: pass --overwrite to replace it, or give another {flag}")
     out: dict[str, Any] = {
         "experiment": opts.experiment, "store": str(store_dir(opts.experiment)),
         "generated": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -371,7 +377,6 @@ def top_spans(opts: SpanOptions) -> dict:
     out = _clean(out)
     out["seconds"] = time.perf_counter() - t0
     if opts.write:
-        path = Path(opts.out) if opts.out else paths.experiment_dir(opts.experiment) / "analysis" / "spans" / "top_spans.json"
         write_json(path, out, indent=1)
         out["_json"] = str(path)
         with atomic_write(page) as tmp:
@@ -477,9 +482,11 @@ def _tuple(value: str | None) -> tuple[str, ...] | None:
 EPILOG = """\
 examples:
   python analysis/spans.py --experiment demo
-  python analysis/spans.py --experiment demo --traits demo/refusal --modes tokens,clauses --top-k 50 --context 15
-  python analysis/spans.py --experiment demo --by delta --variants lora --sort-by abs
-  python analysis/spans.py --experiment demo --cooccur demo/refusal,demo/formality
+  python analysis/spans.py --experiment demo --traits demo/refusal --modes tokens,clauses --top-k 50 --context 15 \
+      --overwrite
+  python analysis/spans.py --experiment demo --by delta --variants lora --sort-by abs --overwrite
+  python analysis/spans.py --experiment demo --cooccur demo/refusal,demo/formality --out /tmp/cooccur.json \
+      --html /tmp/cooccur.html
 
 Index first: python analysis/scores.py --experiment demo. The page analysis/report/top_spans.html links each span
 to the report of its prompt set (python analysis/report.py --experiment demo --prompt-set SET).
@@ -511,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z-threshold", type=float, default=2.0, help="co-occurrence: z above which a token counts (default 2)")
     p.add_argument("--out", help="JSON output (default experiments/{exp}/analysis/spans/top_spans.json)")
     p.add_argument("--html", help="the page (default experiments/{exp}/analysis/report/top_spans.html)")
+    p.add_argument("--overwrite", action="store_true", help="replace the JSON and the page when they exist")
     return p
 
 
@@ -520,7 +528,7 @@ def options_from_args(a: argparse.Namespace) -> SpanOptions:
         raise SpanError(f"--cooccur {a.cooccur!r}: give two traits as A,B")
     return SpanOptions(a.experiment, _tuple(a.traits), _tuple(a.variants), _tuple(a.prompt_sets),
                        _tuple(a.modes) or MODES, a.side, a.vector, a.by, a.sort_by, a.top_k, a.window, a.context,
-                       co, a.z_threshold, a.out, a.html)
+                       co, a.z_threshold, a.out, a.html, overwrite=a.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -383,15 +383,22 @@ def test_fused_index_flag_writes_the_store_trait_index_writes(world, zoo):
 # ---------------------------------------------------------------------------------------------------------
 # CLI and bad input
 
-def test_cli_summaries_and_bad_input(world, capsys):
+def test_cli_summaries_and_bad_input(world, capsys, tmp_path):
     assert scores_cli.main(["--experiment", EXP, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "indexed 0 new or changed" in out and "token scores" in out
-    assert spans_cli.main(["--experiment", EXP, "--top-k", "3"]) == 0
+    outs = ["--out", str(tmp_path / "spans.json"), "--html", str(tmp_path / "spans.html")]
+    assert spans_cli.main(["--experiment", EXP, "--top-k", "3", *outs]) == 0
     out = capsys.readouterr().out
-    assert "top spans of 2 trait(s)" in out and (world / EXP / "analysis" / "spans" / "top_spans.json").is_file()
+    assert "top spans of 2 trait(s)" in out and (tmp_path / "spans.json").is_file() and (tmp_path / "spans.html").is_file()
 
-    assert spans_cli.main(["--experiment", EXP, "--traits", "nope/none"]) == 2
+    # the outputs exist now: replaced only with --overwrite
+    assert spans_cli.main(["--experiment", EXP, "--top-k", "3", *outs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and "spans.json" in err[0]
+    assert spans_cli.main(["--experiment", EXP, "--top-k", "3", *outs, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert spans_cli.main(["--experiment", EXP, "--traits", "nope/none", *outs, "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope/none" in err[0]
     assert scores_cli.main(["--experiment", "missing"]) == 2
@@ -445,7 +452,8 @@ def test_top_spans_page_links_land_on_the_right_token(world):
     from tests.browser import Browser, require_chromium
 
     require_chromium()
-    res = top_spans(SpanOptions(EXP, top_k=4, window=3, context=2, variants=("base",), prompt_sets=("s",)))
+    res = top_spans(SpanOptions(EXP, top_k=4, window=3, context=2, variants=("base",), prompt_sets=("s",),
+                                overwrite=True))
     assert rp.main(["--experiment", EXP, "--prompt-set", "s", "--model-variant", "base", "--quiet"]) == 0
     page_file = Path(res["_html"])
     assert page_file.parent == paths.report_file(EXP, "s").parent
