@@ -19,13 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONSOLE_SCRIPTS = ["trait-generate", "trait-capture", "trait-project", "trait-viz", "trait-compare",
                    "trait-per-token-diff", "trait-extract", "trait-chat", "trait-server", "trait-report", "trait-batch",
-                   "trait-index", "trait-spans"]
+                   "trait-index", "trait-spans", "trait-card", "trait-steer-eval"]
 SCRIPTS = ["inference/generate_responses.py", "inference/capture_raw_activations.py",
            "inference/project_raw_activations_onto_traits.py", "inference/extract_viz.py",
            "inference/model_server.py", "inference/modal_inference.py",
            "analysis/model_diff/compare_variants.py", "analysis/model_diff/per_token_diff.py",
            "extraction/extract_vectors.py", "inference/modal_batch.py", "inference/batch.py", "analysis/report.py",
-           "analysis/scores.py", "analysis/spans.py"]
+           "analysis/scores.py", "analysis/spans.py", "extraction/vector_card.py", "steering/run_steering_eval.py"]
 
 
 def _env(**extra) -> dict:
@@ -128,6 +128,6 @@ def test_script_help(script):
 
 def test_every_script_is_in_the_help_list():
     """A new script with a __main__ guard under inference/, analysis/, analysis/model_diff/ or extraction/ gets checked too."""
-    found = {str(p.relative_to(REPO)) for d in ("inference", "analysis", "analysis/model_diff", "extraction")
+    found = {str(p.relative_to(REPO)) for d in ("inference", "analysis", "analysis/model_diff", "extraction", "steering")
              for p in (REPO / d).glob("*.py") if '__name__ == "__main__"' in p.read_text(encoding="utf-8")}
     assert found <= set(SCRIPTS), sorted(found - set(SCRIPTS))

@@ -329,3 +329,34 @@ def test_card_matches_hf(ext, hf, loaded, tmp_path, capsys):
     assert "vector card tone/kind" in out and "response_all/residual/probe" in out and "AUROC" in out
     assert main(["--experiment", "x", "--neutral-corpus", str(tmp_path / "nope.txt"), "--quiet"]) == 2
     assert "--neutral-corpus" in capsys.readouterr().err
+
+
+def test_trait_card_for_vectors_from_elsewhere(ext, loaded, capsys):
+    """trait-card on our own vectors (val_lines known) writes the card the extractor wrote; on vectors stripped to
+    what trait-interp writes (norm, baseline), it reads every line, says so, and gives selection the reference."""
+    from extraction.vector_card import main as card_main, vector_card
+    from utils.cards import card_path, read_card
+
+    extract_vectors("x", position="response[:]", methods="probe", layers="1-2", loaded=loaded, progress=False)
+    path = card_path("x", "tone/kind", "base")
+    ours = read_card(path)
+    assert card_main(["--experiment", "x", "--quiet"]) == 2 and "--overwrite" in capsys.readouterr().err
+    vector_card("x", overwrite=True, loaded=loaded, progress=False)
+    again = read_card(path)
+    for key, layers in ours.sets.items():
+        for layer, e in layers.items():
+            for k, v in e.items():
+                assert again.sets[key][layer][k] == (pytest.approx(v, abs=1e-5) if isinstance(v, float) else v), k
+    meta_path = paths.vector_metadata("x", "tone/kind", "base", "response_all", "residual", "probe")
+    meta = json.loads(meta_path.read_text())
+    meta = {k: meta[k] for k in ("model", "trait", "method", "component", "position")} | {
+        "layers": {l: {"norm": e["norm"], "baseline": e["baseline"]} for l, e in meta["layers"].items()}}
+    meta_path.write_text(json.dumps(meta))
+    s = vector_card("x", overwrite=True, loaded=loaded, progress=False)
+    assert "every line" in s["traits"]["tone/kind"]["held_out"]
+    card = read_card(path)
+    e = card.entry("response_all", "residual", "probe", 2)
+    assert e["n_pos"] == e["n_neg"] == 16 and e["baseline"] == meta["layers"]["2"]["baseline"]
+    from utils.vectors import select_vectors   # no held-out metrics left to rank by: a layer is asked for
+    ref = select_vectors("x", "tone/kind", "base", "base", layers="2", position="response[:]")[0].reference
+    assert ref.source == "card" and (ref.pos_mean, ref.neg_mean) == (e["pos_mean"], e["neg_mean"])

@@ -11,6 +11,8 @@
     read_steering_results(path) -> SteeringResults                  header / baseline / runs; malformed line named
     rank_vectors(exp, trait, extraction_variant, steering_variant, ...) -> [RankedVector]   best first
     rank_by_extraction_metrics([(VectorRef, accuracy, separation)]) -> [RankedVector]   the no-steering fallback
+    rank_held_out(exp, trait, variant, ...) -> [RankedVector]      held-out metrics only (what the steering eval sweeps)
+    vector_reference(exp, trait, variant, pos_dir, component, method, layer) -> Reference
     best_vector(exp, trait, extraction_variant, steering_variant, ...)  -> SelectedVector
     select_vectors(exp, trait, extraction_variant, steering_variant, layers="best", available_layers=, ...,
                    multi_vector=None) -> [SelectedVector]          the vectors a projection uses, one per layer
@@ -69,7 +71,7 @@ __all__ = [
     "list_vectors", "load_vector", "load_vector_metadata", "file_sha256", "read_steering_results",
     "read_naturalness", "rank_vectors", "best_vector", "select_vectors", "check_trait_name",
     "SELECTION_SOURCES", "viewer_selection_source", "VectorSource", "VectorConfigError", "resolve_vector_source",
-    "split_traits", "rank_by_extraction_metrics", "incomplete_sets", "Reference", "reference_from_metadata", "UNITS",
+    "split_traits", "rank_by_extraction_metrics", "rank_held_out", "vector_reference", "incomplete_sets", "Reference", "reference_from_metadata", "UNITS",
 ]
 
 METHOD_ORDER = ("probe", "mean_diff", "gradient")
@@ -801,6 +803,31 @@ def _extraction_metrics(exp: str, trait: str, variant: str, refs: list[VectorRef
         entry = _layer_meta(metas[key], r.layer)
         out.append((r, _metric(entry, "val_accuracy"), _metric(entry, "val_separation", "val_effect_size")))
     return out
+
+
+def rank_held_out(exp: str, trait: str, variant: str, component: str | None = "residual",
+                  position: str | None = None, method: str | None = None) -> list[RankedVector]:
+    """The candidates ranked by held-out metrics only, never by steering evidence (what the steering eval sweeps:
+    a resumed sweep must pick the same set however many runs it already wrote)."""
+    refs = list_vectors(exp, trait, variant, component, position, method)
+    ranked = rank_by_extraction_metrics(_extraction_metrics(exp, trait, variant, refs, set()))
+    if not ranked:
+        raise NoEvidenceError(f"trait {trait!r}: no held-out metrics (val_accuracy / val_separation) in the "
+                              f"metadata.json of its vectors under {paths.vectors_dir(exp, trait, variant)} "
+                              f"(matching component={component}, position={position}, method={method}): pass "
+                              f"--position and --method")
+    return ranked
+
+
+def vector_reference(exp: str, trait: str, variant: str, pos_dir: str, component: str, method: str,
+                     layer: int) -> Reference:
+    """The Reference of one vector file: its metadata.json layer entry, the card's class statistics when missing."""
+    meta_path = paths.vector_metadata(exp, trait, variant, pos_dir, component, method)
+    meta = load_vector_metadata(exp, trait, variant, pos_dir, component, method)
+    ref = VectorRef(trait, layer, method, component, pos_dir, paths.vector_file(exp, trait, variant, pos_dir,
+                                                                                   component, method, layer))
+    return reference_from_metadata(_layer_meta(meta, layer), _card_layer(exp, ref, variant),
+                                   where=f"{meta_path} layers.{layer}")
 
 
 def rank_by_extraction_metrics(metrics: list[tuple[VectorRef, float | None, float | None]],
