@@ -29,12 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from analysis.model_diff.per_token_diff import list_projected_traits, read_response_tokens
+from analysis.model_diff.per_token_diff import read_response_tokens
 from core.aggregates import response_aggregates
 from core.errors import TraitError
 from utils import cli, paths
 from utils.config import resolve_variant
-from utils.storage import StorageError, atomic_write, load_pt, read_json
+from utils.model_diff import CompareError, read_aggregate, read_per_token_diff, read_results
+from utils.projections import ProjectionError, list_projected_traits, read_projection
+from utils.responses import ResponseError, scored_tokens
+from utils.storage import atomic_write
+from utils.viz import VizError, read_viz
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ASSET_FILES = ("tokens.css", "report.css", "tokens.js", "report.js")
@@ -202,57 +206,23 @@ class PromptTokens:
 
 def read_tokens(exp: str, variant: str, prompt_set: str, pid: str) -> PromptTokens:
     """All tokens the variant scored: its response JSON, else (captured with --responses-from) its raw .pt."""
-    rfile = paths.response_file(exp, variant, prompt_set, pid)
-    if rfile.exists():
-        try:
-            r = read_json(rfile)
-        except StorageError as e:
-            raise ReportError(str(e)) from e
-        ids, end, toks = r.get("token_ids"), r.get("prompt_end"), r.get("tokens")
-        if not isinstance(ids, list) or not isinstance(end, int) or not 0 <= end <= len(ids):
-            raise ReportError(f"{rfile}: needs 'token_ids' and an in-range 'prompt_end'")
-        if not isinstance(toks, list) or len(toks) != len(ids):
-            raise ReportError(f"{rfile}: 'tokens' must hold one string per token id ({len(ids)})")
-        return PromptTokens([str(t) for t in toks], [int(i) for i in ids], end, rfile)
-    raw = paths.raw_file(exp, variant, prompt_set, pid)
-    if not raw.exists():
-        raise ReportError(f"prompt {pid}: no tokens for variant {variant!r}: neither {rfile} nor {raw} exists")
     try:
-        d = load_pt(raw)
-    except StorageError as e:
+        st = scored_tokens(exp, variant, prompt_set, pid, prefer="response")
+    except ResponseError as e:
         raise ReportError(str(e)) from e
-    toks, ids = [], []
-    for side in ("prompt", "response"):
-        s = d.get(side) or {}
-        sid, stok = list(s.get("token_ids") or []), list(s.get("tokens") or [])
-        if len(sid) != len(stok):
-            raise ReportError(f"{raw}: {side} has {len(sid)} token ids but {len(stok)} tokens")
-        ids += [int(i) for i in sid]
-        toks += [str(t) for t in stok]
-    return PromptTokens(toks, ids, len((d.get("prompt") or {}).get("token_ids") or []), raw)
+    if st.tokens is None:
+        raise ReportError(f"{st.source}: 'tokens' must hold one string per token id ({len(st.token_ids)})")
+    return PromptTokens(list(st.tokens), list(st.token_ids), st.prompt_end, st.source)
 
 
 def read_entries(path: Path, n_prompt: int, n_response: int) -> tuple[dict, list[dict]]:
-    """A projection JSON's metadata and vector entries, their score counts checked against the tokens."""
+    """A projection JSON's metadata and vector entries (utils/projections.py), score counts checked against the tokens."""
     try:
-        data = read_json(path)
-    except StorageError as e:
+        proj = read_projection(path, n_prompt, n_response)
+    except ProjectionError as e:
         raise ReportError(str(e)) from e
-    meta = (data.get("metadata") or {}) if isinstance(data, dict) else {}
-    entries = data.get("projections") if isinstance(data, dict) else None
-    if isinstance(entries, dict):  # single-vector files of trait-interp: one entry, layer in metadata
-        entries = [{**entries, "layer": meta.get("layer"), "method": meta.get("method")}]
-    if not isinstance(entries, list) or not entries:
-        raise ReportError(f"{path}: no 'projections' entries")
-    for e in entries:
-        resp, prm = e.get("response"), e.get("prompt") or []
-        if not isinstance(resp, list) or len(resp) != n_response:
-            raise ReportError(f"{path}: {len(resp) if isinstance(resp, list) else 'no'} response scores at layer "
-                              f"{e.get('layer')} but the response has {n_response} tokens; re-project this prompt")
-        if len(prm) not in (0, n_prompt):
-            raise ReportError(f"{path}: {len(prm)} prompt scores at layer {e.get('layer')} but the prompt has "
-                              f"{n_prompt} tokens; re-project this prompt")
-    return meta, entries
+    return dict(proj.metadata), [{**e.raw, "layer": e.layer, "method": e.method, "prompt": list(e.prompt),
+                                  "response": list(e.response), "baseline": e.baseline} for e in proj.entries]
 
 
 def _round(values: Sequence[float], digits: int) -> list[float]:
@@ -419,8 +389,8 @@ def _compare_views(plan: ReportPlan, trait: str, pid: str, toks: PromptTokens, m
                           f"{'per_token_diff file' if dfile is None else 'projection of ' + repr(plan.variant_a)}; "
                           f"rerun per_token_diff.py")
     try:
-        d = read_json(dfile)
-    except StorageError as e:
+        d = read_per_token_diff(dfile)
+    except CompareError as e:
         raise ReportError(str(e)) from e
     n_r = len(toks.ids) - toks.prompt_end
     if d.get("tokens") != toks.tokens[toks.prompt_end:] or len(d.get("per_token_delta") or []) != n_r:
@@ -458,8 +428,8 @@ def _viz(plan: ReportPlan, pid: str, toks: PromptTokens, warnings: dict[str, int
         if not f.is_file():
             continue
         try:
-            d = read_json(f)
-        except StorageError as e:
+            d = read_viz(f, kind).data
+        except VizError as e:
             raise ReportError(str(e)) from e
         if d.get("model_variant") not in (None, plan.variant) or len(d.get("tokens") or []) != len(toks.ids):
             warnings[f"{kind} files of another variant or other tokens, left out (give --viz-suffix)"] += 1
@@ -507,8 +477,8 @@ def _compare_block(plan: ReportPlan, digits: int) -> dict | None:
     res = {}
     if plan.results is not None:
         try:
-            res = read_json(plan.results).get("traits") or {}
-        except StorageError as e:
+            res = read_results(plan.results).get("traits") or {}
+        except CompareError as e:
             raise ReportError(str(e)) from e
     for t in plan.traits:
         if t in res:
@@ -524,8 +494,8 @@ def _compare_block(plan: ReportPlan, digits: int) -> dict | None:
                 "headline_mean_projection_diff_z": r4(e.get("headline_mean_projection_diff_z")),
                 "layers_searched": e.get("layers_searched", len(e.get("layers") or []))}
         try:
-            agg = read_json(plan.aggregates[t])
-        except StorageError as e:
+            agg = read_aggregate(plan.aggregates[t])
+        except CompareError as e:
             raise ReportError(str(e)) from e
         clause = lambda c: {"id": str(c.get("prompt_id")), "text": c.get("text"), "range": c.get("token_range"),  # noqa: E731
                             "mean_delta": r4(c.get("mean_delta")), "n_tokens": c.get("n_tokens")}

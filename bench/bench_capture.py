@@ -4,7 +4,7 @@
 Times, interleaved in one run (warm-up, then medians over rounds), over the same length-sorted batches:
     bare forward        the model's decoder stack alone (no LM head): the floor any capture pays
     ours in memory      core.capture.capture_sequences: hooks, stop after the last layer, one copy per batch
-    ours to .pt files   the same plus build_record + atomic .pt writes on a background thread (the script's loop)
+    ours to .pt files   the same plus build_raw + atomic .pt writes on a background thread (the script's loop)
     HF hidden states    model(..., output_hidden_states=True, logits_to_keep=1), copied to the CPU per prompt
     nnsight             the same layers saved through nnsight's trace (only when nnsight is installed)
 and prints each as a ratio to the bare forward, plus bytes stored per token against layers x hidden x dtype.
@@ -26,7 +26,7 @@ import torch
 
 from bench.common import add_model_args, build_random_model, emit, machine, model_dtype, table, timeit_interleaved, workload
 from core.capture import capture_sequences, plan_batch
-from inference.capture_raw_activations import build_record
+from utils.raw import build_raw
 from utils.storage import BackgroundWriter
 
 
@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in capture_sequences(model, seqs, layers, ["residual"], pad_id=0, max_batch_tokens=a.max_batch_tokens):
             pass
 
-    def ours_disk():  # capture_raw_activations' loop: build_record + atomic writes on the background writer
+    def ours_disk():  # capture_raw_activations' loop: build_raw + atomic writes on the background writer
         with BackgroundWriter() as writer:
             for i, acts in capture_sequences(model, seqs, layers, ["residual"], pad_id=0,
                                              max_batch_tokens=a.max_batch_tokens):
                 ids = seqs[i]
                 data = {"token_ids": ids, "prompt_end": len(ids) // 2, "tokens": [str(t) for t in ids],
                         "prompt": "", "response": ""}
-                writer.submit(tmp / f"{i}.pt", build_record(data, acts, data["tokens"], False, {"bench": True}))
+                writer.submit(tmp / f"{i}.pt", build_raw(data, acts, data["tokens"], False, {"bench": True}))
         written["bytes"] = writer.bytes
 
     def hf_hidden_states():

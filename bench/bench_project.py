@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="bench_project_"))
     os.environ["TRAIT_EXPERIMENTS_DIR"] = str(root)
-    from inference.capture_raw_activations import build_record
+    from utils.raw import build_raw
     from inference.project_raw_activations_onto_traits import project_raw_activations_onto_traits
     from utils import paths
     from utils.storage import load_pt, write_json, write_pt
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 for L in range(a.layers)}
         data = {"token_ids": ids, "prompt_end": a.tokens // 2, "tokens": [str(t) for t in ids], "prompt": "",
                 "response": ""}
-        write_pt(paths.raw_file(exp, variant, pset, i), build_record(data, acts, data["tokens"], False, {"bench": True}))
+        write_pt(paths.raw_file(exp, variant, pset, i), build_raw(data, acts, data["tokens"], False, {"bench": True}))
     traits = [f"bench/t{k}" for k in range(a.traits)]
     for t in traits:
         for L in range(a.layers):

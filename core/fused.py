@@ -35,7 +35,7 @@ from torch import nn
 
 from core.capture import (BatchReport, default_max_batch_tokens, pad_batch, run_batches, to_host)
 from core.hooks import COMPONENTS, ActivationCapture, HookError, input_device, run_forward
-from core.projection import MassiveDimStats, unit_vectors
+from core.projection import MassiveDimStats, score, unit_vectors
 
 SIDES = ("prompt", "response")
 
@@ -203,7 +203,7 @@ class _Reducer:
         tok, means = self._views(x.shape[-1], x.device)
         if comp == spec.component and layer in lay.score_cols:
             start, k = lay.score_cols[layer]
-            tok[:, start:start + k].copy_(x @ self._unit(layer, x.device).T)
+            tok[:, start:start + k].copy_(score(x, self._unit(layer, x.device)))
             if layer in lay.dim_cols:
                 start = lay.dim_cols[layer]
                 dims = self._to("dims", torch.tensor(spec.dims, dtype=torch.long), x.device)

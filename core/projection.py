@@ -2,6 +2,9 @@
 
     unit_vectors(vectors[K, H] | [H])       -> fp32 unit rows (a zero or non-finite vector is an error)
     project(acts[..., H], vectors[K, H])    -> fp32 [..., K] scalar projections <h, v/|v|>, one matmul for all K
+    score(acts[..., H], units[K, H])        -> fp32 [..., K]: the one scoring expression, on rows already made unit
+                                            (unit_vectors) and placed on acts' device; the two-stage, fused
+                                            (core/fused.py) and streaming (core/streaming.py) paths all call it
     token_norms(acts[..., H])               -> fp32 [...] |h| per token
     MassiveDimStats(top_k=5)                running per-layer statistics of activations -> calibration aggregate
                                             (top dims by |mean|, dim magnitude ratios per layer, mean token
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from core.errors import TraitError
 
-__all__ = ["ProjectionError", "unit_vectors", "project", "token_norms", "MassiveDimStats"]
+__all__ = ["ProjectionError", "unit_vectors", "project", "score", "token_norms", "MassiveDimStats"]
 
 
 class ProjectionError(TraitError):
@@ -45,7 +48,12 @@ def project(acts: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         raise ProjectionError(
             f"hidden size mismatch: activations have {acts.shape[-1]} dims, vectors have {v.shape[-1]}"
         )
-    return acts.to(torch.float32) @ v.to(acts.device).T
+    return score(acts, v.to(acts.device))
+
+
+def score(acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., K] scores of activations [..., H] on unit rows [K, H] (from unit_vectors, on acts' device)."""
+    return acts.to(torch.float32) @ units.T
 
 
 def token_norms(acts: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from torch import nn
 from core.generation import SeededSampler, check_sampling, config_stop_ids, mix_seed
 from core.hooks import SteeringHook, SteeringSpec, component_module, input_device, num_layers
 from core.interventions import STOP_MONITOR, Intervention, Interventions
-from core.projection import unit_vectors
+from core.projection import score, unit_vectors
 from core.errors import TraitError
 
 __all__ = ["StreamError", "ScoreProjector", "stream_with_scores", "STOP_EOS", "STOP_LENGTH"]
@@ -118,7 +118,7 @@ class ScoreProjector:
             if self.keep_activations:
                 self._acts[i] = h[0]
             if h.shape[1] > 1:      # the prompt: project now, [seq, V]
-                self._res[i] = h[0].to(torch.float32) @ self._on(h.device)[0].T
+                self._res[i] = score(h[0], self._on(h.device)[0])
                 self._projected = True
             else:                   # one token: a reference (no copy, no sync), stacked in flat()
                 self._res[i] = h
@@ -149,7 +149,7 @@ class ScoreProjector:
         if self._projected:
             full = torch.stack(res)                                              # [U, seq, V]
         else:
-            full = torch.stack(res)[:, 0].to(torch.float32) @ weight.T           # [U, 1, V]: one matmul
+            full = score(torch.stack(res)[:, 0], weight)                         # [U, 1, V]: one matmul
         return full[slot, :, col].T                                              # [seq, V]: each vector's own layer
 
     def scores(self) -> dict[str, dict[int, list[float]]]:

@@ -372,7 +372,7 @@ def _sizes(job: StageJob, dtype_bytes: int) -> tuple[float, float, int, str, boo
 
 
 def _project_sizes(job: StageJob, variant: str, n_layers: int, hidden: int, raw: int):
-    from inference.project_raw_activations_onto_traits import load_calibration
+    from utils.calibration import load_calibration
     from utils.vectors import resolve_vector_source
 
     kw = job.kwargs
@@ -472,7 +472,8 @@ def _guarded(task: ShardTask, fn):
 def _calibration_part(task: ShardTask, loaded) -> dict:
     from core.fused import calibrate_sequences
     from core.projection import MassiveDimStats
-    from inference.project_raw_activations_onto_traits import CALIBRATION_TOP_K, plan_fused
+    from inference.project_raw_activations_onto_traits import plan_fused
+    from utils.calibration import CALIBRATION_TOP_K
 
     opts = dataclasses.replace(task.job.options(task.ids), skip_existing=False, no_calibration=True)
     plan = plan_fused(opts)
@@ -490,7 +491,7 @@ def _calibration_part(task: ShardTask, loaded) -> dict:
 def finish_calibration(job: StageJob, parts: Sequence[dict]) -> str:
     """Merge the shards' statistics (in shard order) and write the variant's calibration.json; its path."""
     from core.projection import MassiveDimStats
-    from inference.project_raw_activations_onto_traits import CALIBRATION_TOP_K, write_calibration
+    from utils.calibration import CALIBRATION_TOP_K, write_calibration
     from utils.config import resolve_variant
 
     stats, n = MassiveDimStats(CALIBRATION_TOP_K), 0

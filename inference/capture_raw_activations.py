@@ -5,7 +5,6 @@
     run_capture(plan, loaded=None) -> dict         load the model, capture in batches, write files; the summary
     capture_raw_activations(experiment, prompt_set, loaded=None, **options) -> dict
                                                    plan + run, for keyword callers (tests, server, demo)
-    build_record(data, acts, tokens, response_only, metadata) -> dict   one prompt's .pt dict (docs/formats.md)
     format_summary(summary) -> str                 the one line main() prints
     main(argv=None) -> int                         the CLI: python inference/capture_raw_activations.py --help
     CaptureError                                   bad input or a capture that cannot go on; the message names it
@@ -39,8 +38,9 @@ from utils.config import Variant, resolve_variant
 from utils.layers import parse_layers
 from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
 from utils.prompts import parse_prompt_ids
+from utils.raw import build_raw
 from utils.responses import TokenStrings, list_response_files, load_responses, replayed_response
-from utils.storage import BackgroundWriter
+from utils.storage import BackgroundWriter, add_write_flags, guard_outputs
 
 
 class CaptureError(TraitError):
@@ -61,6 +61,7 @@ class CaptureOptions:
     responses_from: str | None = None
     prompt_ids: str | Sequence[str | int] | None = None
     skip_existing: bool = False
+    overwrite: bool = False
     limit: int | None = None
     output_suffix: str | None = None
     load_in_8bit: bool = False
@@ -223,6 +224,7 @@ def plan_capture(opts: CaptureOptions, loaded: LoadedModel | None = None) -> Cap
         return paths.raw_file(exp, variant.name, prompt_set, pid, opts.output_suffix)
 
     todo = [(pid, d) for pid, d in items if not (opts.skip_existing and out_file(pid).exists())]
+    guard_outputs([out_file(pid) for pid, _ in todo], overwrite=opts.overwrite, skip_existing=opts.skip_existing)
     replay = [] if source.name == variant.name else \
         [pid for pid, _ in items if not paths.response_file(exp, variant.name, prompt_set, pid).exists()]
     return CapturePlan(opts, prompt_set, variant, source, chosen, comps, out_dtype, items, todo, replay, tokenizer)
@@ -230,29 +232,6 @@ def plan_capture(opts: CaptureOptions, loaded: LoadedModel | None = None) -> Cap
 
 # ---------------------------------------------------------------------------------------------------
 # Token strings and the records written
-
-def build_record(data: dict, acts: dict[int, dict[str, torch.Tensor]], tokens: list[str], response_only: bool,
-                 metadata: dict) -> dict:
-    """Split one sequence's activations at prompt_end into the .pt dict of docs/formats.md.
-
-    `tokens` are one string per id of data["token_ids"]; every tensor stored owns its storage.
-    """
-    ids: list[int] = data["token_ids"]
-    end: int = data["prompt_end"]
-
-    def side(lo: int, hi: int, keep: bool) -> dict[int, dict[str, torch.Tensor]]:
-        if not keep:
-            return {}
-        return {layer: {c: t[lo:hi].clone() for c, t in comps.items()} for layer, comps in acts.items()}
-
-    return {
-        "prompt": {"text": data.get("prompt") or "", "tokens": tokens[:end], "token_ids": ids[:end],
-                   "activations": side(0, end, not response_only)},
-        "response": {"text": data.get("response") or "", "tokens": tokens[end:], "token_ids": ids[end:],
-                     "activations": side(end, len(ids), True)},
-        "metadata": metadata,
-    }
-
 
 def _base_metadata(plan: CapturePlan, lm: LoadedModel) -> dict:
     info = lm.info
@@ -377,7 +356,7 @@ def _capture_loop(plan: CapturePlan, lm: LoadedModel, base_meta: dict, strings: 
             meta = dict(base_meta, dtype=str(first.dtype).replace("torch.", ""), prompt_id=prompt_id,
                         n_prompt_tokens=data["prompt_end"], n_response_tokens=len(tokens) - data["prompt_end"],
                         inference_model=data.get("inference_model"))
-            writer.submit(plan.out_file(prompt_id), build_record(data, acts, tokens, plan.opts.response_only, meta))
+            writer.submit(plan.out_file(prompt_id), build_raw(data, acts, tokens, plan.opts.response_only, meta))
             if prompt_id in replay:
                 writer.submit_json(plan.response_file(prompt_id), _replayed(plan, data, tokens))
                 summary["responses_written"] += 1
@@ -455,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--responses-from", metavar="VARIANT",
       help="read this variant's responses, write under --model-variant (and its missing response JSONs)")
     a("--prompt-ids", help="comma list of prompt ids to capture (default: all)")
-    a("--skip-existing", action="store_true", help="skip prompts whose .pt already exists (resume a run)")
+    add_write_flags(p, ".pt files (--skip-existing resumes a run)")
     a("--limit", type=int, help="capture at most N prompts (after --prompt-ids, before --skip-existing)")
     a("--output-suffix", help="write to raw/residual/{set}_{suffix}/ (responses are still read from {set})")
     a("--load-in-8bit", action="store_true", help="load the model in 8-bit (bitsandbytes)")

@@ -39,7 +39,8 @@ from utils.config import resolve_variant
 from utils.layers import parse_layers
 from utils.model import LoadedModel, input_device, load_model_config, load_variant
 from utils.responses import TokenStrings, load_responses
-from utils.storage import write_json
+from utils.storage import add_write_flags, guard_outputs
+from utils.viz import viz_file, write_viz
 
 KINDS = ("attention", "logit_lens")
 
@@ -64,6 +65,7 @@ class VizOptions:
     batch_size: int = 4
     limit: int | None = None
     skip_existing: bool = False
+    overwrite: bool = False
     output_suffix: str | None = None
     dtype: str = "auto"
     load_in_8bit: bool = False
@@ -112,10 +114,6 @@ class VizSummary:
                  f"(corrected)") if self.tokens_corrected else ""
         return (f"extract_viz: {self.n_prompts} prompts of variant {self.variant}: wrote {', '.join(parts) or 'nothing'}"
                 f"{largest}; skipped {self.skipped} existing -> {self.output_dir} ({self.seconds:.1f}s){fixed}")
-
-
-def _output_file(out_dir: Path, prompt_id: str, kind: str) -> Path:
-    return out_dir / f"{prompt_id}_{kind}.json"
 
 
 def _round(t: torch.Tensor, decimals: int = 6) -> list:
@@ -229,12 +227,14 @@ def plan_viz(opts: VizOptions, loaded: LoadedModel | None = None) -> VizPlan:
     out_dir = paths.per_token_dir(opts.experiment, paths.set_dir(opts.prompt_set, opts.output_suffix))
     todo, skipped = [], 0
     for pid, resp in responses:  # --skip-existing trusts files: they are only ever written atomically
-        need = [k for k in opts.kinds if not (opts.skip_existing and _output_file(out_dir, pid, k).exists())]
+        need = [k for k in opts.kinds if not (opts.skip_existing and viz_file(out_dir, pid, k).exists())]
         if need:
             todo.append((pid, resp, need))
         else:
             skipped += 1
     _check_lengths(opts, todo)
+    guard_outputs([viz_file(out_dir, pid, k) for pid, _, need in todo for k in need], overwrite=opts.overwrite,
+                  skip_existing=opts.skip_existing)
     return VizPlan(opts, variant, out_dir, len(responses), n_layers, layers, todo, skipped)
 
 
@@ -338,7 +338,7 @@ def _records(plan: VizPlan, fwd: _Forward, b: int, pid: str, resp: dict, need: l
 
 def _write(summary: VizSummary, out_dir: Path, pid: str, records: dict[str, dict]) -> None:
     for kind, rec in records.items():
-        size = write_json(_output_file(out_dir, pid, kind), rec)
+        size = write_viz(viz_file(out_dir, pid, kind), rec, kind)
         summary.written[kind] += 1
         summary.bytes[kind] += size
         if size > summary.largest[1]:
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--attention refuses prompts longer than this (files grow with tokens^2; default 512)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per prefill (default 4)")
     p.add_argument("--limit", type=int, default=None, help="first N responses (natural id order)")
-    p.add_argument("--skip-existing", action="store_true", help="skip outputs that already exist")
+    add_write_flags(p, "attention / logit-lens files")
     p.add_argument("--output-suffix", default=None,
                    help="write to analysis/per_token/{set}_{S}/ (e.g. one per variant: the folder is shared)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")

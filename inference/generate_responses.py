@@ -40,12 +40,12 @@ from core.errors import TraitError
 from core.generation import GenerationResult, auto_batch_size, generate_in_batches
 from inference.model_server import TOKEN_ENV, ServerClient, ServerError, default_url, probe_server
 from utils import cli, paths
-from utils.config import Variant, resolve_variant, use_chat_template
+from utils.config import Variant, load_config, resolve_variant, use_chat_template
 from utils.model import (LoadedModel, decode_tokens, format_prompt, load_tokenizer, load_variant, resolve_dtype,
                          stop_token_ids, tokenize_continuation, tokenize_prompt)
 from utils.prompts import Prompt, PromptSet, PromptSetError, load_prompt_set, parse_prompt_ids
-from utils.responses import build_response
-from utils.storage import StorageError, read_json, write_json
+from utils.responses import build_response, replay_note, write_response
+from utils.storage import StorageError, add_write_flags, guard_outputs, read_json
 
 SERVER_BATCH_SIZE = 32  # prompts per request (and per write) when talking to a server without --batch-size
 
@@ -77,6 +77,7 @@ class GenerateOptions:
     batch_size: int | None = None
     limit: int | None = None
     skip_existing: bool = False
+    overwrite: bool = False
     output_suffix: str | None = None
     load_in_8bit: bool = False
     load_in_4bit: bool = False
@@ -227,6 +228,11 @@ def plan_generate(opts: GenerateOptions) -> GeneratePlan:
     exists = (lambda p: paths.response_file(opts.experiment, variant.name, pset.name, p.id,
                                             opts.output_suffix).exists())
     todo = [p for p in prompts if not (opts.skip_existing and exists(p))]
+    out_set = paths.set_dir(pset.name, opts.output_suffix)
+    guard_outputs([paths.response_file(opts.experiment, variant.name, pset.name, p.id, opts.output_suffix) for p in todo],
+                  overwrite=opts.overwrite, skip_existing=opts.skip_existing,
+                  why=lambda existing: replay_note(opts.experiment, variant.name, out_set, existing,
+                                                   list(load_config(opts.experiment)["model_variants"])))
     seed = opts.seed
     if opts.temperature > 0 and seed is None and imported is None:
         seed = secrets.randbelow(2**31)  # recorded in every file, so the run can be repeated
@@ -430,7 +436,7 @@ def _generate_loop(plan: GeneratePlan, backend, tok, items: list, summary: dict)
             results = backend.generate([ids for _, _, ids, _ in batch], o.max_new_tokens, float(o.temperature),
                                        float(o.top_p), seeds)
             for (p, text, ids, note), res in zip(batch, results):
-                write_json(plan.out_file(p.id), generated_record(plan, p, text, ids, note, res, tok,
+                write_response(plan.out_file(p.id), generated_record(plan, p, text, ids, note, res, tok,
                                                                  backend.model_info))
                 stop_counts[res.stop_reason] = stop_counts.get(res.stop_reason, 0) + 1
                 for rec in res.interventions or []:
@@ -459,7 +465,7 @@ def _run_import(plan: GeneratePlan, loaded: LoadedModel | None, summary: dict) -
                   file=sys.stderr):
         record = imported_record(plan, p, tok, stops)
         stripped += record["imported"]["stripped_suffix"] is not None
-        write_json(plan.out_file(p.id), record)
+        write_response(plan.out_file(p.id), record)
         summary["written"] += 1
     summary["stripped_stop_strings"] = stripped
     return summary
@@ -515,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these prompt ids of the set (comma list; natural id order; unknown ids are an error)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: automatic)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (after --prompt-ids)")
-    p.add_argument("--skip-existing", action="store_true", help="keep response files that already exist")
+    add_write_flags(p, "response files")
     p.add_argument("--output-suffix", default=None, help="write to responses/SET_SUFFIX instead")
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights")
     p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4) weights")

@@ -11,7 +11,6 @@
                                                   response token ids (core/fused.py), no raw file read or written
     project(opts, loaded=None) -> dict            plan + run of whichever path opts.fused picks
     find_prompt_sets(exp, variant) -> [set]       every (nested) folder of raw/residual/ holding .pt files
-    load_calibration(exp, variant) -> Calibration | None   the variant's file, else the experiment-wide one
     compute_calibration(exp, variant, files, prompt_sets) -> Calibration | None   from captured residuals, written
     projection_record(plan, prompt_set, prompt_id, trait, scores) -> dict   one projection JSON (docs/formats.md)
     format_summary(summary) -> str                the one-line summary main() prints
@@ -56,16 +55,18 @@ from utils.prompts import only_set_ids
 from utils.summaries import DEFAULT_UNITS, add_units_flag, score_lines, tally
 from utils.config import Variant, resolve_variant
 from utils.layers import LayerSpecError, parse_projection_layers
+from utils.calibration import CALIBRATION_TOP_K, Calibration, load_calibration, write_calibration
 from utils.means import validate_means
 from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, load_variant
 from utils.prompts import parse_prompt_ids
 from utils.responses import TokenStrings, load_responses, replayed_response
+from utils.projections import selection_note, validate_projection, write_projection
+from utils.raw import RawRecord, check_finite, read_raw
 from utils.score_store import update_store
-from utils.storage import BackgroundWriter, StorageError, load_pt, read_json, write_json
+from utils.storage import BackgroundWriter, add_write_flags, guard_outputs
 from utils.vectors import SelectedVector, VectorSource, parse_position, resolve_vector_source
 
 SIDES = ("prompt", "response")
-CALIBRATION_TOP_K = 5
 
 
 class ProjectError(TraitError):
@@ -97,6 +98,7 @@ class ProjectOptions:
     centered: bool = False
     units: str = DEFAULT_UNITS                         # how the summary shows scores (files keep raw scores)
     skip_existing: bool = False
+    overwrite: bool = False
     no_calibration: bool = False
     progress: bool = True
     # the fused path (--fused): a prefill forward over the stored token ids instead of raw files
@@ -148,7 +150,7 @@ class ProjectPlan:
     source: VectorSource
     sets: tuple[SetPlan, ...]
     skipped: int                                     # (prompt, trait) outputs skipped by --skip-existing
-    calibration: "Calibration | None"                # a calibration file found (None: compute one, or off)
+    calibration: Calibration | None                # a calibration file found (None: compute one, or off)
     fused: "FusedSetup | None" = None                # the fused path's model facts (None: two-stage)
 
     @property
@@ -189,40 +191,7 @@ def _raw_files(exp: str, variant: str, prompt_set: str) -> dict[str, Path]:
     return files
 
 
-@dataclass
-class RawInfo:
-    """What one .pt holds: captured layers and components per layer, hidden size."""
-
-    path: Path
-    layers: list[int]
-    components: dict[int, set[str]]
-    hidden_size: int
-    n_layers: int | None
-
-
-def _raw_info(path: Path, data: dict) -> RawInfo:
-    if not isinstance(data, dict) or not all(isinstance(data.get(s), dict) for s in SIDES):
-        raise ProjectError(f"{path}: not a raw activation file (expected 'prompt' and 'response' dicts)")
-    comps: dict[int, set[str]] = {}
-    hidden = None
-    for side in SIDES:
-        acts = data[side].get("activations") or {}
-        if not isinstance(acts, dict):
-            raise ProjectError(f"{path}: {side}.activations must be a dict of layer -> component -> tensor")
-        for layer, by_comp in acts.items():
-            if not isinstance(layer, int) or not isinstance(by_comp, dict):
-                raise ProjectError(f"{path}: {side}.activations must map integer layers to component dicts")
-            comps.setdefault(layer, set()).update(by_comp)
-            for t in by_comp.values():
-                hidden = hidden or (t.shape[-1] if isinstance(t, torch.Tensor) and t.ndim == 2 else None)
-    if not comps or hidden is None:
-        raise ProjectError(f"{path}: holds no activations")
-    meta = data.get("metadata") or {}
-    n_layers = meta.get("n_layers") if isinstance(meta.get("n_layers"), int) else None
-    return RawInfo(path, sorted(comps), comps, int(hidden), n_layers)
-
-
-def _check_captured(info: RawInfo, layers: Sequence[int], component: str) -> None:
+def _check_captured(info: RawRecord, layers: Sequence[int], component: str) -> None:
     """Each needed layer and the projected component must be in the file: never snapped, never zeros."""
     listing = ", ".join(str(l) for l in info.layers)
     for layer in layers:
@@ -237,56 +206,7 @@ def _check_captured(info: RawInfo, layers: Sequence[int], component: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------
-# Massive-dims calibration
-
-@dataclass
-class Calibration:
-    path: Path
-    source: str                                    # "variant" | "experiment" | "computed"
-    top_dims_by_layer: dict[str, list[int]] = field(default_factory=dict)
-
-    @property
-    def dims(self) -> list[int]:
-        return sorted({d for dims in self.top_dims_by_layer.values() for d in dims})
-
-
-def _parse_calibration(path: Path, source: str) -> Calibration:
-    try:
-        data = read_json(path)
-    except StorageError as e:
-        raise ProjectError(str(e)) from e
-    agg = data.get("aggregate", data) if isinstance(data, dict) else None
-    top = agg.get("top_dims_by_layer") if isinstance(agg, dict) else None
-    if not isinstance(top, dict) or not all(
-            isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v) for v in top.values()):
-        raise ProjectError(f"{path}: expected aggregate.top_dims_by_layer, an object of layer -> [dim, ...]")
-    return Calibration(path, source, {str(k): list(v) for k, v in top.items()})
-
-
-def load_calibration(exp: str, variant: str) -> Calibration | None:
-    """The variant's calibration.json, else the experiment-wide one (where trait-interp looked), else None."""
-    for path, source in ((paths.calibration_file(exp, variant), "variant"), (paths.calibration_file(exp), "experiment")):
-        if path.exists():
-            return _parse_calibration(path, source)
-    return None
-
-
-def write_calibration(exp: str, variant: str, stats: MassiveDimStats, n_prompts: int, prompt_sets: Sequence[str],
-                      computed_by: str) -> Calibration:
-    """calibration.json from accumulated statistics (docs/formats.md), written to the variant's path."""
-    agg = stats.aggregate()
-    out = {
-        "experiment": exp, "model_variant": variant, "model": resolve_variant(exp, variant).model,
-        "prompt_set": "calibration", "is_calibration": True, "computed_by": computed_by,
-        "computed_from": {"prompt_sets": list(prompt_sets), "component": "residual",
-                          "tokens": "response (prompt when a response is empty)"},
-        "date": _dt.datetime.now().isoformat(),
-        "aggregate": {"n_prompts": n_prompts, "top_k": stats.top_k, **agg},
-    }
-    path = paths.calibration_file(exp, variant)
-    write_json(path, out, indent=1)
-    return Calibration(path, "computed", agg["top_dims_by_layer"])
-
+# Massive-dims calibration (the file's format: utils/calibration.py)
 
 def compute_calibration(exp: str, variant: str, files: Sequence[Path], prompt_sets: Sequence[str],
                         top_k: int = CALIBRATION_TOP_K, progress: bool = False) -> Calibration | None:
@@ -297,13 +217,13 @@ def compute_calibration(exp: str, variant: str, files: Sequence[Path], prompt_se
     stats = MassiveDimStats(top_k)
     n_prompts = 0
     for path in tqdm(files, desc="calibration", unit="prompt", file=sys.stderr, disable=not progress):
-        data = load_pt(path)
+        raw = read_raw(path)
         for side in ("response", "prompt"):
-            acts = data[side].get("activations") or {}
+            acts = raw.side(side).get("activations") or {}
             by_layer = {l: c["residual"] for l, c in acts.items() if "residual" in c and c["residual"].shape[0] > 0}
             if by_layer:
                 for layer, t in by_layer.items():
-                    stats.add(layer, t)
+                    stats.add(layer, check_finite(path, f"{side} layer {layer} residual", t))
                 n_prompts += 1
                 break
     if not stats.layers:
@@ -393,14 +313,15 @@ def _only_ids(files: dict[str, Path], prompt_ids, folder: Path) -> dict[str, Pat
 
 def _plan_raw_set(opts: ProjectOptions, variant: str, source: VectorSource, prompt_set: str,
                   n_layers: int | None) -> tuple[SetPlan, int]:
-    """The set's files and pending outputs; vectors checked against its first pending file (no other file opened)."""
+    """The set's files and pending outputs; every pending file checked (structure, shapes, dtypes, and the tensors
+    scoring will read are finite), vectors chosen against the first one."""
     files = _only_ids(_raw_files(opts.experiment, variant, prompt_set), opts.prompt_ids,
                       paths.raw_dir(opts.experiment, variant, prompt_set))
     todo, skipped = _pending(opts, variant, prompt_set, list(files), source.traits)
     if not todo:
         return SetPlan(prompt_set, files, (), {}, 0), skipped
     first = files[todo[0][0]]
-    info = _raw_info(first, load_pt(first))
+    info = read_raw(first, n_layers=n_layers)
     captured = set().union(*info.components.values())
     if opts.component not in captured:  # before vector selection: the clearer message
         raise ProjectError(f"{first}: component {opts.component!r} was not captured (captured: "
@@ -409,7 +330,11 @@ def _plan_raw_set(opts: ProjectOptions, variant: str, source: VectorSource, prom
     vectors = select_set_vectors(opts, source, traits, info.layers, info.hidden_size, info.n_layers or n_layers,
                                  f"captured in {first}")
     plan = SetPlan(prompt_set, files, tuple(todo), vectors, info.hidden_size)
-    _check_captured(info, plan.layers, opts.component)
+    for pid, pending in todo:  # the whole set before the first write: a bad file in the middle fails here
+        other = info if files[pid] == first else read_raw(files[pid], info.hidden_size, n_layers)
+        needed = sorted({v.layer for t in pending for v in vectors[t]})
+        _check_captured(other, needed, opts.component)
+        other.check_finite(needed, {opts.component, "residual"})   # only the tensors scoring reads
     return plan, skipped
 
 
@@ -429,7 +354,20 @@ def plan_projection(opts: ProjectOptions) -> ProjectPlan:
     calibration = None
     if not opts.no_calibration and any(s.todo for s in set_plans):
         calibration = load_calibration(opts.experiment, variant.name)
-    return ProjectPlan(opts, variant, source, set_plans, sum(n for _, n in planned), calibration)
+    return guard_plan(ProjectPlan(opts, variant, source, set_plans, sum(n for _, n in planned), calibration))
+
+
+def guard_plan(plan: ProjectPlan) -> ProjectPlan:
+    """Refuse (nothing written) when outputs exist without --skip-existing / --overwrite (utils.storage.guard_outputs);
+    the message says when the existing set was projected with another selection rule."""
+    o, name = plan.opts, plan.variant.name
+    outputs = [paths.projection_file(o.experiment, name, t, s.prompt_set, pid)
+               for s in plan.sets for pid, pending in s.todo for t in pending]
+    outputs += [paths.means_file(o.experiment, name, s.prompt_set, pid) for s in plan.sets for pid in s.means_todo]
+    spec = None if o.multi_vector else o.layer_spec
+    guard_outputs(outputs, overwrite=o.overwrite, skip_existing=o.skip_existing,
+                  why=lambda existing: selection_note([p for p in existing if p.suffix == ".json"], spec, o.multi_vector))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -448,37 +386,34 @@ class PromptScores:
     model: str | None = None
 
 
-def calibration_dims(calibration: "Calibration | None", hidden_size: int) -> list[int]:
-    return [d for d in calibration.dims if d < hidden_size] if calibration is not None else []
+def calibration_dims(calibration: Calibration | None, hidden_size: int) -> list[int]:
+    return calibration.dims_below(hidden_size) if calibration is not None else []
 
 
 def scores_from_raw(plan: ProjectPlan, set_plan: SetPlan, path: Path, pending: Sequence[str]) -> PromptScores:
     """Score one raw .pt on the pending traits' vectors: per layer one matmul of both sides on all its vectors."""
     component = plan.opts.component
-    data = load_pt(path)
-    info = _raw_info(path, data)
+    info = read_raw(path, set_plan.hidden_size)
     needed = sorted({v.layer for t in pending for v in set_plan.vectors[t]})
     _check_captured(info, needed, component)
-    if info.hidden_size != set_plan.hidden_size:
-        raise ProjectError(f"{path}: hidden size {info.hidden_size} differs from the set's first file "
-                           f"({set_plan.hidden_size}); were these captured from different models?")
     dims = calibration_dims(plan.calibration, info.hidden_size)
     first_layers = {set_plan.vectors[t][0].layer for t in pending}
-    out = PromptScores({s: len(data[s].get("token_ids") or data[s].get("tokens") or []) for s in SIDES}, {}, {}, {},
-                       {}, model=(data.get("metadata") or {}).get("model"))
+    out = PromptScores(dict(info.n_tokens), {}, {}, {}, {}, model=info.metadata.get("model"))
     for layer in needed:
-        acts = {s: (data[s].get("activations") or {}).get(layer, {}).get(component) for s in SIDES}
+        acts = {s: info.activations(s, layer, component) for s in SIDES}
         present = [s for s in SIDES if acts[s] is not None]
         stacked = [(t, k) for t in pending for k, v in enumerate(set_plan.vectors[t]) if v.layer == layer]
         matrix = torch.stack([set_plan.vectors[t][k].vector for t, k in stacked])
-        all_scores = project_onto(torch.cat([acts[s] for s in present]), matrix)            # [n_tokens, K]
+        all_scores = check_finite(path, f"layer {layer} {component}",
+                                  project_onto(torch.cat([acts[s] for s in present]), matrix))   # [n_tokens, K]
         split = dict(zip(present, torch.split(all_scores, [acts[s].shape[0] for s in present])))
         for j, key in enumerate(stacked):
             out.scores[key] = {s: (split[s][:, j].tolist() if s in split else []) for s in SIDES}
-        resid = {s: (data[s].get("activations") or {}).get(layer, {}).get("residual") for s in SIDES}
+        resid = {s: info.activations(s, layer, "residual") for s in SIDES}
         if all(resid[s] is None for s in present):      # residual not captured: norms of the component itself
             resid, out.norms_component = acts, component
-        out.norms[layer] = {s: (token_norms(resid[s]).tolist() if resid[s] is not None else []) for s in SIDES}
+        out.norms[layer] = {s: (check_finite(path, f"layer {layer} norms", token_norms(resid[s])).tolist()
+                                if resid[s] is not None else []) for s in SIDES}
         out.captured[layer] = {s: acts[s] is not None for s in SIDES}
         if layer in first_layers:
             out.dim_values[layer] = {s: ({str(d): acts[s][:, d].float().tolist() for d in dims}
@@ -571,7 +506,7 @@ def write_prompt(plan: ProjectPlan, set_plan: SetPlan, prompt_id: str, pending: 
     for trait, (path, rec) in zip(pending, prompt_records(plan, set_plan, prompt_id, pending, sc)):
         if scores is not None:
             tally(scores, trait, rec)
-        out.append((path, write_json(path, rec)))
+        out.append((path, write_projection(path, rec)))
     return out
 
 
@@ -737,7 +672,7 @@ def plan_fused(opts: ProjectOptions, loaded: LoadedModel | None = None) -> Proje
     plan = ProjectPlan(opts, variant, source, set_plans, sum(n for _, n in planned), None, setup)
     if not opts.no_calibration and plan.has_scores:
         plan = replace(plan, calibration=load_calibration(opts.experiment, variant.name))
-    return plan
+    return guard_plan(plan)
 
 
 @dataclass(frozen=True)
@@ -880,7 +815,7 @@ def _score_set_fused(plan: ProjectPlan, set_plan: SetPlan, lm: LoadedModel, stri
                     sc = scores_from_batch(scoring, set_plan, batch, b, data[i]["prompt_end"], model_name)
                     for trait, (path, record) in zip(pending, prompt_records(plan, set_plan, pid, pending, sc)):
                         tally(summary["scores"], trait, record)
-                        writer.submit_json(path, record)
+                        writer.submit_json(path, validate_projection(record, path))
                     summary["written"] += len(pending)
                 if pid in set_plan.means_todo:
                     path = paths.means_file(plan.opts.experiment, plan.variant.name, set_plan.prompt_set, pid)
@@ -1049,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centered", action="store_true", help="subtract each vector's baseline (class midpoint)")
     p.add_argument("--prompt-ids", metavar="A,B", help="only these prompt ids of each set (comma list; an id without "
                                                      "a raw file, or with --fused a response JSON, is an error)")
-    p.add_argument("--skip-existing", action="store_true", help="skip prompts whose projection JSON exists")
+    add_write_flags(p, "projection JSONs (and --save-means files)")
     p.add_argument("--no-calibration", action="store_true",
                    help="neither read nor compute massive-dims calibration (no massive_dim_data)")
     add_units_flag(p)

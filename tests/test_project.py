@@ -207,7 +207,7 @@ def test_skip_existing_opens_no_pt(exp, hf, monkeypatch):
 
     def refuse(path, *a, **k):
         raise AssertionError(f"--skip-existing opened {path}")
-    monkeypatch.setattr(proj_mod, "load_pt", refuse)
+    monkeypatch.setattr(proj_mod, "read_raw", refuse)
     s = project("p", prompt_set="s", skip_existing=True, progress=False)
     assert (s["written"], s["skipped"], s["prompts"]) == (0, 6, 0)
     assert {f: f.stat().st_mtime_ns for f in first} == first
@@ -215,8 +215,8 @@ def test_skip_existing_opens_no_pt(exp, hf, monkeypatch):
     # one output missing: only that prompt's .pt is read, only that trait written
     paths.projection_file("p", "instruct", "cat/b", "s", 1).unlink()
     opened = []
-    from utils.storage import load_pt as real_load
-    monkeypatch.setattr(proj_mod, "load_pt", lambda path, *a, **k: (opened.append(path.name), real_load(path, *a, **k))[1])
+    from utils.raw import read_raw as real_read
+    monkeypatch.setattr(proj_mod, "read_raw", lambda path, *a, **k: (opened.append(path.name), real_read(path, *a, **k))[1])
     s = project("p", prompt_set="s", skip_existing=True, progress=False)
     assert (s["written"], s["skipped"]) == (1, 5) and set(opened) == {"1.pt"}
     assert s["files"] == [str(paths.projection_file("p", "instruct", "cat/b", "s", 1))]

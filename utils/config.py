@@ -1,6 +1,7 @@
 """Experiment config.json and model-variant resolution.
 
-    load_config(exp)                  -> dict     experiments/{exp}/config.json, errors list known experiments
+    load_config(exp)                  -> dict     experiments/{exp}/config.json, validated (validate_config: every
+                                                 key's type); errors list known experiments
     resolve_variant(exp, name, role)  -> Variant  name, or defaults.{role}, or the first variant
     Variant                           dataclass: name, model, lora, raw (the config entry)
     ConfigError                       unknown experiment / variant, malformed config
@@ -58,10 +59,26 @@ def load_config(exp: str) -> dict:
         cfg = read_json(path)
     except StorageError as e:
         raise ConfigError(str(e)) from e
+    return validate_config(cfg, path)
+
+
+def validate_config(cfg, path: str | Path) -> dict:
+    """`cfg` when every key has the documented type (docs/formats.md), else ConfigError naming the key."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_variants"), dict) or not cfg["model_variants"]:
         raise ConfigError(f"{path}: needs a non-empty 'model_variants' object")
-    if not isinstance(cfg.get("defaults") or {}, dict):
+    defaults = cfg.get("defaults") or {}
+    if not isinstance(defaults, dict):
         raise ConfigError(f"{path}: 'defaults' must be an object like {{\"application\": \"variant\"}}")
+    for role, name in defaults.items():
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{path}: defaults.{role} must be a variant name (a string), got {type(name).__name__}")
+    for name, entry in cfg["model_variants"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+            raise ConfigError(f"{path}: variant {name!r} needs a 'model' string (hub id or folder)")
+        if entry.get("lora") is not None and (not isinstance(entry["lora"], str) or not entry["lora"]):
+            raise ConfigError(f"{path}: variant {name!r}: 'lora' must be a string (hub id or folder) or null")
+    if cfg.get("use_chat_template") not in (None, True, False):
+        raise ConfigError(f"{path}: 'use_chat_template' must be true, false or null")
     return cfg
 
 
@@ -75,8 +92,6 @@ def resolve_variant(exp: str, name: str | None = None, role: str = "application"
             f"unknown model variant {chosen!r} in experiment {exp!r} (variants: {', '.join(variants)})"
         )
     entry = variants[chosen]
-    if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{paths.config_path(exp)}: variant {chosen!r} needs a 'model' key")
     return Variant(name=chosen, model=entry["model"], lora=entry.get("lora"), raw=entry)
 
 

@@ -5,6 +5,13 @@
     load_response(path, vocab_size=None) -> dict                          validated: token_ids ints, prompt_end in range
     load_responses(exp, variant, prompt_set, prompt_ids=None, limit=None, vocab_size=None, suffix=None)
                                                                   -> [(prompt_id, dict)]
+    validate_response(data, where, vocab_size=None) -> dict       the checks load_response makes (types, ranges)
+    write_response(path, record) -> bytes                          validate, then write atomically
+    replay_note(exp, variant, prompt_set, existing, variants) -> str | None   why replacing existing responses
+                                                                  breaks a model diff (for guarded writes)
+    scored_tokens(exp, variant, prompt_set, prompt_id, prefer="raw") -> ScoredTokens
+                                                                  the ids a variant's projections scored (raw .pt,
+                                                                  else response JSON), with prompt_end and texts
     build_response(...) -> dict                                   the flat response record, keys in trait-interp's order
     replayed_response(source, tokens, inference_model, responses_from) -> dict
                                                                   the record a --responses-from variant gets
@@ -15,12 +22,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils import paths
 from utils.model import decode_tokens
 from utils.prompts import only_set_ids
-from utils.storage import StorageError, read_json
+from utils.storage import StorageError, read_json, write_json
 from core.errors import TraitError
 
 
@@ -49,11 +57,24 @@ def load_response(path: str | Path, vocab_size: int | None = None) -> dict:
         data = read_json(path)
     except StorageError as e:
         raise ResponseError(str(e)) from e
+    return validate_response(data, path, vocab_size)
+
+
+def validate_response(data, path: str | Path, vocab_size: int | None = None) -> dict:
+    """`data` when it is a response record capture can rely on, else ResponseError naming `path`."""
     if not isinstance(data, dict):
         raise ResponseError(f"{path}: expected a JSON object, got {type(data).__name__}")
     ids = data.get("token_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ResponseError(f"{path}: 'token_ids' must be a non-empty list of integers")
+    if any(i < 0 for i in ids):
+        raise ResponseError(f"{path}: token id {min(ids)} is negative")
+    for key in ("prompt", "response", "system_prompt", "responses_from", "inference_model", "prompt_note"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ResponseError(f"{path}: '{key}' must be a string or null, got {type(data[key]).__name__}")
+    toks = data.get("tokens")
+    if toks is not None and (not isinstance(toks, list) or not all(isinstance(t, str) for t in toks)):
+        raise ResponseError(f"{path}: 'tokens' must be a list of strings (one per token id)")
     end = data.get("prompt_end")
     if not isinstance(end, int) or isinstance(end, bool) or not 0 <= end <= len(ids):
         raise ResponseError(f"{path}: 'prompt_end' = {end!r} is out of range for {len(ids)} token ids")
@@ -80,6 +101,88 @@ def load_responses(exp: str, variant: str, prompt_set: str, prompt_ids: list[str
     if limit is not None:
         files = files[:limit]
     return [(p.stem, load_response(p, vocab_size)) for p in files]
+
+
+def write_response(path: str | Path, record: dict) -> int:
+    """Validate `record`, then write it atomically; returns the bytes written."""
+    validate_response(record, path)
+    return write_json(path, record)
+
+
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The tokens a variant's projections scored for one prompt (prompt + response ids, as captured)."""
+
+    source: Path                          # the raw .pt or response JSON they were read from
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...] | None        # one string per id, None when the file has none that fit
+    prompt_end: int
+    response_text: str | None
+    formatted_prompt: str | None
+    system_prompt: str | None
+
+    @property
+    def response_ids(self) -> tuple[int, ...]:
+        return self.token_ids[self.prompt_end:]
+
+    @property
+    def response_tokens(self) -> tuple[str, ...] | None:
+        return None if self.tokens is None else self.tokens[self.prompt_end:]
+
+
+def scored_tokens(exp: str, variant: str, prompt_set: str, prompt_id: str, prefer: str = "raw") -> ScoredTokens:
+    """The ids a variant's projections of one prompt scored: its raw .pt (what the projection read) or its response
+    JSON, whichever `prefer` names first and exists. A variant captured with --responses-from may also hold responses
+    of its own generation. The formatted prompt and system prompt come from the response JSON when there is one.
+    """
+    from utils.raw import RawError, read_raw
+
+    rfile = paths.response_file(exp, variant, prompt_set, prompt_id)
+    raw = paths.raw_file(exp, variant, prompt_set, prompt_id)
+    rjson = load_response(rfile) if rfile.exists() else None
+    if rjson is not None and (prefer == "response" or not raw.exists()):
+        ids, end, toks = rjson["token_ids"], rjson["prompt_end"], rjson.get("tokens")
+        return ScoredTokens(rfile, tuple(ids), tuple(toks) if toks is not None and len(toks) == len(ids) else None, end,
+                            rjson.get("response"), rjson.get("prompt"), rjson.get("system_prompt"))
+    if raw.exists():
+        try:
+            rec = read_raw(raw)
+        except RawError as e:
+            raise ResponseError(str(e)) from e
+        prm, resp = rec.side("prompt"), rec.side("response")
+        ids = tuple(rec.token_ids["prompt"]) + tuple(rec.token_ids["response"])
+        toks = (tuple(prm["tokens"]) + tuple(resp["tokens"])
+                if prm.get("tokens") is not None and resp.get("tokens") is not None else None)
+        formatted = rjson.get("prompt") if rjson is not None else prm.get("text")
+        system = rjson.get("system_prompt") if rjson is not None else None
+        return ScoredTokens(raw, ids, toks, rec.n_tokens["prompt"], resp.get("text"), formatted, system)
+    raise ResponseError(f"prompt {prompt_id}: no tokens for variant {variant!r}: neither {raw} nor {rfile} exists")
+
+
+def replay_note(exp: str, variant: str, prompt_set: str, existing: list[Path], variants: list[str]) -> str | None:
+    """What a guarded rerun of generate would break: responses of `variant` that another variant replayed with
+    --responses-from (its captures and projections pair with these exact ids), or records `variant` itself replayed."""
+    stems = {p.stem for p in existing}
+    for other in variants:
+        if other == variant:
+            continue
+        for stem in sorted(stems, key=paths.natural_key):
+            f = paths.response_file(exp, other, prompt_set, stem)
+            try:
+                rec = load_response(f) if f.exists() else None
+            except ResponseError:
+                continue
+            if rec is not None and rec.get("responses_from") == variant:
+                return (f"variant {other!r} replayed these responses with --responses-from {variant} ({f}): new "
+                        f"responses would break the model diff's pairing")
+    for p in existing:
+        try:
+            source = load_response(p).get("responses_from")
+        except ResponseError:
+            continue
+        if source and source != variant:
+            return f"{p} holds responses of variant {source!r}, replayed with --responses-from"
+    return None
 
 
 def build_response(prompt: str, response: str, token_ids: list[int], prompt_end: int, tokens: list[str],

@@ -5,8 +5,16 @@
     write_pt(path, obj)           atomic torch.save
     BackgroundWriter(...)         write_pt / write_json on one background thread, so disk I/O overlaps the next forward
     load_pt(path, mmap=True)      torch.load(weights_only=True), memory-mapped when the file allows it
-    read_json(path)               json.load with an error that names the file
+    read_json(path)               json.load with an error that names the file (also: a folder, deep nesting,
+                                  non-UTF-8 bytes, NaN / Infinity literals)
     StorageError                  raised for unreadable / malformed files (message names the file)
+
+Guarded writes (HF Trainer's overwrite_output_dir convention; every stage takes the rule from here):
+
+    add_write_flags(parser)       --skip-existing / --overwrite, mutually exclusive
+    guard_outputs(paths, overwrite=, skip_existing=, why=)   refuse (OutputExistsError, nothing written) when an
+                                  output exists and neither flag is given; `why` adds what the file is to the message
+    OutputExistsError             a rerun that would replace outputs without --overwrite
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from core.errors import TraitError
@@ -84,15 +92,43 @@ def write_json(path: str | Path, obj: Any, indent: int | None = None) -> int:
     return len(data)
 
 
-def read_json(path: str | Path) -> Any:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN / Infinity; the standard does not
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):  # 1e999 parses to inf
+        raise ValueError(f"number {text[:40]} overflows a float")
+    return x
+
+
+def read_json(path: str | Path, allow_nan: bool = False) -> Any:
+    """The parsed file; StorageError names it when it is missing, a folder, unreadable, or not strict JSON.
+
+    allow_nan: accept the NaN / Infinity literals (and overflowing numbers) Python's json writes by default, for
+    a reader that replaces them (trait-interp's results.json had bare NaN).
+    """
     path = Path(path)
+    strict = {} if allow_nan else {"parse_constant": _no_constant, "parse_float": _finite_float}
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, **strict)
     except FileNotFoundError:
         raise StorageError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StorageError(f"{path}: malformed JSON ({e})") from None
+    except IsADirectoryError:
+        raise StorageError(f"{path}: is a folder, expected a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise StorageError(f"{path}: malformed JSON ({_short(e)})") from None
+    except RecursionError:
+        raise StorageError(f"{path}: malformed JSON (nested too deeply)") from None
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def write_pt(path: str | Path, obj: Any) -> int:
@@ -198,11 +234,48 @@ def load_pt(path: str | Path, mmap: bool = True) -> Any:
     path = Path(path)
     if not path.exists():
         raise StorageError(f"{path}: file not found")
+    if path.is_dir():
+        raise StorageError(f"{path}: is a folder, expected a .pt file")
     try:
         return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
     except RuntimeError as e:
         if mmap and "mmap" in str(e).lower():
             return load_pt(path, mmap=False)
-        raise StorageError(f"{path}: cannot load ({e})") from None
-    except Exception as e:  # truncated zip, unpickling refused, ...
-        raise StorageError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
+        raise StorageError(f"{path}: cannot load ({_short(e)})") from None
+    except RecursionError:
+        raise StorageError(f"{path}: cannot load (nested too deeply)") from None
+    except Exception as e:  # truncated zip, unpickling refused (weights_only), random bytes, ...
+        raise StorageError(f"{path}: cannot load ({type(e).__name__}: {_short(e)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guarded writes: existing outputs are replaced only with --overwrite
+
+class OutputExistsError(StorageError):
+    """Outputs of this run exist and neither --skip-existing nor --overwrite was given."""
+
+
+def add_write_flags(parser, what: str = "output files") -> None:
+    """--skip-existing / --overwrite (mutually exclusive), the same words in every stage."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--skip-existing", action="store_true", help=f"keep {what} that exist, write only the missing ones")
+    g.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} that exist (without this or --skip-existing, a rerun refuses)")
+
+
+def guard_outputs(outputs: Iterable[str | Path], *, overwrite: bool, skip_existing: bool,
+                  why: Callable[[list[Path]], str | None] | None = None) -> list[Path]:
+    """The outputs that exist; OutputExistsError when there are any and neither flag allows it.
+
+    Call it after every input was checked and before the first write: a refusal writes nothing. `why(existing)`
+    may say what the existing files are (e.g. responses another variant replayed), added to the message.
+    """
+    if overwrite and skip_existing:
+        raise OutputExistsError("--overwrite and --skip-existing contradict each other: choose one")
+    existing = [Path(p) for p in outputs if Path(p).exists()]
+    if not existing or overwrite or skip_existing:
+        return existing
+    note = why(existing) if why is not None else None
+    more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+    raise OutputExistsError(f"{existing[0]}{more} exists{'; ' + note if note else ''}: nothing written; rerun with "
+                            f"--skip-existing to keep existing files or --overwrite to replace them")

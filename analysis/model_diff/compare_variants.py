@@ -21,7 +21,7 @@ Writes experiments/{exp}/model_diff/{A}_vs_{B}/{set}/diff_vectors.pt   fp32 [mod
                                                                        --use-existing-diff: no raw files needed)
                                                  .../results.json      trait-interp's keys + provenance; traits
                                                                        without a peak under incomplete_traits
-(formats, and what trait-interp's readers index: docs/formats.md; the writers: analysis/model_diff/outputs.py)
+(formats, and what trait-interp's readers index: docs/formats.md; the owner of every one: utils/model_diff.py)
 
 Definitions (every delta is B - A; A is the baseline). For prompt i and layer L, m_X[i, L] is the fp32 mean of
 variant X's activations over the response tokens. D[L] = mean_i (m_B[i, L] - m_A[i, L]). With v the unit
@@ -42,18 +42,17 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from analysis.model_diff.outputs import (DIFF_FILE, EFFECT_KEYS, INCOMPLETE, MEANS_FILE, RESULTS_FILE, CompareError,
-                                         ExistingDiff, first_line, keep_earlier_effect_sizes,
-                                         load_existing_diff, load_small, read_old_results, viewer_safe,
-                                         write_diff_vectors, write_prompt_means)
 from core import stats
 from core.hooks import COMPONENTS
 from utils import cli, paths
 from utils.config import ConfigError, load_config
 from utils.layers import format_layers
 from utils.means import MeansError, fp32_mean, load_means
-from utils.storage import StorageError, load_pt, write_json
+from utils.model_diff import (DIFF_FILE, EFFECT_KEYS, INCOMPLETE, MEANS_FILE, RESULTS_FILE, CompareError, ExistingDiff,
+                              first_line, keep_earlier_effect_sizes, load_existing_diff, read_old_results,
+                              write_diff_vectors, write_prompt_means, write_results)
 from utils.prompts import only_set_ids
+from utils.raw import RawError, RawRecord, check_finite, read_raw
 from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
                            resolve_vector_source, sanitize_position)
@@ -168,29 +167,21 @@ class PairScan:
         return out
 
 
-def _load_raw(path: Path) -> dict:
+def _load_raw(path: Path) -> RawRecord:
     try:
-        data = load_pt(path)
-    except StorageError as e:
-        raise CompareError(first_line(e)) from e
-    if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
-        raise CompareError(f"{path}: not a raw activation file (no 'response' dict)")
-    return data
+        return read_raw(path)
+    except RawError as e:
+        raise CompareError(str(e)) from e
 
 
 def _read_raw(path: Path, component: str) -> PromptFile:
     """Token ids and captured layers of a raw .pt (memory-mapped: the activations are not read)."""
-    data = _load_raw(path)
-    resp, prm = data["response"], data.get("prompt") or {}
-    if resp.get("token_ids") is None:
-        raise CompareError(f"{path}: no response.token_ids")
-    acts = resp.get("activations") or {}
-    layers = {int(layer): int(comps[component].shape[1]) for layer, comps in acts.items()
-              if isinstance(comps, dict) and isinstance(comps.get(component), torch.Tensor)
-              and comps[component].ndim == 2}
-    comps = sorted({c for v in acts.values() if isinstance(v, dict) for c in v})
-    pids = prm.get("token_ids")
-    return PromptFile(path, None if pids is None else list(pids), list(resp["token_ids"]), layers, comps)
+    raw = _load_raw(path)
+    acts = raw.side("response").get("activations") or {}
+    layers = {layer: raw.hidden_size for layer, comps in acts.items() if component in comps}
+    comps = sorted({c for v in acts.values() for c in v})
+    pids = raw.side("prompt").get("token_ids")
+    return PromptFile(path, None if pids is None else list(pids), list(raw.token_ids["response"]), layers, comps)
 
 
 def _load_means(path: Path) -> dict:
@@ -217,8 +208,12 @@ def response_means(inp: PromptInput, layers: list[int], component: str) -> list[
     if inp.kind == "means":
         mean = _load_means(inp.path)["response"]["mean"]
         return [mean[layer][component] for layer in layers]
-    acts = _load_raw(inp.path)["response"]["activations"]
-    return [fp32_mean(acts[layer][component]) for layer in layers]
+    raw = _load_raw(inp.path)
+    try:
+        return [fp32_mean(check_finite(inp.path, f"response layer {layer} {component}",
+                                       raw.activations("response", layer, component))) for layer in layers]
+    except RawError as e:
+        raise CompareError(str(e)) from e
 
 
 def _check_layers(layer_sets: list[tuple[Path, set[int]]]) -> list[int]:
@@ -536,12 +531,8 @@ def compute_diff(plan: ComparePlan) -> DiffData:
     """Per-prompt means and the mean difference (full run), or the earlier run's (--use-existing-diff)."""
     if plan.existing is not None:
         e = plan.existing
-        means_a = means_b = None
-        if e.means_path is not None:
-            m = load_small(e.means_path)
-            means_a, means_b = m["means_a"], m["means_b"]
         return DiffData(e.diff, e.layers, int(e.diff.shape[1]), e.n_prompts, e.prompt_ids, e.fingerprint,
-                        means_a, means_b)
+                        e.means_a, e.means_b)
     scan, o = plan.scan, plan.opts
     means_a, means_b = prompt_means(scan, o.progress)
     diff = (means_b.to(torch.float64) - means_a.to(torch.float64)).mean(dim=0).to(torch.float32)
@@ -674,7 +665,7 @@ def run_compare(plan: ComparePlan) -> dict:
                 "peak_layer", "peak_effect_size", "peak_paired_effect_size", "headline_layer", "headline_effect_size",
                 "headline_paired_effect_size", "headline_mean_projection_diff", "headline_mean_projection_diff_z",
                 "layers_searched", "reference")}
-        write_json(plan.results_path, viewer_safe(results), indent=1)
+        write_results(plan.results_path, results)
     o = plan.opts
     return {"out_dir": str(plan.out_dir), "n_prompts": data.n_prompts, "layers": data.layers, "traits": done,
             "skipped": plan.skipped, "failed": failed, "warnings": plan.warnings, "variant_a": o.variant_a,

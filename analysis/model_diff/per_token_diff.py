@@ -37,10 +37,12 @@ from tqdm.auto import tqdm
 from core import stats
 from core.clauses import clause_breaks, split_into_clauses  # noqa: F401  (re-exported: the clause rule lives in core)
 from core.errors import TraitError
-from utils import cli, paths
+from utils import cli, paths, projections
 from utils.config import ConfigError, load_config, resolve_variant
 from utils.layers import format_layers
-from utils.storage import StorageError, load_pt, read_json, write_json
+from utils.model_diff import AGGREGATE_FILE, write_aggregate, write_per_token_diff
+from utils.projections import list_projected_traits
+from utils.responses import ResponseError, scored_tokens
 from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import VectorError, resolve_vector_source
 
@@ -121,28 +123,13 @@ class Projection:
 
 
 def read_projection(path: Path) -> Projection:
-    """A projection JSON in the multi-vector format (docs/formats.md), or trait-interp's legacy single-vector one."""
+    """A projection JSON read by its owner (utils/projections.py: multi-vector or trait-interp's legacy format)."""
     try:
-        data = read_json(path)
-    except StorageError as e:
+        proj = projections.read_projection(path)
+    except projections.ProjectionError as e:
         raise PerTokenDiffError(str(e)) from e
-    if not isinstance(data, dict) or "projections" not in data:
-        raise PerTokenDiffError(f"{path}: not a projection JSON (no 'projections')")
-    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    proj = data["projections"]
-    if isinstance(proj, dict):  # legacy: {"prompt": [...], "response": [...]} + metadata.vector_source
-        src = meta.get("vector_source") or {}
-        proj = [{"layer": src.get("layer"), "method": src.get("method"), "response": proj.get("response"),
-                 "selection_source": None}]
-    if not isinstance(proj, list) or not proj:
-        raise PerTokenDiffError(f"{path}: 'projections' must be a non-empty list")
-    for e in proj:
-        if not isinstance(e, dict) or not isinstance(e.get("layer"), int) or isinstance(e.get("layer"), bool):
-            raise PerTokenDiffError(f"{path}: every projection entry needs an integer 'layer'")
-        resp = e.get("response")
-        if not isinstance(resp, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in resp):
-            raise PerTokenDiffError(f"{path}: projection at layer {e['layer']} has no numeric 'response' list")
-    return Projection(path, proj, meta)
+    entries = [{**e.raw, "layer": e.layer, "method": e.method, "response": list(e.response)} for e in proj.entries]
+    return Projection(path, entries, dict(proj.metadata))
 
 
 @dataclass
@@ -158,40 +145,14 @@ class ResponseTokens:
 
 def read_response_tokens(exp: str, variant: str, prompt_set: str, prompt_id: str) -> ResponseTokens:
     """The response ids a variant's projections scored: its raw .pt (what projection read), else its response
-    JSON. A variant captured with --responses-from may also hold responses of its own generation, which were
-    not what it scored. The formatted prompt and system prompt come from the response JSON when there is one.
-    """
-    rfile = paths.response_file(exp, variant, prompt_set, prompt_id)
-    raw = paths.raw_file(exp, variant, prompt_set, prompt_id)
-    rjson = None
-    if rfile.exists():
-        try:
-            rjson = read_json(rfile)
-        except StorageError as e:
-            raise PerTokenDiffError(str(e)) from e
-    if raw.exists():
-        try:
-            d = load_pt(raw)
-        except StorageError as e:
-            raise PerTokenDiffError(str(e)) from e
-        resp, prm = d.get("response") or {}, d.get("prompt") or {}
-        ids = resp.get("token_ids")
-        if not isinstance(ids, list):
-            raise PerTokenDiffError(f"{raw}: no response.token_ids")
-        toks = resp.get("tokens") if isinstance(resp.get("tokens"), list) and len(resp["tokens"]) == len(ids) else None
-        formatted = rjson.get("prompt") if isinstance(rjson, dict) else prm.get("text")
-        system = rjson.get("system_prompt") if isinstance(rjson, dict) else None
-        return ResponseTokens(raw, [int(i) for i in ids], toks, resp.get("text"), formatted, system)
-    if isinstance(rjson, dict):
-        ids, end = rjson.get("token_ids"), rjson.get("prompt_end")
-        if not isinstance(ids, list) or not isinstance(end, int) or not 0 <= end <= len(ids):
-            raise PerTokenDiffError(f"{rfile}: needs 'token_ids' and an in-range 'prompt_end'")
-        toks = rjson.get("tokens")
-        toks = toks[end:] if isinstance(toks, list) and len(toks) == len(ids) else None
-        return ResponseTokens(rfile, [int(i) for i in ids[end:]], toks, rjson.get("response"), rjson.get("prompt"),
-                              rjson.get("system_prompt"))
-    raise PerTokenDiffError(
-        f"prompt {prompt_id}: cannot check which tokens variant {variant!r} scored: neither {raw} nor {rfile} exists")
+    JSON (utils.responses.scored_tokens, which validates both)."""
+    try:
+        st = scored_tokens(exp, variant, prompt_set, prompt_id, prefer="raw")
+    except ResponseError as e:
+        raise PerTokenDiffError(str(e)) from e
+    toks = st.response_tokens
+    return ResponseTokens(st.source, list(st.response_ids), None if toks is None else list(toks), st.response_text,
+                          st.formatted_prompt, st.system_prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,15 +241,6 @@ class PerTokenOptions:
             raise PerTokenDiffError(f"--layer {self.layer}: must be a layer index >= 0")
         if self.trait != "all" and len(self.trait.strip("/").split("/")) != 2:
             raise PerTokenDiffError(f"--trait {self.trait!r}: expected category/name or all")
-
-
-def list_projected_traits(exp: str, variant: str, prompt_set: str) -> list[str]:
-    """`category/name` of every trait of `variant` with projections of the prompt set (sorted)."""
-    root = paths.inference_dir(exp, variant) / "projections"
-    if not root.is_dir():
-        return []
-    return sorted(f"{c.name}/{t.name}" for c in root.iterdir() if c.is_dir() for t in c.iterdir()
-                  if t.is_dir() and paths.projection_dir(exp, variant, f"{c.name}/{t.name}", prompt_set).is_dir())
 
 
 @dataclass(frozen=True)
@@ -570,9 +522,9 @@ def write_trait(res: _TraitResult, warn: Callable[[str], None]) -> list[str]:
     files = []
     for pid, rec in res.files.items():
         path = res.out_dir / f"{pid}.json"
-        write_json(path, rec, indent=1)
+        write_per_token_diff(path, rec)
         files.append(str(path))
-    write_json(res.out_dir / "aggregate.json", res.aggregate, indent=1)
+    write_aggregate(res.out_dir / AGGREGATE_FILE, res.aggregate)
     stale = [p for stem, p in paths.files_by_id(res.out_dir, ".json").items()
              if stem != "aggregate" and stem not in res.files]
     for p in stale:  # ids of an earlier run that are not in this one would pass for current results

@@ -107,11 +107,9 @@ def show_vectors(exp: str) -> None:
 
 
 def _records(exp: str, variant: str, trait: str, prompt_set: str) -> list[dict]:
-    from utils import paths
-    from utils.storage import read_json
+    from utils.projections import list_projection_files, read_projection
 
-    folder = paths.projection_dir(exp, variant, trait, prompt_set)
-    return [read_json(p) for p in sorted(folder.glob("*.json"))]
+    return [read_projection(p).data for p in list_projection_files(exp, variant, trait, prompt_set).values()]
 
 
 def set_means_lines(exp: str, variant: str, trait: str, sets: tuple[str, ...], units: str = "z") -> list[str]:
@@ -159,9 +157,9 @@ def steer(exp: str, layer: int, coefficient: float) -> tuple[str, dict]:
 def diff_lines(exp: str, units: str) -> list[str]:
     """The model diff per trait at the selected vector's layer (the headline), the all-layer peak as exploratory."""
     from utils import paths
-    from utils.storage import read_json
+    from utils.model_diff import RESULTS_FILE, read_results
 
-    results = read_json(paths.model_diff_dir(exp, "instruct", "lora") / DIFF_SET / "results.json")
+    results = read_results(paths.model_diff_dir(exp, "instruct", "lora") / DIFF_SET / RESULTS_FILE)
     traits = results.get("traits") or {}
     out = [f"Model diff, lora - instruct on the LoRA's own tokens ({DIFF_SET}), each trait at its selected vector's "
            f"layer: Cohen's d and paired d_z of the per-prompt means, the mean difference "
@@ -194,8 +192,8 @@ def colour(score: float, scale: float) -> str:
 
 def show_table(exp: str, variant: str, prompt_set: str, traits: list[str], units: str, max_rows: int = 24) -> None:
     from utils import paths
+    from utils.projections import read_projection
     from utils.responses import list_response_files, load_response
-    from utils.storage import read_json
     from utils.summaries import effective_units, in_units, raw_scores, reference_of
 
     files = list_response_files(exp, variant, prompt_set)
@@ -205,7 +203,7 @@ def show_table(exp: str, variant: str, prompt_set: str, traits: list[str], units
     cols = []
     shown = set()
     for trait in traits:
-        record = read_json(paths.projection_file(exp, variant, trait, prompt_set, pid))
+        record = read_projection(paths.projection_file(exp, variant, trait, prompt_set, pid)).data
         entry = record["projections"][0]
         ref = reference_of(entry)
         shown.add(effective_units(ref, units))

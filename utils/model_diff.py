@@ -1,12 +1,21 @@
-"""The files compare_variants.py writes, in the shapes trait-interp's own readers index (docs/formats.md).
+"""Model-diff outputs (model_diff/{A}_vs_{B}/...): the one module that reads and writes them, in the shapes
+trait-interp's own readers index (docs/formats.md).
 
     write_diff_vectors(out_dir, rows, layers, n_layers, meta)   diff_vectors.pt: a bare fp32 tensor
                                 [n_layers, hidden] (row L = layer L, zero rows for layers not captured), and
                                 diff_vectors.json beside it: layers, component, prompts, fingerprint, sha256
     write_prompt_means(out_dir, means_a, means_b, meta)          prompt_means.pt (ours: for --use-existing-diff)
     load_existing_diff(out_dir, variant_a, variant_b, component, warn) -> ExistingDiff
-                                our tensor + sidecar, trait-interp's bare tensor, or our earlier dict format
+                                our tensor + sidecar, trait-interp's bare tensor, or our earlier dict format; every
+                                tensor checked (shape, dtype, finite), the sidecar's layers against the rows, and
+                                prompt_means.pt against the diff (prompts, layers, hidden size)
     read_old_results(path, fingerprint, warn) -> dict            the results.json to merge into
+    read_results(path) -> dict                                   a results.json for reading (report, demo): traits
+                                                                 entries with finite numbers or null
+    write_results(path, results) -> bytes                        atomically, viewer-safe
+    read_per_token_diff(path, n_tokens=None) -> dict             one per_token_diff/{trait}/{set}/{id}.json
+    read_aggregate(path) -> dict                                 per_token_diff/{trait}/{set}/aggregate.json
+    write_per_token_diff(path, rec) / write_aggregate(path, agg) validated, atomic
     keep_earlier_effect_sizes(entry, old) -> str | None          --use-existing-diff without per-prompt means
     viewer_safe(results)                                         entries without a peak go to incomplete_traits
     CompareError                                                 bad input; the message names the file or flag
@@ -23,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -84,7 +93,7 @@ def write_diff_vectors(out_dir: Path, rows: torch.Tensor, layers: list[int], n_l
 
 @dataclass(frozen=True)
 class ExistingDiff:
-    """diff_vectors.pt (and prompt_means.pt when it belongs to it) of an earlier run."""
+    """diff_vectors.pt (and prompt_means.pt when it belongs to it) of an earlier run, validated."""
     path: Path
     diff: torch.Tensor                    # fp32 [len(layers), hidden]
     layers: list[int]
@@ -93,6 +102,41 @@ class ExistingDiff:
     prompt_ids: list[str] | None
     fingerprint: str
     means_path: Path | None               # prompt_means.pt with the same fingerprint, else None
+    means_a: torch.Tensor | None = None   # its fp32 [prompts, len(layers), hidden] tensors
+    means_b: torch.Tensor | None = None
+
+
+MAX_LAYERS = 100_000
+
+
+def _float_matrix(obj: Any, path: Path, what: str, ndim: int = 2) -> torch.Tensor:
+    if not isinstance(obj, torch.Tensor) or obj.ndim != ndim or not obj.dtype.is_floating_point or 0 in obj.shape:
+        shape = f"{obj.dtype} {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
+        raise CompareError(f"{path}: {what} must be a non-empty {ndim}-D float tensor, got {shape}")
+    if not bool(torch.isfinite(obj).all()):
+        raise CompareError(f"{path}: {what} holds NaN or infinite values")
+    return obj
+
+
+def _layer_list(obj: Any, path: Path, rows: int | None) -> list[int]:
+    hi = rows if rows is not None else MAX_LAYERS
+    if not isinstance(obj, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < hi
+                                            for x in obj) or len(set(obj)) != len(obj):
+        raise CompareError(f"{path}: 'layers' must list distinct layers 0..{hi - 1}, got {str(obj)[:80]}")
+    return list(obj)
+
+
+def _side_fields(side: dict, path: Path) -> None:
+    n = side.get("n_prompts")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise CompareError(f"{path}: 'n_prompts' must be a non-negative int")
+    ids = side.get("prompt_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, (str, int)) and not isinstance(i, bool)
+                                                                   for i in ids)):
+        raise CompareError(f"{path}: 'prompt_ids' must be a list of ids")
+    for key in ("fingerprint", "variant_a", "variant_b", "component"):
+        if side.get(key) is not None and not isinstance(side[key], str):
+            raise CompareError(f"{path}: {key!r} must be a string")
 
 
 def _sidecar(out_dir: Path, warn: Warn) -> dict | None:
@@ -108,14 +152,16 @@ def _sidecar(out_dir: Path, warn: Warn) -> dict | None:
         warn(f"{path} does not describe {out_dir / DIFF_FILE} any more (rewritten since, by trait-interp?): "
              f"reading the tensor on its own")
         return None
+    _side_fields(side, path)
     return side
 
 
 def _bare_tensor_sidecar(out_dir: Path, obj: torch.Tensor, component: str, warn: Warn) -> dict:
     """What a trait-interp diff_vectors.pt says on its own: its non-zero rows, and n_prompts from results.json."""
     side: dict[str, Any] = {"layers": [i for i in range(obj.shape[0]) if bool(obj[i].abs().sum() > 0)]}
-    old = read_json(out_dir / RESULTS_FILE) if (out_dir / RESULTS_FILE).exists() else {}
-    side["n_prompts"] = old.get("n_prompts") if isinstance(old, dict) else None
+    old = read_results(out_dir / RESULTS_FILE) if (out_dir / RESULTS_FILE).exists() else {}
+    n = old.get("n_prompts")
+    side["n_prompts"] = n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
     warn(f"{out_dir / DIFF_FILE}: a bare tensor without {DIFF_SIDECAR} (trait-interp's): layers "
          f"{format_layers(side['layers'])} taken from its non-zero rows, component assumed {component!r}")
     return side
@@ -127,15 +173,18 @@ def load_existing_diff(out_dir: Path, variant_a: str, variant_b: str, component:
     if not path.exists():
         raise CompareError(f"--use-existing-diff: {path} not found (run once without --use-existing-diff)")
     obj = load_small(path)
-    if isinstance(obj, dict) and isinstance(obj.get("diff"), torch.Tensor):  # written by an earlier version of ours
-        side, rows = obj, obj["diff"].to(torch.float32)
-        layers = [int(x) for x in obj["layers"]]
+    if isinstance(obj, dict) and "diff" in obj:  # written by an earlier version of ours
+        side = obj
+        rows = _float_matrix(obj["diff"], path, "'diff'").to(torch.float32)
+        layers = _layer_list(obj.get("layers"), path, None)
+        if len(layers) != rows.shape[0]:
+            raise CompareError(f"{path}: {rows.shape[0]} diff rows for {len(layers)} layers")
+        _side_fields(side, path)
         n_layers = max(layers, default=-1) + 1
-    elif isinstance(obj, torch.Tensor) and obj.ndim == 2 and obj.dtype.is_floating_point:
+    elif isinstance(obj, torch.Tensor):
+        _float_matrix(obj, path, "the diff tensor [n_layers, hidden]")
         side = _sidecar(out_dir, warn) or _bare_tensor_sidecar(out_dir, obj, component, warn)
-        layers = [int(x) for x in side["layers"]]
-        if layers and max(layers) >= obj.shape[0]:
-            raise CompareError(f"{path}: {obj.shape[0]} rows, but {out_dir / DIFF_SIDECAR} lists layer {max(layers)}")
+        layers = _layer_list(side.get("layers"), out_dir / DIFF_SIDECAR, int(obj.shape[0]))
         rows, n_layers = obj[layers].to(torch.float32), int(obj.shape[0])
     else:
         raise CompareError(f"{path}: expected a float tensor [n_layers, hidden] (or an earlier dict with 'diff')")
@@ -144,18 +193,34 @@ def load_existing_diff(out_dir: Path, variant_a: str, variant_b: str, component:
             raise CompareError(f"--use-existing-diff: {path} was made with {key} {side[key]!r}, not {want!r}")
     if not layers:
         raise CompareError(f"{path}: no layer has a non-zero difference")
-    return ExistingDiff(path, rows, layers, n_layers, side.get("n_prompts"), side.get("prompt_ids"),
-                        side.get("fingerprint", ""), _matching_means(out_dir, side.get("fingerprint"), warn))
+    ids = side.get("prompt_ids")
+    means = _matching_means(out_dir, side.get("fingerprint"), len(layers), int(rows.shape[1]), side.get("n_prompts"),
+                            warn)
+    return ExistingDiff(path, rows, layers, n_layers, side.get("n_prompts"),
+                        None if ids is None else [str(i) for i in ids], side.get("fingerprint") or "",
+                        *(means or (None, None, None)))
 
 
-def _matching_means(out_dir: Path, fingerprint: str | None, warn: Warn) -> Path | None:
+def _matching_means(out_dir: Path, fingerprint: str | None, n_layers: int, hidden: int, n_prompts: int | None,
+                    warn: Warn) -> tuple[Path, torch.Tensor, torch.Tensor] | None:
+    """prompt_means.pt when it belongs to the diff (same fingerprint), validated against it; else None."""
     mpath = out_dir / MEANS_FILE
     if not mpath.exists():
         return None
-    if not fingerprint or load_small(mpath, mmap=True).get("fingerprint") != fingerprint:
+    obj = load_small(mpath)
+    if not isinstance(obj, dict):
+        raise CompareError(f"{mpath}: expected a dict with means_a, means_b and fingerprint")
+    if not fingerprint or obj.get("fingerprint") != fingerprint:
         warn(f"{mpath} does not belong to {out_dir / DIFF_FILE} (fingerprints differ): it is not used")
         return None
-    return mpath
+    a = _float_matrix(obj.get("means_a"), mpath, "'means_a' [prompts, layers, hidden]", 3)
+    b = _float_matrix(obj.get("means_b"), mpath, "'means_b' [prompts, layers, hidden]", 3)
+    want = (n_prompts if n_prompts is not None else a.shape[0], n_layers, hidden)
+    for name, t in (("means_a", a), ("means_b", b)):
+        if tuple(t.shape) != want:
+            raise CompareError(f"{mpath}: {name} has shape {tuple(t.shape)}, the diff needs {want} "
+                               f"(prompts, layers, hidden)")
+    return mpath, a.to(torch.float32), b.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,7 +260,7 @@ def read_old_results(path: Path, fingerprint: str, warn: Warn) -> dict:
     if not path.exists():
         return {}
     try:
-        results = read_json(path)
+        results = read_json(path, allow_nan=True)   # trait-interp wrote bare NaN: kept as null below
     except StorageError as e:
         warn(f"{e}: starting a new results.json")
         return {}
@@ -287,3 +352,139 @@ def viewer_safe(results: dict) -> dict:
     else:
         results.pop(INCOMPLETE, None)
     return results
+
+
+def write_results(path: Path, results: dict) -> int:
+    """results.json, viewer-safe (entries the viewer cannot draw moved to incomplete_traits), atomically."""
+    return write_json(path, viewer_safe(results), indent=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading for display (the report, the demo): every number the page or a summary uses is checked
+
+def _num_or_null(x: Any) -> bool:
+    return x is None or _number(x)
+
+
+def _check_numbers(entry: dict, keys: Sequence[str], where: str) -> None:
+    for key in keys:
+        v = entry.get(key)
+        if isinstance(v, list):
+            if not all(_num_or_null(x) for x in v):
+                raise CompareError(f"{where}: {key} must hold finite numbers or null")
+        elif not _num_or_null(v):
+            raise CompareError(f"{where}: {key} must be a finite number or null, got {str(v)[:40]}")
+
+
+RESULT_NUMBERS = ("per_layer_effect_size", "per_layer_paired_effect_size", "per_layer_cosine_sim",
+                  "per_layer_mean_projection_diff", "peak_effect_size", "peak_paired_effect_size")
+
+
+def read_results(path: Path) -> dict:
+    """A results.json whose `traits` entries hold finite numbers or null (NaN read from a file is refused)."""
+    try:
+        results = read_json(path)
+    except StorageError as e:
+        raise CompareError(str(e)) from e
+    if not isinstance(results, dict):
+        raise CompareError(f"{path}: expected a JSON object")
+    for section in ("traits", INCOMPLETE):
+        entries = results.get(section, {})
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise CompareError(f"{path}: '{section}' must map trait names to objects")
+        for t, e in entries.items():
+            where = f"{path}: {section}.{t}"
+            _check_numbers(e, RESULT_NUMBERS, where)
+            layers = e.get("layers", [])
+            if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) and
+                                                       0 <= x < MAX_LAYERS for x in layers):
+                raise CompareError(f"{where}: layers must be a list of layers")
+            if e.get("peak_layer") is not None and e["peak_layer"] not in layers:
+                raise CompareError(f"{where}: peak_layer is not one of its layers")
+            for key in RESULT_NUMBERS[:4]:
+                if isinstance(e.get(key), list) and len(e[key]) != len(layers):
+                    raise CompareError(f"{where}: {key} has {len(e[key])} values for {len(layers)} layers")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per_token_diff/{trait}/{set}/{id}.json and aggregate.json
+
+AGGREGATE_FILE = "aggregate.json"
+
+
+def _clauses(clauses: Any, where: str, n_tokens: int | None = None) -> None:
+    if not isinstance(clauses, list):
+        raise CompareError(f"{where}: clauses must be a list")
+    for c in clauses:
+        rng = c.get("token_range") if isinstance(c, dict) else None
+        if not isinstance(rng, list) or len(rng) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  and x >= 0 for x in rng) or rng[0] > rng[1] or \
+                (n_tokens is not None and rng[1] > n_tokens):
+            raise CompareError(f"{where}: a clause without a valid token_range [start, end]")
+        if not isinstance(c.get("text", ""), str):
+            raise CompareError(f"{where}: a clause's text must be a string")
+        _check_numbers(c, ("mean_delta", "max_delta", "min_delta"), where)
+
+
+def validate_per_token_diff(rec: Any, where: str | Path, n_tokens: int | None = None) -> dict:
+    where = str(where)
+    if not isinstance(rec, dict):
+        raise CompareError(f"{where}: expected a JSON object")
+    toks, deltas = rec.get("tokens"), rec.get("per_token_delta")
+    if not isinstance(toks, list) or not all(isinstance(t, str) for t in toks):
+        raise CompareError(f"{where}: 'tokens' must be a list of strings")
+    if not isinstance(deltas, list) or len(deltas) != len(toks) or not all(_number(x) for x in deltas):
+        raise CompareError(f"{where}: 'per_token_delta' must hold one finite number per token ({len(toks)})")
+    if n_tokens is not None and len(toks) != n_tokens:
+        raise CompareError(f"{where}: {len(toks)} tokens, the response has {n_tokens}")
+    layer = rec.get("layer")
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < MAX_LAYERS:
+        raise CompareError(f"{where}: 'layer' must be a layer number")
+    if rec.get("method") is not None and not isinstance(rec["method"], str):
+        raise CompareError(f"{where}: 'method' must be a string")
+    _check_numbers(rec, ("mean_delta", "std_delta"), where)
+    _clauses(rec.get("clauses", []), where, len(toks))
+    return rec
+
+
+def read_per_token_diff(path: Path, n_tokens: int | None = None) -> dict:
+    try:
+        rec = read_json(path)
+    except StorageError as e:
+        raise CompareError(str(e)) from e
+    return validate_per_token_diff(rec, path, n_tokens)
+
+
+def write_per_token_diff(path: Path, rec: dict) -> int:
+    validate_per_token_diff(rec, path)
+    return write_json(path, rec, indent=1)
+
+
+def validate_aggregate(agg: Any, where: str | Path) -> dict:
+    where = str(where)
+    if not isinstance(agg, dict):
+        raise CompareError(f"{where}: expected a JSON object")
+    _check_numbers(agg, ("mean_delta_across_prompts", "std_delta_across_prompts", "per_position_mean_delta"), where)
+    for key in ("top_clauses_overall", "bottom_clauses_overall"):
+        _clauses(agg.get(key, []), f"{where}: {key}")
+    for key in ("n_prompts", "layer"):
+        v = agg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 40):
+            raise CompareError(f"{where}: {key!r} must be a non-negative int")
+    if agg.get("top_pct") is not None and not _number(agg["top_pct"]):
+        raise CompareError(f"{where}: 'top_pct' must be a finite number")
+    return agg
+
+
+def read_aggregate(path: Path) -> dict:
+    try:
+        agg = read_json(path)
+    except StorageError as e:
+        raise CompareError(str(e)) from e
+    return validate_aggregate(agg, path)
+
+
+def write_aggregate(path: Path, agg: dict) -> int:
+    validate_aggregate(agg, path)
+    return write_json(path, agg, indent=1)
