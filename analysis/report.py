@@ -34,6 +34,7 @@ from core.aggregates import response_aggregates
 from core.errors import TraitError
 from utils import cli, paths
 from utils.config import resolve_variant
+from utils.flags import add_traits_flag, parse_traits
 from utils.model_diff import CompareError, read_aggregate, read_per_token_diff, read_results
 from utils.projections import ProjectionError, list_projected_traits, read_projection
 from utils.responses import ResponseError, scored_tokens
@@ -67,7 +68,7 @@ class ReportOptions:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ReportOptions":
-        traits = tuple(t for arg in ns.traits or [] for t in arg.split(",") if t.strip()) or None
+        traits = parse_traits(ns.traits)
         compare = None
         if ns.compare is not None:
             parts = [p.strip() for p in ns.compare.split(",")]
@@ -160,7 +161,7 @@ def _plan_compare(opts: ReportOptions, plan: ReportPlan) -> None:
             raise ReportError(
                 f"--compare {a},{b}: no per_token_diff output for trait {t!r} in {folder}; run: python "
                 f"analysis/model_diff/per_token_diff.py --experiment {exp} --variant-a {a} --variant-b {b} "
-                f"--prompt-set {pset} --trait all")
+                f"--prompt-set {pset} --traits all")
         plan.aggregates[t] = folder / "aggregate.json"
     results = diff_root / pset.strip("/") / "results.json"
     plan.results = results if results.is_file() else None
@@ -624,8 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--prompt-set", required=True, help="the projected set (nested names allowed)")
     p.add_argument("--model-variant", default=None, help="whose projections (default: defaults.application)")
-    p.add_argument("--traits", nargs="+", default=None, metavar="TRAIT",
-                   help="category/name, space or comma separated (default: every projected trait)")
+    add_traits_flag(p, help_default="every projected trait")
     p.add_argument("--compare", default=None, metavar="A,B",
                    help="model diff: B - A per token (per_token_diff.py output), top clauses, effect sizes")
     p.add_argument("--centered", action="store_true",

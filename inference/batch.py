@@ -43,6 +43,7 @@ if __package__ in (None, ""):   # `python inference/batch.py` without `pip insta
 
 from core.errors import TraitError
 from utils import cli, paths
+from utils.flags import add_projection_flags
 
 STAGES = ("generate", "capture", "project")
 SHARDS_PER_WORKER = 4              # default shards: a few per worker (finer resume, balanced tails)
@@ -851,13 +852,8 @@ def build_parser(prog: str = "trait-batch", epilog: str = EPILOG) -> argparse.Ar
     c.add_argument("--capture-layers", default="all", help="capture's --layers (default all)")
     c.add_argument("--response-only", action="store_true", help="store response activations only")
     j = p.add_argument_group("project (project_raw_activations_onto_traits.py --fused)")
-    for flag, kw in (("--traits", {}), ("--layers", {"default": "best", "help": "projection grammar (default best)"}),
-                     ("--method", {}), ("--component", {"default": "residual"}), ("--position", {}),
-                     ("--extraction-variant", {}), ("--vectors-experiment", {}), ("--steering-variant", {}),
-                     ("--multi-vector", {"type": int})):
-        j.add_argument(flag, **kw)
-    for flag in ("--centered", "--save-means", "--no-calibration"):
-        j.add_argument(flag, action="store_true")
+    add_projection_flags(j)          # the stage's own declaration (utils/flags.py): same names, defaults and help
+    j.add_argument("--save-means", action="store_true", help="also write raw/means/{set}/{id}.pt (compare_variants)")
     s = p.add_argument_group("capture and project")
     s.add_argument("--responses-from", metavar="VARIANT", help="replay this variant's responses (model diff)")
     s.add_argument("--dtype", help="storage dtype: float16, bfloat16, float32 (default: the model's)")

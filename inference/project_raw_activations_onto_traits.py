@@ -54,6 +54,7 @@ from utils import cli, paths
 from utils.prompts import only_set_ids
 from utils.summaries import DEFAULT_UNITS, add_units_flag, score_lines, tally
 from utils.config import Variant, resolve_variant
+from utils.flags import add_projection_flags
 from utils.layers import LayerSpecError, parse_projection_layers
 from utils.calibration import CALIBRATION_TOP_K, Calibration, load_calibration, write_calibration
 from utils.means import validate_means
@@ -114,9 +115,9 @@ class ProjectOptions:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ProjectOptions":
-        if ns.multi_vector is not None and (ns.layer is not None or ns.layers is not None):
+        if ns.multi_vector is not None and ns.layers is not None:
             raise ProjectError("--multi-vector picks its own layers; drop --layer / --layers")
-        layers = ns.layer if ns.layer is not None else (ns.layers or "best")
+        layers = ns.layers or "best"
         names = {f.name for f in fields(cls)} - {"layers", "progress"}
         return cls(layers=layers, progress=not ns.quiet, **{k: getattr(ns, k) for k in names})
 
@@ -967,26 +968,10 @@ def build_parser() -> argparse.ArgumentParser:
     sets.add_argument("--prompt-set", help="prompt set (may be nested, e.g. rm_syco/train_100)")
     sets.add_argument("--all-prompt-sets", action="store_true", help="every captured set, nested ones included")
     p.add_argument("--model-variant", help="whose raw/ to read and projections/ to write (default: defaults.application)")
-    p.add_argument("--traits", help="comma list of category/name (default: every trait with vectors)")
-    lay = p.add_mutually_exclusive_group()
-    lay.add_argument("--layer", type=int, help="one layer for every trait (same as --layers N)")
-    lay.add_argument("--layers", help="projection grammar: best, best+K, best-K, N, comma-separated (default: best)")
-    p.add_argument("--method", help="vector method (default: the best's, else probe, mean_diff, gradient)")
-    p.add_argument("--component", default="residual", choices=COMPONENTS,
-                   help="which captured activation to project (default: residual)")
-    p.add_argument("--position", help="vector position, e.g. response[:5] (default: the best's, else response[:5], "
-                                      "else the first sorted)")
-    p.add_argument("--extraction-variant", help="whose vectors (default: defaults.extraction of the vectors experiment)")
-    p.add_argument("--vectors-experiment", help="take vectors from another experiment (default: --experiment)")
-    p.add_argument("--steering-variant", help="whose steering results pick the best vector, for every projected "
-                                              "variant (default: defaults.application of the vectors experiment)")
-    p.add_argument("--multi-vector", type=int, metavar="N", help="the top N ranked vectors of each trait")
-    p.add_argument("--centered", action="store_true", help="subtract each vector's baseline (class midpoint)")
+    add_projection_flags(p)
     p.add_argument("--prompt-ids", metavar="A,B", help="only these prompt ids of each set (comma list; an id without "
                                                      "a raw file, or with --fused a response JSON, is an error)")
     add_write_flags(p, "projection JSONs (and --save-means files)")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="neither read nor compute massive-dims calibration (no massive_dim_data)")
     add_units_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     f = p.add_argument_group("fused scoring (no raw files: a prefill forward over the stored response token ids)")

@@ -191,12 +191,12 @@ def test_a_failed_shard_is_reported_and_the_rerun_writes_only_what_is_missing(wo
 
     before = stamps(world / "inference")
     writes: list[str] = []
-    real_write = generate_mod.write_json
+    real_write = generate_mod.write_response
 
     def counting(path, obj, *a, **k):
         writes.append(Path(path).stem)
         return real_write(path, obj, *a, **k)
-    monkeypatch.setattr(generate_mod, "write_json", counting)
+    monkeypatch.setattr(generate_mod, "write_response", counting)
     summary = eng.run_batch(opts, LocalBackend(opts))
     assert summary["failed"] == []
     gen, proj = summary["stages"]

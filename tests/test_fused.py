@@ -303,11 +303,11 @@ def test_forward_stops_after_the_deepest_needed_block(zoo, experiments):
         assert s["prompts"] == 4 and blocks == [1, 1, 0, 0] and head == [0]   # one batch; blocks 2, 3 never ran
         blocks[:] = [0] * 4
         project(exp, prompt_set="s", model_variant="base", fused=True, layers="1", no_calibration=True,
-                save_means=True, loaded=lm, progress=False)
+                save_means=True, overwrite=True, loaded=lm, progress=False)
         assert blocks == [1, 1, 1, 1] and head == [0]                       # means of every layer: to the last block
         blocks[:] = [0] * 4
         project(exp, prompt_set="s", model_variant="base", fused=True, layers="2", component="mlp_contribution",
-                traits="cat/a", loaded=lm, progress=False)
+                traits="cat/a", overwrite=True, loaded=lm, progress=False)
         assert blocks == [2, 2, 2, 1] and head == [0]       # the calibration pass (every block), then blocks 0-2
     finally:
         for h in handles:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -61,7 +60,7 @@ def _stages():
         "compare": (compare_variants.main, base + ["--variant-a", A, "--variant-b", B, "--quiet", "--use-best-vector"]),
         "existing_diff": (compare_variants.main, base + ["--variant-a", A, "--variant-b", B, "--quiet", "--use-best-vector",
                                                          "--use-existing-diff"]),
-        "per_token": (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--trait", "all", "--quiet"]),
+        "per_token": (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--traits", "all", "--quiet"]),
         "report": (report.main, base + ["--model-variant", A, "--quiet"]),
         "report_compare": (report.main, base + ["--compare", f"{A},{B}", "--quiet"]),
     }
@@ -106,7 +105,7 @@ def built(tmp_path_factory, zoo, zoo_lora):
         (project.main, base + ["--model-variant", A, "--quiet"]),
         (project.main, base + ["--model-variant", B, "--quiet"]),
         (compare_variants.main, base + ["--variant-a", A, "--variant-b", B, "--quiet", "--use-best-vector"]),
-        (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--trait", "all", "--quiet"]),
+        (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--traits", "all", "--quiet"]),
         (extract_viz.main, base + ["--model-variant", A, "--attention", "--logit-lens"]),
         (report.main, base + ["--model-variant", A, "--quiet"]),
     ]
@@ -468,3 +467,96 @@ def test_pickle_payload_is_refused_not_run(built, tmp_path):
     assert not marker.exists()
     torch.load(bad, weights_only=False)  # the oracle: the payload is real, it does run when unpickled
     assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Guarded writes: a rerun refuses and changes nothing; --skip-existing keeps; --overwrite replaces
+
+def _tree(exp_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in exp_dir.rglob("*") if p.is_file()}
+
+
+def _inodes(folder: Path) -> dict[Path, int]:
+    """Each output file's inode: an atomic write (temp file + rename) gives the path a new one."""
+    return {p: p.stat().st_ino for p in folder.rglob("*") if p.is_file()}
+
+
+def _call(main, argv) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(argv)
+    return rc, err.getvalue()
+
+
+def _refuses(exp_dir: Path, main, argv, *needles: str) -> None:
+    before = _tree(exp_dir)
+    rc, err = _call(main, argv)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "--skip-existing" in lines[0] and "--overwrite" in lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _tree(exp_dir) == before            # every file byte-identical, nothing new
+
+
+@pytest.mark.parametrize("stage", ["capture", "project", "viz"])
+def test_a_rerun_without_flags_refuses_and_overwrite_replaces(built, stage):
+    exp_dir, golden = built
+    main, argv = _stages()[stage]
+    argv = [a for a in argv if a != "--overwrite"]
+    outputs = {"capture": exp_dir / "inference" / A / "raw" / "residual" / SET,
+               "project": exp_dir / "inference" / A / "projections",
+               "viz": exp_dir / "analysis" / "per_token" / SET}[stage]
+    try:
+        _refuses(exp_dir, main, argv, str(outputs))
+        before, inodes = _tree(exp_dir), _inodes(outputs)
+        assert _call(main, argv + ["--skip-existing"])[0] == 0
+        assert _tree(exp_dir) == before and _inodes(outputs) == inodes     # every output exists: none rewritten
+        assert _call(main, argv + ["--overwrite"])[0] == 0
+        after, replaced = _tree(exp_dir), _inodes(outputs)
+        assert set(after) == set(before) and set(replaced) == set(inodes)
+        assert all(replaced[p] != inodes[p] for p in inodes), "--overwrite left files in place"   # renamed over
+        _check_outputs([p for p in after if outputs in p.parents])
+        assert _call(main, argv + ["--overwrite", "--skip-existing"])[0] == 2     # contradictory: a usage error
+    finally:
+        _restore(exp_dir, golden)
+
+
+def test_refusal_names_a_set_projected_by_another_rule(built):
+    """`project --layer 2 --prompt-ids 1` over a set projected at the best layer: refused, the rule named."""
+    from inference import project_raw_activations_onto_traits as project
+
+    exp_dir, golden = built
+    argv = ["--experiment", EXP, "--prompt-set", SET, "--model-variant", A, "--quiet", "--layer", "2",
+            "--prompt-ids", "1"]
+    _refuses(exp_dir, project.main, argv, "--layers best", "--layers 2")
+    try:
+        assert _call(project.main, argv + ["--overwrite"])[0] == 0
+        from utils.projections import read_projection
+        proj = read_projection(paths.projection_file(EXP, A, "behavioral/refusal", SET, "1"))
+        assert proj.metadata["layers_spec"] == "2" and proj.layers == [2]
+    finally:
+        _restore(exp_dir, golden)
+
+
+def test_refusal_names_responses_another_variant_replayed(built, tmp_path, monkeypatch):
+    """generate over responses that variant b replayed with --responses-from a: refused, the pairing named."""
+    from inference import generate_responses
+
+    exp_dir, golden = built
+    datasets = tmp_path / "datasets"
+    (datasets / "inference").mkdir(parents=True)
+    (datasets / "inference" / f"{SET}.json").write_text(json.dumps(
+        {"prompts": [{"id": i, "text": f"prompt {i}"} for i in range(1, 5)]}))
+    monkeypatch.setenv("TRAIT_DATASETS_DIR", str(datasets))
+    imported = tmp_path / "imported.json"
+    imported.write_text(json.dumps({str(i): f"new answer {i}" for i in range(1, 5)}))
+    argv = ["--experiment", EXP, "--prompt-set", SET, "--model-variant", A, "--from-responses", str(imported),
+            "--no-progress"]
+    _refuses(exp_dir, generate_responses.main, argv, "variant 'b' replayed", "--responses-from a")
+    try:
+        assert _call(generate_responses.main, argv + ["--overwrite"])[0] == 0
+        from utils.responses import load_response
+        assert load_response(paths.response_file(EXP, A, SET, "2"))["response"].startswith("new answer 2")
+    finally:
+        _restore(exp_dir, golden)

@@ -236,7 +236,7 @@ def test_calibration_variant_then_experiment_wide(exp, hf):
     assert not paths.calibration_file("p", "instruct").exists()   # the shared file was read, nothing computed
 
     _calibration(paths.calibration_file("p", "instruct"), {"1": [5, 7]})
-    s = project("p", prompt_set="s", traits="cat/a", progress=False)
+    s = project("p", prompt_set="s", traits="cat/a", overwrite=True, progress=False)
     assert s["calibration"]["source"] == "variant"
     out = load_out("p", "instruct", "cat/a", "s", 0)
     mdd = out["massive_dim_data"]
@@ -321,7 +321,7 @@ def test_one_steering_variant_for_both_sides(exp, hf):
     assert picked["instruct"] == picked["rm_lora"] and picked["instruct"][:2] == ("instruct", 1)
     for variant in ("instruct", "rm_lora"):
         project("p", prompt_set="s", model_variant=variant, traits="cat/a", steering_variant="rm_lora",
-                no_calibration=True, progress=False)
+                no_calibration=True, overwrite=True, progress=False)
         md = load_out("p", variant, "cat/a", "s", 0)["metadata"]
         assert (md["steering_variant"], md["vectors"][0]["layer"], md["vectors"][0]["method"]) == ("rm_lora", 2, "mean_diff")
     with pytest.raises(ConfigError, match="--steering-variant 'nope'.*base, instruct, rm_lora"):
@@ -417,7 +417,8 @@ def test_end_to_end_with_capture(exp, hf):
     for component in ("residual", *CONTRIB):
         # the steering evidence is for residual vectors; contribution vectors are picked by explicit layers
         layers = "best,best+1" if component == "residual" else "0,2"
-        project("p", prompt_set="e2e/set", component=component, layers=layers, traits="cat/a", progress=False)
+        project("p", prompt_set="e2e/set", component=component, layers=layers, traits="cat/a", overwrite=True,
+                progress=False)
         for i, (ids, n) in ids_by_pid.items():
             check_scores(load_out("p", "instruct", "cat/a", "e2e/set", i), hf_acts(model, ids), n, component=component)
     project("p", prompt_set="e2e/set_ro", layers="best", traits="cat/a", no_calibration=True, progress=False)

@@ -13,7 +13,7 @@
 Reads  experiments/{exp}/inference/{A|B}/raw/means/{set}/{id}.pt    per-prompt means (utils/means.py), preferred
        experiments/{exp}/inference/{A|B}/raw/residual/{set}/{id}.pt  raw activations where a prompt has no means file
                                                                      (response activations only)
-       trait vectors of --vector-experiment (extraction/...), its steering results for --use-best-vector
+       trait vectors of --vectors-experiment (extraction/...), its steering results for --use-best-vector
 Writes experiments/{exp}/model_diff/{A}_vs_{B}/{set}/diff_vectors.pt   fp32 [model layers, hidden], row L = layer L
                                                                        (zero rows: not captured), as trait-interp
                                                  .../diff_vectors.json layers, component, prompts, fingerprint
@@ -46,13 +46,14 @@ from core import stats
 from core.hooks import COMPONENTS
 from utils import cli, paths
 from utils.config import ConfigError, load_config
+from utils.flags import add_traits_flag, add_vector_flags
 from utils.layers import format_layers
-from utils.means import MeansError, fp32_mean, load_means
+from utils.means import fp32_mean, load_means
 from utils.model_diff import (DIFF_FILE, EFFECT_KEYS, INCOMPLETE, MEANS_FILE, RESULTS_FILE, CompareError, ExistingDiff,
                               first_line, keep_earlier_effect_sizes, load_existing_diff, read_old_results,
                               write_diff_vectors, write_prompt_means, write_results)
 from utils.prompts import only_set_ids
-from utils.raw import RawError, RawRecord, check_finite, read_raw
+from utils.raw import check_finite, read_raw
 from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import (VectorError, VectorSource, file_sha256, list_vectors, load_vector, parse_position,
                            resolve_vector_source, sanitize_position)
@@ -99,7 +100,7 @@ class CompareOptions:
     def from_args(cls, ns: argparse.Namespace) -> "CompareOptions":
         return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, traits=ns.traits,
                    use_best_vector=ns.use_best_vector, method=ns.method, position=ns.position,
-                   component=ns.component, vector_experiment=ns.vector_experiment,
+                   component=ns.component, vector_experiment=ns.vectors_experiment,
                    extraction_variant=ns.extraction_variant, steering_variant=ns.steering_variant,
                    use_existing_diff=ns.use_existing_diff, progress=not ns.quiet, units=ns.units)
 
@@ -167,16 +168,9 @@ class PairScan:
         return out
 
 
-def _load_raw(path: Path) -> RawRecord:
-    try:
-        return read_raw(path)
-    except RawError as e:
-        raise CompareError(str(e)) from e
-
-
 def _read_raw(path: Path, component: str) -> PromptFile:
     """Token ids and captured layers of a raw .pt (memory-mapped: the activations are not read)."""
-    raw = _load_raw(path)
+    raw = read_raw(path)
     acts = raw.side("response").get("activations") or {}
     layers = {layer: raw.hidden_size for layer, comps in acts.items() if component in comps}
     comps = sorted({c for v in acts.values() for c in v})
@@ -184,15 +178,8 @@ def _read_raw(path: Path, component: str) -> PromptFile:
     return PromptFile(path, None if pids is None else list(pids), list(raw.token_ids["response"]), layers, comps)
 
 
-def _load_means(path: Path) -> dict:
-    try:
-        return load_means(path)
-    except MeansError as e:
-        raise CompareError(str(e)) from e
-
-
 def _read_means(path: Path, component: str) -> PromptFile:
-    m = _load_means(path)
+    m = load_means(path)
     ids, end = m["token_ids"], m["prompt_end"]
     layers = {layer: int(comps[component].shape[0]) for layer, comps in m["response"]["mean"].items()
               if component in comps}
@@ -206,14 +193,11 @@ def read_prompt_file(inp: PromptInput, component: str) -> PromptFile:
 def response_means(inp: PromptInput, layers: list[int], component: str) -> list[torch.Tensor]:
     """The fp32 response mean at each layer: stored in a means file, or taken from the raw activations."""
     if inp.kind == "means":
-        mean = _load_means(inp.path)["response"]["mean"]
+        mean = load_means(inp.path)["response"]["mean"]
         return [mean[layer][component] for layer in layers]
-    raw = _load_raw(inp.path)
-    try:
-        return [fp32_mean(check_finite(inp.path, f"response layer {layer} {component}",
-                                       raw.activations("response", layer, component))) for layer in layers]
-    except RawError as e:
-        raise CompareError(str(e)) from e
+    raw = read_raw(inp.path)
+    return [fp32_mean(check_finite(inp.path, f"response layer {layer} {component}",
+                                   raw.activations("response", layer, component))) for layer in layers]
 
 
 def _check_layers(layer_sets: list[tuple[Path, set[int]]]) -> list[int]:
@@ -759,18 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-a", required=True, help="baseline variant")
     p.add_argument("--variant-b", required=True, help="comparison variant (every delta is B - A)")
     p.add_argument("--prompt-set", required=True, help="prompt set captured for both (may be nested)")
-    p.add_argument("--traits", help="comma list of category/name (default: every trait with vectors)")
+    add_traits_flag(p)
     p.add_argument("--use-best-vector", action="store_true",
                    help="per trait, the best vector's method and position (all its layers are swept)")
-    p.add_argument("--method", help="explicit vector method (with --position)")
-    p.add_argument("--position", help="explicit vector position, e.g. 'response[:5]' (with --method)")
     p.add_argument("--component", default="residual", choices=COMPONENTS,
                    help="activation component compared, and the vectors' component (default: residual)")
-    p.add_argument("--vector-experiment", help="experiment holding the vectors and steering results "
-                                               "(default: --experiment)")
-    p.add_argument("--extraction-variant", help="whose vectors (default: defaults.extraction of the vector experiment)")
-    p.add_argument("--steering-variant", help="whose steering results pick the best vector (default: "
-                                              "defaults.application of the vector experiment, as in projection)")
+    add_vector_flags(p, aliases=True)     # --method / --position name the vectors explicitly (instead of --use-best-vector)
     p.add_argument("--use-existing-diff", action="store_true",
                    help="reuse diff_vectors.pt and prompt_means.pt instead of reading the activations (also "
                         "trait-interp's diff_vectors.pt; without per-prompt means the earlier effect sizes are kept)")

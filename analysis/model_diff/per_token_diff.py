@@ -40,6 +40,7 @@ from core.errors import TraitError
 from utils import cli, paths, projections
 from utils.config import ConfigError, load_config, resolve_variant
 from utils.layers import format_layers
+from utils.flags import add_traits_flag, parse_traits
 from utils.model_diff import AGGREGATE_FILE, write_aggregate, write_per_token_diff
 from utils.projections import list_projected_traits
 from utils.responses import ResponseError, scored_tokens
@@ -231,7 +232,7 @@ class PerTokenOptions:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "PerTokenOptions":
-        return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, ns.trait, ns.variant_a_prompt_set,
+        return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, ns.traits, ns.variant_a_prompt_set,
                    ns.layer, ns.top_pct, progress=not ns.quiet, units=ns.units)
 
     def check_flags(self) -> None:
@@ -239,8 +240,9 @@ class PerTokenOptions:
             raise PerTokenDiffError(f"--top-pct {self.top_pct}: must be in (0, 100]")
         if self.layer is not None and self.layer < 0:
             raise PerTokenDiffError(f"--layer {self.layer}: must be a layer index >= 0")
-        if self.trait != "all" and len(self.trait.strip("/").split("/")) != 2:
-            raise PerTokenDiffError(f"--trait {self.trait!r}: expected category/name or all")
+        bad = [t for t in parse_traits(self.trait) or () if len(t.split("/")) != 2]
+        if bad:
+            raise PerTokenDiffError(f"--traits {bad[0]!r}: expected category/name (comma list) or all")
 
 
 @dataclass(frozen=True)
@@ -295,8 +297,9 @@ def plan_per_token(opts: PerTokenOptions) -> PerTokenPlan:
                               f"(variants: {', '.join(cfg['model_variants'])})")
     prompt_set = opts.prompt_set.strip("/")
     set_a = (opts.variant_a_prompt_set or prompt_set).strip("/")
-    if opts.trait != "all":
-        names = [opts.trait.strip("/")]
+    chosen = parse_traits(opts.trait)
+    if chosen:
+        names = list(chosen)
     else:
         names = list_projected_traits(opts.experiment, opts.variant_b, prompt_set)
         if not names:
@@ -308,8 +311,8 @@ def plan_per_token(opts: PerTokenOptions) -> PerTokenPlan:
         try:
             plan.traits.append(trait_inputs(opts, t, prompt_set, set_a))
         except PerTokenDiffError as e:
-            if opts.trait != "all":
-                raise PerTokenDiffError(f"--trait {t}: {e}") from e
+            if chosen:
+                raise PerTokenDiffError(f"--traits {t}: {e}") from e
             plan.skipped[t] = str(e)
             plan.warn(f"trait {t} skipped: {e}")
     if not plan.traits:
@@ -603,11 +606,11 @@ example (after projecting both variants, see the README's model-diff workflow):
       --experiment rm_syco \\
       --variant-a instruct --variant-b rm_lora \\
       --prompt-set rm_syco/train_100 \\
-      --trait all --top-pct 5
+      --traits all --top-pct 5
 
-  # one trait at a fixed layer
+  # one trait at a fixed layer (--trait is trait-interp's spelling of --traits)
   python analysis/model_diff/per_token_diff.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 --trait alignment/deception --layer 12
+      --prompt-set rm_syco/train_100 --traits alignment/deception --layer 12
 
 Writes model_diff/{A}_vs_{B}/per_token_diff/{trait}/{prompt_set}/{id}.json and aggregate.json.
 Delta = B - A per response token; clauses end after , . ; : ! ? em dash or newline.
@@ -626,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant-b", required=True, help="comparison variant (delta = B - A)")
     p.add_argument("--prompt-set", required=True, help="B's projection and response set, and the output set")
     p.add_argument("--variant-a-prompt-set", help="A's projection set (default: --prompt-set)")
-    p.add_argument("--trait", required=True, help="category/name, or all (every trait B has projections of)")
+    add_traits_flag(p, aliases=("--trait",), default="all", all_word=True,
+                    help_default="all: every trait B has projections of")
     p.add_argument("--layer", type=int, help="projection layer (default: the best-vector layer both files share, "
                                             "else the steering results' best layer)")
     p.add_argument("--top-pct", type=float, default=5.0,
