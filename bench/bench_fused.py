@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(str(root / "model"))
     lm = LoadedModel(model, tok, {"model": str(root / "model"), "lora": None, "quantization": None,
                                   "dtype": str(dtype).replace("torch.", "")})
-    common = dict(prompt_set="set", layers=",".join(map(str, layers)), progress=False)
+    common = dict(prompt_set="set", layers=",".join(map(str, layers)), overwrite=True, progress=False)
     groups = batches(seqs, a.max_batch_tokens)
     bare_run = truncated_decoder(model, layers[-1])
     summaries: dict[str, dict] = {}
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def two_stage():
         cap = capture_raw_activations(exp, "set", model_variant="two", responses_from="base", loaded=lm,
-                                      max_batch_tokens=a.max_batch_tokens, progress=False)
+                                      max_batch_tokens=a.max_batch_tokens, overwrite=True, progress=False)
         summaries["capture"], summaries["project"] = cap, project(exp, model_variant="two", **common)
         os.sync()  # its .pt data reaches the disk inside its own time, not during the next method's fsyncs
 

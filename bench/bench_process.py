@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         responses = root / "experiments" / "bench" / "inference" / "v" / "responses" / SET
         raw = root / "experiments" / "bench" / "inference" / "v" / "raw"
         capture_cmd = [sys.executable, "inference/capture_raw_activations.py", "--experiment", "bench",
-                       "--prompt-set", SET, "--max-batch-tokens", str(a.max_batch_tokens), "--timings"]
+                       "--prompt-set", SET, "--max-batch-tokens", str(a.max_batch_tokens), "--timings", "--overwrite"]
         bare_cmd = [sys.executable, "-m", "bench.bench_process", "--bare-worker", str(model_dir), str(responses),
                     str(a.max_batch_tokens)]
         sides = {"capture": capture_cmd, "bare": bare_cmd}

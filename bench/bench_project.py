@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def project():
         project_raw_activations_onto_traits(exp, pset, model_variant=variant, traits=traits, layers=str(layer),
-                                            no_calibration=True, progress=False)
+                                            no_calibration=True, overwrite=True, progress=False)
 
     times = timeit_interleaved({"read needed bytes": read_needed, "read whole files": read_whole,
                                 "project (the script)": project}, rounds=a.rounds, warmup=1)

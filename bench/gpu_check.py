@@ -169,7 +169,8 @@ def check_throughput(device: str, preset: dict, folder: Path) -> None:
                 pass
 
         def to_disk():  # the script's stage: plan (JSONs read and checked), capture, .pt files written atomically
-            capture_raw_activations("bench", "set", loaded=loaded, max_batch_tokens=preset["budget"], progress=False)
+            capture_raw_activations("bench", "set", loaded=loaded, max_batch_tokens=preset["budget"], overwrite=True,
+                                    progress=False)
 
         times = timeit_interleaved({"bare forward": bare, "capture in memory": in_memory,
                                     "capture to disk": to_disk}, rounds=preset["rounds"], warmup=1, device=device)

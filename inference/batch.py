@@ -852,7 +852,7 @@ def build_parser(prog: str = "trait-batch", epilog: str = EPILOG) -> argparse.Ar
     c.add_argument("--capture-layers", default="all", help="capture's --layers (default all)")
     c.add_argument("--response-only", action="store_true", help="store response activations only")
     j = p.add_argument_group("project (project_raw_activations_onto_traits.py --fused)")
-    add_projection_flags(j)          # the stage's own declaration (utils/flags.py): same names, defaults and help
+    add_projection_flags(j, layer_alias=False)   # the stage's own declaration (utils/flags.py): same names and help
     j.add_argument("--save-means", action="store_true", help="also write raw/means/{set}/{id}.pt (compare_variants)")
     s = p.add_argument_group("capture and project")
     s.add_argument("--responses-from", metavar="VARIANT", help="replay this variant's responses (model diff)")

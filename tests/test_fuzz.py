@@ -83,12 +83,11 @@ def _run(stage: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, zoo, zoo_lora):
-    root = tmp_path_factory.mktemp("fuzz") / "experiments"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRAIT_EXPERIMENTS_DIR", str(root))
     model, lora = zoo("llama"), zoo_lora("llama")
-    exp_dir = root / EXP
+    exp_dir = tmp_path_factory.mktemp("fuzz") / "experiments" / EXP
     exp_dir.mkdir(parents=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRAIT_EXPERIMENTS_DIR", str(exp_dir.parent))
     (exp_dir / "config.json").write_text(json.dumps({
         "defaults": {"extraction": A, "application": A},
         "model_variants": {A: {"model": model}, B: {"model": model, "lora": lora}}, "use_chat_template": None}))

@@ -46,11 +46,13 @@ def add_vector_flags(parser, aliases: bool = False) -> None:
     a("--position", help="vector position, e.g. response[:5] (default: the best vector's)")
 
 
-def add_projection_flags(p) -> None:
-    """Which vectors, at which layers, and how scores are taken (project_raw_activations_onto_traits.py)."""
+def add_projection_flags(p, layer_alias: bool = True) -> None:
+    """Which vectors, at which layers, and how scores are taken (project_raw_activations_onto_traits.py);
+    layer_alias: also --layer N (the script's; the batch runner takes --layers only)."""
     add_traits_flag(p)
-    lay = p.add_mutually_exclusive_group()
-    lay.add_argument("--layer", dest="layers", metavar="N", help="one layer for every trait (same as --layers N)")
+    lay = p.add_mutually_exclusive_group() if layer_alias else p
+    if layer_alias:
+        lay.add_argument("--layer", dest="layers", metavar="N", help="one layer for every trait (same as --layers N)")
     lay.add_argument("--layers", help="projection grammar: best, best+K, best-K, N, comma-separated (default: best)")
     p.add_argument("--component", default="residual",
                    help="which captured activation to project: residual, attn_contribution or mlp_contribution "

@@ -6,6 +6,7 @@
     ProjectionLayer(kind, value)                  one projection item: kind "best" (value = offset) or "fixed" (value = layer)
     format_layers(layers) -> str                  the one way messages list layers: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'
     LayerSpecError                                a TraitError; every message names the spec and the layer count / available layers
+    MAX_LAYERS                                    no model has more blocks: a file naming a larger layer is corrupted
 
 Nothing is ever clamped, snapped or silently dropped: a layer that does not exist, or was not captured,
 is an error that says which layers do.
@@ -20,6 +21,7 @@ from typing import Literal
 from core.errors import TraitError
 
 __all__ = [
+    "MAX_LAYERS",
     "LayerSpecError",
     "ProjectionLayer",
     "format_layers",
@@ -27,6 +29,9 @@ __all__ = [
     "parse_projection_layers",
     "resolve_projection_layers",
 ]
+
+
+MAX_LAYERS = 100_000
 
 
 class LayerSpecError(TraitError):

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from core.errors import TraitError
-from utils.layers import format_layers
+from utils.layers import MAX_LAYERS, format_layers
 from utils.storage import StorageError, load_pt, read_json, write_json, write_pt
 from utils.vectors import file_sha256
 
@@ -104,9 +104,6 @@ class ExistingDiff:
     means_path: Path | None               # prompt_means.pt with the same fingerprint, else None
     means_a: torch.Tensor | None = None   # its fp32 [prompts, len(layers), hidden] tensors
     means_b: torch.Tensor | None = None
-
-
-MAX_LAYERS = 100_000
 
 
 def _float_matrix(obj: Any, path: Path, what: str, ndim: int = 2) -> torch.Tensor:

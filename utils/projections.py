@@ -25,10 +25,10 @@ from typing import Any, Mapping
 
 from core.errors import TraitError
 from utils import paths
+from utils.layers import MAX_LAYERS
 from utils.storage import StorageError, read_json, write_json
 
 SIDES = ("prompt", "response")
-MAX_LAYER = 100_000                     # no model has more blocks: a bigger number is a corrupted file
 
 
 class ProjectionError(TraitError):
@@ -119,7 +119,7 @@ def _entry(e: Any, k: int, where: str, n_layers: int | None) -> ProjectionEntry:
     if not isinstance(e, dict):
         raise ProjectionError(f"{where}: projections[{k}] must be an object, got {type(e).__name__}")
     layer = e.get("layer")
-    limit = n_layers if n_layers is not None else MAX_LAYER
+    limit = n_layers if n_layers is not None else MAX_LAYERS
     if not _is_int(layer) or not 0 <= layer < limit:
         raise ProjectionError(f"{where}: projections[{k}].layer {layer!r} is not a layer of the model "
                               f"(0..{limit - 1})")

@@ -25,10 +25,10 @@ from typing import Any, Mapping
 import torch
 
 from core.errors import TraitError
+from utils.layers import MAX_LAYERS
 from utils.storage import StorageError, load_pt, write_pt
 
 SIDES = ("prompt", "response")
-MAX_LAYER = 100_000
 
 
 class RawError(TraitError):
@@ -82,7 +82,7 @@ def validate_raw(data: Any, path: str | Path, hidden_size: int | None = None, n_
     meta = data.get("metadata", {})
     if meta is not None and not isinstance(meta, dict):
         raise RawError(f"{path}: 'metadata' must be a dict")
-    limit = n_layers if n_layers is not None else MAX_LAYER
+    limit = n_layers if n_layers is not None else MAX_LAYERS
     comps: dict[int, set[str]] = {}
     hidden = hidden_size
     n_tokens, token_ids = {}, {}

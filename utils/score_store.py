@@ -39,6 +39,8 @@ from core.aggregates import EMA_ALPHA, response_aggregates
 from core.clauses import clause_ids
 from core.errors import TraitError
 from utils import paths
+from utils.model_diff import CompareError, read_per_token_diff
+from utils.projections import ProjectionError, read_projection
 from utils.responses import ResponseError, load_response
 from utils.storage import StorageError, atomic_write, read_json, write_json
 
@@ -185,45 +187,25 @@ def group_sources(exp: str, group: Group) -> dict[str, Source]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading one source (format owners: utils/responses.py; projection and per_token_diff files read here)
-
-def _number_list(values: Any) -> bool:
-    """A list (its items are checked as numbers when they are read into a column: _scores)."""
-    return isinstance(values, list)
-
+# Reading one source (format owners: utils/responses.py, utils/projections.py, utils/model_diff.py)
 
 def read_projection_entries(path: Path) -> tuple[dict, list[dict]]:
-    """A projection JSON's metadata and vector entries (multi-vector format; trait-interp's single-vector one too)."""
+    """A projection JSON's metadata and vector entries, read and validated by utils/projections.py (multi-vector
+    format; trait-interp's single-vector one too)."""
     try:
-        data = read_json(path)
-    except StorageError as e:
+        proj = read_projection(path)
+    except ProjectionError as e:
         raise StoreError(str(e)) from e
-    if not isinstance(data, dict) or "projections" not in data:
-        raise StoreError(f"{path}: not a projection JSON (no 'projections')")
-    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    entries = data["projections"]
-    if isinstance(entries, dict):  # legacy single-vector file: the layer and method in metadata
-        src = meta.get("vector_source") if isinstance(meta.get("vector_source"), dict) else {}
-        entries = [{**entries, "layer": meta.get("layer", src.get("layer")),
-                    "method": meta.get("method", src.get("method"))}]
-    if not isinstance(entries, list) or not entries:
-        raise StoreError(f"{path}: 'projections' must be a non-empty list")
-    for e in entries:
-        if not isinstance(e, dict) or not isinstance(e.get("layer"), int) or isinstance(e.get("layer"), bool):
-            raise StoreError(f"{path}: every projection entry needs an integer 'layer'")
-        if not _number_list(e.get("response")) or not _number_list(e.get("prompt") or []):
-            raise StoreError(f"{path}: the entry at layer {e['layer']} needs numeric 'prompt' / 'response' lists")
-    return meta, entries
+    return dict(proj.metadata), [{**e.raw, "layer": e.layer, "method": e.method, "prompt": list(e.prompt),
+                                  "response": list(e.response)} for e in proj.entries]
 
 
 def _read_delta(path: Path) -> dict:
+    """A per_token_diff file, read and validated by utils/model_diff.py."""
     try:
-        d = read_json(path)
-    except StorageError as e:
+        return dict(read_per_token_diff(path))
+    except CompareError as e:
         raise StoreError(str(e)) from e
-    if not isinstance(d, dict) or not _number_list(d.get("per_token_delta")) or not isinstance(d.get("layer"), int):
-        raise StoreError(f"{path}: a per_token_diff file needs 'per_token_delta' (numbers) and an integer 'layer'")
-    return d
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core.errors import TraitError
+from utils.layers import MAX_LAYERS
 from utils.storage import StorageError, read_json, write_json
 
 KINDS = ("attention", "logit_lens")
-MAX_LAYERS = 100_000
 
 
 class VizError(TraitError):
