@@ -209,3 +209,38 @@ def test_interventions_from_extra_body(served):
     assert first["kind"] == "cap" and first["high"] == pytest.approx(0.01 * first["norm"], rel=1e-6)
     with pytest.raises(openai.BadRequestError, match="cap"):
         client.chat.completions.create(**ok, extra_body={"cap": f"{trait}:1"})
+
+
+def test_chat_web_app_serves_the_same_routes(served):
+    """The live chat's web app (what the Modal chat app deploys) mounts the same OpenAI routes over its session."""
+    import threading
+
+    import uvicorn
+
+    from inference.chat_session import ChatSession
+    from inference.chat_web import create_web_app
+
+    session = ChatSession("oa", "base")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_web_app(session), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="unused",
+                               max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [model_id(served)]
+        msgs = [{"role": "user", "content": "hi"}]
+        r = client.chat.completions.create(model="base", messages=msgs, max_tokens=5, temperature=0)
+        want = served["client"].chat.completions.create(model=model_id(served), messages=msgs, max_tokens=5,
+                                                        temperature=0)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert r.choices[0].model_extra["trait_scores"]["token_ids"] == want.choices[0].model_extra["trait_scores"]["token_ids"]
+    assert r.choices[0].model_extra["trait_scores"]["scores"] == want.choices[0].model_extra["trait_scores"]["scores"]
