@@ -53,7 +53,8 @@ from core.hooks import ActivationCapture, component_module, num_layers, run_forw
 
 KINDS = ("steer", "cap", "steer_when", "stop_when")
 FLAGS = {"steer": "--steer", "cap": "--cap", "steer_when": "--steer-when", "stop_when": "--stop-when"}
-GRAMMAR = {"steer": "TRAIT:LAYER:COEF[x][:all|prompt|response]", "cap": "TRAIT:LAYER:MAX[x] or TRAIT:LAYER:MIN[x]:MAX[x]",
+GRAMMAR = {"steer": "TRAIT:LAYER:COEF[x][:all|prompt|response]",
+           "cap": "TRAIT:LAYER:MAX[x] or TRAIT:LAYER:MIN[x]:MAX[x]",
            "steer_when": "TRAIT:LAYER:THRESHOLD:COEF[x][:each]", "stop_when": "TRAIT:LAYER:THRESHOLD"}
 POSITIONS = ("all", "prompt", "response")
 STOP_MONITOR = "monitor"

@@ -167,7 +167,8 @@ class ChatSession:
                 "dtype": self.lm.info.get("dtype"), "device": self.lm.info.get("device"),
                 "quantization": self.lm.info.get("quantization"), "num_layers": self.n_layers,
                 "load_time": round(self.load_seconds, 2), "loads_in_process": len(LOADS),
-                "vector_source": self.source.describe() if self.source else None, "traits": {t: v.describe(root) for t, v in self.best.items()},
+                "vector_source": self.source.describe() if self.source else None,
+                "traits": {t: v.describe(root) for t, v in self.best.items()},
                 "unavailable_traits": dict(self.unavailable), "stop_ids": list(self.stop_ids),
                 "special_ids": sorted(int(i) for i in self.lm.tokenizer.all_special_ids)}
 

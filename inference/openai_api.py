@@ -28,8 +28,8 @@ token (the first chunk: the prompt's ids, scores and the vectors). Scores are th
 
 Generation is the live chat's stream (greedy at temperature 0, the seeded sampler otherwise), the same tokens
 generate_responses.py writes for the same prompt. `finish_reason`: "stop" (an end-of-turn id or a stop
-string), "length", "content_filter" (a stop-when monitor ended it: trait_scores.stop_reason "monitor"). Stop strings end the text before the string; the streamed text holds back what could
-be the start of one.
+string), "length", "content_filter" (a stop-when monitor ended it: trait_scores.stop_reason "monitor").
+Stop strings end the text before the string; the streamed text holds back what could be the start of one.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime.
 import json
@@ -47,7 +47,8 @@ IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "
            "best_of")
 EXTENSIONS = ("traits", "layers", "steering", "system_prompt", "cap", "steer_when", "stop_when")
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-               "stream", "logprobs", "top_logprobs", "n", "frequency_penalty", "presence_penalty") + IGNORED + EXTENSIONS
+               "stream", "logprobs", "top_logprobs", "n", "frequency_penalty",
+               "presence_penalty") + IGNORED + EXTENSIONS
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "logprobs",
                      "n", "echo", "frequency_penalty", "presence_penalty") + IGNORED + EXTENSIONS
 
@@ -112,7 +113,7 @@ def _chat_messages(messages) -> list[dict]:
     return out
 
 
-def _common(body: dict, fields: tuple, session) -> dict:
+def _common(body: dict, fields: tuple) -> dict:
     """The checks both routes share -> keyword arguments of session.plan (and our own settings)."""
     unknown = sorted(set(body) - set(fields))
     if unknown:
@@ -326,7 +327,7 @@ def add_openai_routes(app, session, model_id: str, aliases=()) -> None:
 
     # --- chat ---------------------------------------------------------------------------------------------------
     def chat_settings(body: dict):
-        settings = _common(body, CHAT_FIELDS, session)
+        settings = _common(body, CHAT_FIELDS)
         want_lp = body.get("logprobs") or False
         if not isinstance(want_lp, bool):
             raise OpenAIError("logprobs: true or false", "logprobs")
@@ -382,7 +383,7 @@ def add_openai_routes(app, session, model_id: str, aliases=()) -> None:
 
     # --- completions --------------------------------------------------------------------------------------------
     def completion_settings(body: dict):
-        settings = _common(body, COMPLETION_FIELDS, session)
+        settings = _common(body, COMPLETION_FIELDS)
         if body.get("echo"):
             raise OpenAIError("echo: not supported", "echo")
         prompt = body.get("prompt")

@@ -181,6 +181,12 @@ def test_relative_steering_equals_absolute_with_the_printed_norm(lm, vec):
         assert res.ids == want
         unsteered = generate_batch(lm.model, [ids], pad, N_NEW, stop_ids=[-1])[0].ids
         assert res.ids != unsteered
+    # only on generated tokens: SteeringHook(positions="response") with the absolute coefficient
+    resp = parse_intervention("steer", f"t:{LAYER}:2x:response").with_vector(vec)
+    got_r = generate_batch(lm.model, prompts[1:], pad, N_NEW, stop_ids=[-1], interventions=[resp], skip_ids=special)[0]
+    with SteeringHook(lm.model, vec, LAYER, got_r.interventions[0]["coefficient"], positions="response"):
+        assert generate_batch(lm.model, prompts[1:], pad, N_NEW, stop_ids=[-1])[0].ids == got_r.ids
+    assert got_r.ids != unsteered and got_r.ids[0] == unsteered[0]     # the first token comes from the prompt forward
     msgs = list(stream_with_scores(lm.model, prompts[1], {}, N_NEW, stop_ids=[-1], interventions=[item],
                                    skip_ids=special))
     assert msgs[0]["interventions"][0]["norm"] == pytest.approx(got[1].interventions[0]["norm"], rel=1e-6)
