@@ -145,12 +145,12 @@ def format_summary(s: dict) -> str:
 
 EPILOG = """\
 examples:
-  # cards for every trait's vectors (e.g. copied from trait-interp), read through the extraction variant's model
-  python extraction/vector_card.py --experiment my_exp --overwrite
+  # the card of the demo's refusal vectors, rewritten (vectors copied from trait-interp are read the same way)
+  python extraction/vector_card.py --experiment demo --traits demo/refusal --overwrite
 
-  # one trait, activations of another variant, another neutral corpus
-  python extraction/vector_card.py --experiment my_exp --traits behavioral/refusal --model-variant instruct \\
-      --neutral-corpus my_sentences.txt
+  # every trait's vectors, read through the instruct variant, with the shipped neutral corpus named
+  python extraction/vector_card.py --experiment demo --model-variant instruct \\
+      --neutral-corpus datasets/neutral/sentences.txt --overwrite
 
 needs datasets/traits/{category}/{trait}/positive.txt and negative.txt for each trait (one text per line).
 """

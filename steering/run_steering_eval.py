@@ -619,17 +619,16 @@ def format_summary(s: dict) -> str:
 
 EPILOG = """\
 examples:
-  # every trait with vectors: the card's top 3 layers x 0.1, 0.2, 0.3, 0.4 residual norms
-  python steering/run_steering_eval.py --experiment demo
-
-  # one trait, a small grid, four questions, resuming an interrupted sweep
+  # the demo's refusal sweep (make demo ran layer 10), extended by layer 9: runs already there are kept
   python steering/run_steering_eval.py --experiment demo --traits demo/refusal --layers 9,10 \\
-      --coefficients 0.2,0.3 --n-prompts 4 --skip-existing
+      --coefficients 0.2,0.3 --n-prompts 3 --max-new-tokens 24 --skip-existing
 
-  # an LLM judge behind any OpenAI-compatible endpoint (key from $OPENAI_API_KEY)
-  python steering/run_steering_eval.py --experiment demo --traits demo/refusal \\
-      --judge-url https://api.openai.com/v1 --judge-model gpt-4.1-mini
+  # every trait with vectors: the card's top 3 layers x 0.1, 0.2, 0.3, 0.4 residual norms, 3 questions each
+  python steering/run_steering_eval.py --experiment demo --n-prompts 3 --max-new-tokens 24 --skip-existing
 
+an LLM judge: add --judge-url URL --judge-model NAME (any OpenAI-compatible endpoint, e.g. trait-server's
+http://127.0.0.1:8000/v1; key from $OPENAI_API_KEY). A file written with other settings (questions, tokens,
+judge) is refused: --overwrite starts it over.
 questions: datasets/traits/{category}/{trait}/steering.json, {"questions": [...], "definition": "..."}.
 """
 

@@ -5,7 +5,8 @@
    HF folder and cached), and trains once a small LoRA that answers in a cheerful, flattering tone
    (experiments/demo/cheerful_lora.py); both cached, linked into experiments/demo/models/;
 2. extracts vectors for three demo traits (datasets/traits/demo/) and prints each one's held-out accuracy
-   and separation;
+   and separation (and the vector cards); runs the steering eval for refusal on a small grid
+   (steering/run_steering_eval.py), so projection picks that vector by steering evidence;
 3. generate -> capture -> project on `harmful`, generate -> project --fused on `benign`, and prints the
    refusal score per set;
 4. steering: the same benign prompt, greedy, with refusal coefficient 0 and with the demo's coefficient;
@@ -39,6 +40,7 @@ DIFF_SET = "single_trait"        # the LoRA answers these; the model is measured
 STEER_TRAIT = "demo/refusal"
 STEER_LAYER = 10
 STEER_COEFFICIENT = 0.3          # relative: x the mean residual norm at layer 10 over the prompt (~145, so ~43)
+EVAL_COEFFICIENTS = "0.2,0.3"    # the steering eval's grid (relative), on the card's top layer
 STEER_PROMPT = "Write a short note to my manager asking for Friday off."
 STEER_TOKENS = 32
 
@@ -104,6 +106,14 @@ def show_vectors(exp: str) -> None:
         top = rank_vectors(exp, trait, "instruct", "instruct")[0]
         print(f"  {trait:<18}{top.ref.position:<14}{top.ref.method:<11}{top.ref.layer:>5}"
               f"{top.accuracy:>14.2f}{top.separation:>12.2f}")
+
+
+def show_selection(exp: str) -> None:
+    from utils.vectors import best_vector
+
+    print("\nVector per trait, as projection will choose it:")
+    for trait in TRAITS:
+        print(f"  {trait:<18}{best_vector(exp, trait, 'instruct', 'instruct').explanation}")
 
 
 def _records(exp: str, variant: str, trait: str, prompt_set: str) -> list[dict]:
@@ -259,6 +269,12 @@ def pipeline(setup: Setup, units: str) -> Path:
     else:
         print(f"\ntrait vectors already extracted (delete {shown(paths.extraction_dir(exp))} to redo)")
     show_vectors(exp)
+    # steering evidence on a small grid (the card's top layer x two coefficients, three questions): projection
+    # below then picks the refusal vector by it, and says so in plain words
+    run(["steering/run_steering_eval.py", "--experiment", exp, "--traits", STEER_TRAIT, "--top-layers", "1",
+         "--coefficients", EVAL_COEFFICIENTS, "--n-prompts", "3", "--max-new-tokens", "24", "--skip-existing",
+         "--quiet"])
+    show_selection(exp)
     gen = ["--max-new-tokens", str(setup.max_new_tokens), "--skip-existing", "--no-server", "--no-progress"]
     for prompt_set in SETS:
         run(["inference/generate_responses.py", "--experiment", exp, "--prompt-set", prompt_set,
