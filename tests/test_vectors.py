@@ -499,8 +499,8 @@ def test_reference_points_from_metadata_card_or_baseline_only(vec_exp):
     assert ref.spread == pytest.approx((12.5) ** 0.5)
     assert ref.relative(0.2 + 2 * ref.spread, "z") == pytest.approx(2.0)
     card.write_text(json.dumps({"trait": "cat/ref", "sets": {"response_all/residual/probe": {"2": {
-        **entry, "auroc": float("nan")}}}}))
-    with pytest.raises(TraitError, match=r"card\.json: sets\.response_all/residual/probe\.2: auroc must be a finite"):
+        **entry, "auroc": 1.5}}}}))
+    with pytest.raises(TraitError, match=r"card\.json: sets\.response_all/residual/probe\.2: auroc must lie in \[0, 1\]"):
         select_vectors("v", "cat/ref", "base", "base", layers="2")
 
 

@@ -388,7 +388,7 @@ def load_vector_metadata(exp: str, trait: str, variant: str, pos_dir: str, compo
         raise VectorError(f"{path.parent}: no metadata.json: an incomplete vector set (interrupted extraction?) is "
                           f"never used; re-run extraction/extract_vectors.py for trait {trait!r}")
     try:
-        meta = read_json(path)
+        meta = read_json(path, allow_nan=True)   # trait-interp wrote NaN metrics; they count as missing
     except StorageError as e:
         raise VectorError(str(e)) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
