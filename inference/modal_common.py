@@ -9,7 +9,7 @@
         .image_env()                     the settings baked into the image, so a container sees what was deployed
         .secrets()                       [the Hugging Face secret] when $TRAIT_HF_SECRET names one, else []
     building_app()                       True under the `modal` CLI (deploy / run / serve): when settings are checked
-    variant_entry(experiment, variant)   (variant name, config entry), read with plain json
+    variant_entry(experiment, variant)   (variant name, config entry), read by utils/config.py (no torch)
     image_mounts(experiment, variant)    (local folder, container folder, ignore) for each folder the image adds
     build_image(experiment, variant, env)  debian-slim + requirements.txt + those folders + env
 
@@ -18,7 +18,6 @@ so the CLIs and the tests import it anywhere, and a malformed setting never brea
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -170,14 +169,17 @@ class ModalSettings:
 
 
 def variant_entry(experiment: str, variant: str) -> tuple[str, dict]:
-    """(variant name, config entry) read with plain json at deploy time; ("", {}) when there is no config."""
+    """(variant name, config entry) at deploy time, read by utils/config.py (no torch); ("", {}) when there is no
+    valid config (the container's own load names the problem)."""
+    from utils.config import ConfigError, load_config
+
     try:
-        cfg = json.loads(paths.config_path(experiment).read_text(encoding="utf-8"))
-        variants = cfg["model_variants"]
-        name = variant or (cfg.get("defaults") or {}).get("application") or next(iter(variants))
-        return name, dict(variants.get(name) or {})
-    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+        cfg = load_config(experiment)
+    except ConfigError:
         return "", {}
+    variants = cfg["model_variants"]
+    name = variant or (cfg.get("defaults") or {}).get("application") or next(iter(variants))
+    return name, dict(variants.get(name) or {})
 
 
 def _python_only(rel: Path) -> bool:      # ignore predicate: True drops the file

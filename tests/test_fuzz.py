@@ -103,6 +103,9 @@ def built(tmp_path_factory, zoo, zoo_lora):
         (capture_raw_activations.main, base + ["--model-variant", B, "--responses-from", A]),
         (project.main, base + ["--model-variant", A, "--quiet"]),
         (project.main, base + ["--model-variant", B, "--quiet"]),
+        # per-prompt means of A's prompts 1 and 2 (compare_variants reads them instead of those raw files)
+        (project.main, base + ["--model-variant", A, "--quiet", "--fused", "--save-means", "--skip-existing",
+                               "--prompt-ids", "1,2"]),
         (compare_variants.main, base + ["--variant-a", A, "--variant-b", B, "--quiet", "--use-best-vector"]),
         (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--traits", "all", "--quiet"]),
         (extract_viz.main, base + ["--model-variant", A, "--attention", "--logit-lens"]),
@@ -286,6 +289,7 @@ def _targets(exp_dir: Path) -> list[tuple[str, Path, list[str]]]:
         ("response", inf / A / "responses" / SET / "2.json", ["capture", "viz", "per_token", "report"]),
         ("raw", inf / A / "raw" / "residual" / SET / "3.pt", ["project", "compare", "per_token"]),
         ("raw_b", inf / B / "raw" / "residual" / SET / "2.pt", ["compare", "report_compare"]),
+        ("means", inf / A / "raw" / "means" / SET / "1.pt", ["compare"]),
         ("calibration", inf / A / "massive_activations" / "calibration.json", ["project"]),
         ("projection", proj / "2.json", ["per_token", "report"]),
         ("projection_b", inf / B / "projections" / "behavioral" / "refusal" / SET / "3.json", ["project_b"]),

@@ -5,6 +5,7 @@
     load_response(path, vocab_size=None) -> dict                          validated: token_ids ints, prompt_end in range
     load_responses(exp, variant, prompt_set, prompt_ids=None, limit=None, vocab_size=None, suffix=None)
                                                                   -> [(prompt_id, dict)]
+    read_response(path, vocab_size=None) -> Response              the same checks, as the typed record (frozen)
     validate_response(data, where, vocab_size=None) -> dict       the checks load_response makes (types, ranges)
     write_response(path, record) -> bytes                          validate, then write atomically
     replay_note(exp, variant, prompt_set, existing, variants) -> str | None   why replacing existing responses
@@ -22,7 +23,7 @@
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils import paths
@@ -58,6 +59,33 @@ def load_response(path: str | Path, vocab_size: int | None = None) -> dict:
     except StorageError as e:
         raise ResponseError(str(e)) from e
     return validate_response(data, path, vocab_size)
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response JSON, validated: the ids (prompt + response), where the response starts, and its texts."""
+
+    path: Path
+    token_ids: tuple[int, ...]
+    prompt_end: int
+    tokens: tuple[str, ...] | None
+    prompt: str | None
+    response: str | None
+    system_prompt: str | None
+    responses_from: str | None
+    data: dict = field(repr=False, compare=False)          # the record as stored (extra keys: generation, ...)
+
+    @property
+    def response_ids(self) -> tuple[int, ...]:
+        return self.token_ids[self.prompt_end:]
+
+
+def read_response(path: str | Path, vocab_size: int | None = None) -> Response:
+    """The typed record of one response JSON (load_response's checks)."""
+    d = load_response(path, vocab_size)
+    toks = d.get("tokens")
+    return Response(Path(path), tuple(d["token_ids"]), d["prompt_end"], None if toks is None else tuple(toks),
+                    d.get("prompt"), d.get("response"), d.get("system_prompt"), d.get("responses_from"), d)
 
 
 def validate_response(data, path: str | Path, vocab_size: int | None = None) -> dict:
@@ -139,23 +167,22 @@ def scored_tokens(exp: str, variant: str, prompt_set: str, prompt_id: str, prefe
 
     rfile = paths.response_file(exp, variant, prompt_set, prompt_id)
     raw = paths.raw_file(exp, variant, prompt_set, prompt_id)
-    rjson = load_response(rfile) if rfile.exists() else None
-    if rjson is not None and (prefer == "response" or not raw.exists()):
-        ids, end, toks = rjson["token_ids"], rjson["prompt_end"], rjson.get("tokens")
-        return ScoredTokens(rfile, tuple(ids), tuple(toks) if toks is not None and len(toks) == len(ids) else None, end,
-                            rjson.get("response"), rjson.get("prompt"), rjson.get("system_prompt"))
+    rec = read_response(rfile) if rfile.exists() else None
+    if rec is not None and (prefer == "response" or not raw.exists()):
+        toks = rec.tokens if rec.tokens is not None and len(rec.tokens) == len(rec.token_ids) else None
+        return ScoredTokens(rfile, rec.token_ids, toks, rec.prompt_end, rec.response, rec.prompt, rec.system_prompt)
     if raw.exists():
         try:
-            rec = read_raw(raw)
+            raw_rec = read_raw(raw)
         except RawError as e:
             raise ResponseError(str(e)) from e
-        prm, resp = rec.side("prompt"), rec.side("response")
-        ids = tuple(rec.token_ids["prompt"]) + tuple(rec.token_ids["response"])
+        prm, resp = raw_rec.side("prompt"), raw_rec.side("response")
+        ids = tuple(raw_rec.token_ids["prompt"]) + tuple(raw_rec.token_ids["response"])
         toks = (tuple(prm["tokens"]) + tuple(resp["tokens"])
                 if prm.get("tokens") is not None and resp.get("tokens") is not None else None)
-        formatted = rjson.get("prompt") if rjson is not None else prm.get("text")
-        system = rjson.get("system_prompt") if rjson is not None else None
-        return ScoredTokens(raw, ids, toks, rec.n_tokens["prompt"], resp.get("text"), formatted, system)
+        formatted = rec.prompt if rec is not None else prm.get("text")
+        system = rec.system_prompt if rec is not None else None
+        return ScoredTokens(raw, ids, toks, raw_rec.n_tokens["prompt"], resp.get("text"), formatted, system)
     raise ResponseError(f"prompt {prompt_id}: no tokens for variant {variant!r}: neither {raw} nor {rfile} exists")
 
 

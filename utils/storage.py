@@ -22,13 +22,13 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
 from core.errors import TraitError
 
 
@@ -133,6 +133,8 @@ def _short(e: BaseException, limit: int = 200) -> str:
 
 def write_pt(path: str | Path, obj: Any) -> int:
     """Atomically torch.save `obj`. Returns the file size in bytes."""
+    import torch  # here, not at import: config and JSON readers (the Modal deploy) load this module without torch
+
     with atomic_write(path) as tmp:
         # through a file object: torch.save names the zip records after a path's stem, which here is the
         # random temp name, so the same tensors would give different bytes (and sha256) on every write
@@ -220,7 +222,8 @@ class BackgroundWriter:
 
 
 def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
         return sum(_tensor_bytes(v) for v in obj.values())
@@ -231,6 +234,8 @@ def _tensor_bytes(obj: Any) -> int:
 
 def load_pt(path: str | Path, mmap: bool = True) -> Any:
     """torch.load with weights_only=True (never unpickles code); mmap so only touched tensors are read."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise StorageError(f"{path}: file not found")

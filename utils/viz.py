@@ -32,6 +32,8 @@ class VizError(TraitError):
 
 @dataclass(frozen=True)
 class VizFile:
+    """One attention or logit-lens file: its header fields typed, the rows in `data` (checked, as stored)."""
+
     path: Path
     kind: str
     n_layers: int

@@ -315,6 +315,16 @@ def pipeline(setup: Setup, units: str) -> Path:
     return paths.report_file(exp, DIFF_SET, ("instruct", "lora"))
 
 
+def _config_or_none(exp: str) -> dict | None:
+    """The experiment's config.json as utils/config.py reads it, or None when it is not a valid one."""
+    from utils.config import ConfigError, load_config
+
+    try:
+        return load_config(exp)
+    except ConfigError:
+        return None
+
+
 def prepare_tiny(exp: str) -> None:
     """A tiny random-weight llama and LoRA in the experiment's models/, with the real demo's variant names."""
     import transformers
@@ -331,7 +341,7 @@ def prepare_tiny(exp: str) -> None:
                                  "lora": {"model": "models/tiny", "lora": "models/tiny_lora"}},
               "use_chat_template": None}
     path = exp_dir / "config.json"
-    if path.exists() and json.loads(path.read_text()) != config:
+    if path.exists() and _config_or_none(exp) != config:
         raise SystemExit(f"demo: {shown(path)} exists and is not the tiny demo's: choose another --experiment")
     build_model("llama", exp_dir / "models" / "tiny", seed=0)
     build_lora_adapter(exp_dir / "models" / "tiny", exp_dir / "models" / "tiny_lora", seed=1)
