@@ -13,6 +13,7 @@ trait-interp's own readers index (docs/formats.md).
     read_results(path) -> dict                                   a results.json for reading (report, demo): traits
                                                                  entries with finite numbers or null
     write_results(path, results) -> bytes                        atomically, viewer-safe
+    check_writable(out_dir)                                      no output path is a folder (before the first write)
     read_per_token_diff(path, n_tokens=None) -> dict             one per_token_diff/{trait}/{set}/{id}.json
     read_aggregate(path) -> dict                                 per_token_diff/{trait}/{set}/aggregate.json
     write_per_token_diff(path, rec) / write_aggregate(path, agg) validated, atomic
@@ -349,6 +350,13 @@ def viewer_safe(results: dict) -> dict:
     else:
         results.pop(INCOMPLETE, None)
     return results
+
+
+def check_writable(out_dir: Path) -> None:
+    """CompareError when one of compare_variants' output paths in `out_dir` is a folder (nothing written yet)."""
+    for name in (DIFF_FILE, DIFF_SIDECAR, MEANS_FILE, RESULTS_FILE):
+        if (out_dir / name).is_dir():
+            raise CompareError(f"{out_dir / name}: is a folder where an output file belongs; move it away")
 
 
 def write_results(path: Path, results: dict) -> int:

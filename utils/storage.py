@@ -44,6 +44,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     --skip-existing would trust.
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the whole file was written
+        raise StorageError(f"{path}: is a folder where the output file belongs; move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

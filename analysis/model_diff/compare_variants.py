@@ -50,8 +50,8 @@ from utils.flags import add_traits_flag, add_vector_flags
 from utils.layers import format_layers
 from utils.means import fp32_mean, load_means
 from utils.model_diff import (DIFF_FILE, EFFECT_KEYS, INCOMPLETE, MEANS_FILE, RESULTS_FILE, CompareError, ExistingDiff,
-                              first_line, keep_earlier_effect_sizes, load_existing_diff, read_old_results,
-                              write_diff_vectors, write_prompt_means, write_results)
+                              check_writable, first_line, keep_earlier_effect_sizes, load_existing_diff,
+                              read_old_results, write_diff_vectors, write_prompt_means, write_results)
 from utils.prompts import only_set_ids
 from utils.raw import check_finite, read_raw
 from utils.summaries import DEFAULT_UNITS, add_units_flag
@@ -484,6 +484,7 @@ def plan_compare(opts: CompareOptions) -> ComparePlan:
             plan.warn(f"prompt {pid} left out: {why}")
         plan.n_layers, plan.n_layers_source = model_layer_count(opts.experiment, opts.variant_a, plan.scan.layers)
     _choose_specs(plan)
+    check_writable(plan.out_dir)     # before the first write: an output path that is a folder fails here
     return plan
 
 
