@@ -41,8 +41,8 @@ from core.generation import GenerationResult, auto_batch_size, generate_in_batch
 from inference.model_server import TOKEN_ENV, ServerClient, ServerError, default_url, probe_server
 from utils import cli, paths
 from utils.config import Variant, load_config, resolve_variant, use_chat_template
-from utils.model import (LoadedModel, decode_tokens, format_prompt, load_tokenizer, load_variant, resolve_dtype,
-                         stop_token_ids, tokenize_continuation, tokenize_prompt)
+from utils.model import (LoadedModel, decode_tokens, format_prompt, load_model_config, load_tokenizer, load_variant,
+                         resolve_dtype, stop_token_ids, tokenize_continuation, tokenize_prompt)
 from utils.prompts import Prompt, PromptSet, PromptSetError, load_prompt_set, parse_prompt_ids
 from utils.responses import build_response, replay_note, write_response
 from utils.storage import StorageError, add_write_flags, guard_outputs, read_json
@@ -192,13 +192,20 @@ def _parse_interventions(o: GenerateOptions) -> tuple:
     return tuple(parsed)
 
 
-def resolve_interventions(experiment: str, parsed: Sequence, model) -> list:
-    """Each parsed intervention with its trait's unit vector at its layer (the vector choice of the live chat)."""
+def resolve_interventions(experiment: str, parsed: Sequence, model=None, config=None) -> list:
+    """Each parsed intervention with its trait's unit vector at its layer (the vector choice of the live chat);
+    the sizes come from the loaded `model`, or from its `config` when a server generates."""
     from core.hooks import num_layers
     from utils.vectors import resolve_vector_source
 
+    if not parsed:
+        return []
     source = resolve_vector_source(experiment, require_traits=False)
-    hidden, n = int(model.get_input_embeddings().weight.shape[-1]), num_layers(model)
+    if model is not None:
+        hidden, n = int(model.get_input_embeddings().weight.shape[-1]), num_layers(model)
+    else:
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden, n = int(cfg.hidden_size), int(cfg.num_hidden_layers)
     out = []
     for it in parsed:
         if not 0 <= it.layer < n:
@@ -308,8 +315,9 @@ class _Local:
 class _Server:
     name = "server"
 
-    def __init__(self, client: ServerClient, health: dict, batch_size: int | None):
+    def __init__(self, client: ServerClient, health: dict, batch_size: int | None, interventions: Sequence = ()):
         self.client, self.requested = client, batch_size
+        self.interventions = list(interventions)
         self.batch_size = batch_size or SERVER_BATCH_SIZE
         self.model_info = {k: health.get(k) for k in ("dtype", "quantization")}
 
@@ -318,10 +326,13 @@ class _Server:
 
     def generate(self, ids, max_new_tokens, temperature, top_p, row_seeds) -> list[GenerationResult]:
         try:
-            out = self.client.generate(ids, max_new_tokens, temperature, top_p, None, row_seeds, None, self.requested)
+            out = self.client.generate(ids, max_new_tokens, temperature, top_p, None, row_seeds, None, self.requested,
+                                       self.interventions)
         except ServerError as e:
             raise GenerateServerError(f"{e} (files written so far are complete; rerun with --skip-existing)") from e
-        return [GenerationResult(list(i), r) for i, r in zip(out["ids"], out["stop_reasons"])]
+        none = [None] * len(out["ids"])
+        return [GenerationResult(list(i), r, m, iv) for i, r, m, iv in
+                zip(out["ids"], out["stop_reasons"], out.get("monitors", none), out.get("interventions", none))]
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -339,16 +350,15 @@ def _backend(plan: GeneratePlan, loaded: LoadedModel | None) -> tuple[_Local | _
     if loaded is not None:
         return local(loaded), "model passed in by the caller", loaded.tokenizer
     client, why = None, "--no-server"
-    if plan.interventions:
-        why = "interventions (--steer/--cap/--steer-when/--stop-when) run in this process"
-    elif not o.no_server:
+    if not o.no_server:
         want = {"model_path": variant.model_path(exp), "lora_path": variant.lora_path(exp),
                 "quantization": "8bit" if o.load_in_8bit else "4bit" if o.load_in_4bit else None,
                 "dtype": str(resolve_dtype("auto")).replace("torch.", "")}
         client, why = probe_server(o.server_url or default_url(), want, os.environ.get(TOKEN_ENV) or None)
     if client is not None:
         _log(o.progress, f"generate: using the {why}")
-        return _Server(client, client.served, o.batch_size), why, load_tokenizer(variant.model_path(exp))
+        ivs = resolve_interventions(exp, plan.interventions, config=load_model_config(variant.model_path(exp)))
+        return _Server(client, client.served, o.batch_size, ivs), why, load_tokenizer(variant.model_path(exp))
     _log(o.progress, f"generate: loading {variant.name} ({variant.model}) locally: {why}")
     loaded = load_variant(exp, variant.name, load_in_8bit=o.load_in_8bit, load_in_4bit=o.load_in_4bit)
     return local(loaded), why, loaded.tokenizer
@@ -530,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "http://127.0.0.1:8765)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     g = p.add_argument_group("interventions (core/interventions.py; each repeatable; recorded in every file's "
-                             "generation block; they run with a local model, never the server)")
+                             "generation block; a model server applies them as a local model does)")
     g.add_argument("--steer", action="append", metavar="TRAIT:L:C[x][:POSITIONS]",
                    help="add C x the trait's unit vector at layer L; Cx = C x the mean residual norm at L over the "
                         "prompt (special tokens excluded; printed and recorded); positions all|prompt|response")

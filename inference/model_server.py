@@ -15,8 +15,9 @@
 
 Endpoints:
     GET  /health   -> {status, model, variant, lora, model_path, lora_path, dtype, device, quantization, stop_ids}
-    POST /generate {prompt_ids: [[int]], max_new_tokens, temperature, top_p, seed, row_seeds?, stop_ids?, batch_size?}
-                   -> {ids: [[int]], texts: [str], stop_reasons: [str]}
+    POST /generate {prompt_ids: [[int]], max_new_tokens, temperature, top_p, seed, row_seeds?, stop_ids?, batch_size?,
+                    interventions?: [{kind, spec, vector}]}
+                   -> {ids: [[int]], texts: [str], stop_reasons: [str]} (+ monitors, interventions: one per prompt)
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions   OpenAI-compatible (inference/openai_api.py):
                    the `openai` client works with base_url=http://127.0.0.1:8765/v1 and api_key=the token; each
                    choice carries `trait_scores` (per-token scores with the experiment's vectors, ids, provenance)
@@ -119,6 +120,7 @@ def create_app(loaded, token: str | None = None, experiment: str | None = None):
         row_seeds: list[StrictInt] | None = None
         stop_ids: list[StrictInt] | None = None
         batch_size: StrictInt | None = Field(None, ge=1)
+        interventions: list[dict] | None = None   # [{kind, spec, vector}] (core/interventions.py grammar)
 
     app = FastAPI(title="trait-inference model server", dependencies=[Depends(check_token)])
     session = ChatSession(experiment, loaded.info.get("variant"), loaded=loaded)
@@ -141,14 +143,39 @@ def create_app(loaded, token: str | None = None, experiment: str | None = None):
                                     detail=f"prompt_ids[{n}] has id {bad[0]} outside the vocabulary (size {vocab_size})")
         if req.row_seeds is not None and len(req.row_seeds) != len(req.prompt_ids):
             raise HTTPException(status_code=422, detail="row_seeds must have one seed per prompt")
+        items = _interventions(req.interventions)
         longest = max(len(p) for p in req.prompt_ids) + req.max_new_tokens
         with lock:
             results, _ = generate_in_batches(
                 model, req.prompt_ids, req.batch_size or auto_batch_size(model, longest), pad_id,
-                req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop_ids, req.row_seeds)
-        return {"ids": [r.ids for r in results],
-                "texts": [tok.decode(r.ids, skip_special_tokens=True) for r in results],
-                "stop_reasons": [r.stop_reason for r in results]}
+                req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop_ids, req.row_seeds,
+                items, tok.all_special_ids)
+        out = {"ids": [r.ids for r in results],
+               "texts": [tok.decode(r.ids, skip_special_tokens=True) for r in results],
+               "stop_reasons": [r.stop_reason for r in results]}
+        if items:
+            out.update({"monitors": [r.monitor for r in results], "interventions": [r.interventions for r in results]})
+        return out
+
+    def _interventions(given: list[dict] | None) -> list:
+        import torch
+
+        from core.interventions import InterventionError, Interventions, parse_intervention
+
+        items = []
+        for n, d in enumerate(given or []):
+            try:
+                if set(d) != {"kind", "spec", "vector"} or not isinstance(d["vector"], list):
+                    raise InterventionError("expected {kind, spec, vector: [floats]}")
+                items.append(parse_intervention(d["kind"], d["spec"], f"interventions[{n}]").with_vector(
+                    torch.tensor(d["vector"], dtype=torch.float32)))
+            except (InterventionError, TypeError, ValueError) as e:
+                raise HTTPException(status_code=422, detail=f"interventions[{n}]: {e}") from None
+        try:
+            Interventions(model, items)      # layer range and vector size, checked before generating
+        except InterventionError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        return items
 
     return app
 
@@ -201,10 +228,15 @@ class ServerClient:
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, row_seeds: list[int] | None = None,
-                 stop_ids: list[int] | None = None, batch_size: int | None = None) -> dict:
+                 stop_ids: list[int] | None = None, batch_size: int | None = None,
+                 interventions: list | None = None) -> dict:
+        """`interventions`: core.interventions.Intervention objects with their vectors (sent as lists)."""
         body: dict[str, Any] = {"prompt_ids": prompt_ids, "max_new_tokens": max_new_tokens,
                                 "temperature": temperature, "top_p": top_p, "seed": seed, "row_seeds": row_seeds,
                                 "stop_ids": stop_ids, "batch_size": batch_size}
+        if interventions:
+            body["interventions"] = [{"kind": it.kind, "spec": it.spec(), "vector": it.vector.tolist()}
+                                     for it in interventions]
         try:
             r = requests.post(f"{self.url}/generate", json=body, headers=self._headers(),
                               timeout=(5.0, self.timeout_s))

@@ -244,3 +244,18 @@ def test_chat_web_app_serves_the_same_routes(served):
         sock.close()
     assert r.choices[0].model_extra["trait_scores"]["token_ids"] == want.choices[0].model_extra["trait_scores"]["token_ids"]
     assert r.choices[0].model_extra["trait_scores"]["scores"] == want.choices[0].model_extra["trait_scores"]["scores"]
+
+
+def test_generate_with_interventions_through_the_server_equals_local(served, monkeypatch):
+    """generate_responses sends its interventions (with their vectors) to /generate: the files equal a local run's."""
+    monkeypatch.setenv("TRAIT_SERVER_TOKEN", TOKEN)
+    flags = dict(max_new_tokens=6, steer=["behavioral/refusal:1:0.5x"], stop_when=["cognitive/honesty:2:0.5"],
+                 cap=["behavioral/refusal:2:-0.1:0.1"], progress=False)
+    s = generate_responses("oa", "two", server_url=served["url"], output_suffix="iv_srv", **flags)
+    assert s["backend"] == "server", s["backend_reason"]
+    generate_responses("oa", "two", no_server=True, output_suffix="iv_loc", **flags)
+    for pid in ("a", "b"):
+        srv, loc = written(pid, "iv_srv"), written(pid, "iv_loc")
+        for d in (srv, loc):
+            d.pop("capture_date", None)
+        assert srv == loc and len(srv["generation"]["interventions"]) == 3
