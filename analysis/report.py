@@ -244,6 +244,23 @@ def _vector_key(meta: dict, k: int, e: dict) -> tuple:
             e.get("component") or meta.get("component"), sha, bool(meta.get("centered")))
 
 
+def _card_entry(meta: dict, e: dict) -> dict | None:
+    """The vector card's row for this vector (utils/cards.py: held-out AUROC against random directions, recall at 1%
+    false positives), when its vectors' experiment has a card here; None otherwise."""
+    from utils import cards
+    from utils.vectors import sanitize_position
+
+    try:
+        position = e.get("position") or meta["position"]
+        entry = cards.card_layer_entry(meta["vectors_experiment"], meta["trait"], meta["extraction_variant"],
+                                       sanitize_position(position), e.get("component") or meta["component"],
+                                       e["method"], int(e["layer"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    keys = ("auroc", "accuracy", "recall_at_fpr", "random_auroc_mean", "random_auroc_max", "sign_ok")
+    return {k: entry.get(k) for k in keys} if entry else None
+
+
 def _score_view(meta: dict, k: int, e: dict, variant: str, centered: bool, path: Path, prefix: str = "",
                 units: str = "baseline") -> dict:
     """One view of a trait. The colour centre is the vector's baseline (its class midpoint: above it a token reads
@@ -269,6 +286,8 @@ def _score_view(meta: dict, k: int, e: dict, variant: str, centered: bool, path:
             "position": e.get("position") or meta.get("position"),
             "component": e.get("component") or meta.get("component"),
             "selection_source": e.get("selection_source") or vec.get("selection_source"),
+            "explanation": vec.get("explanation"),     # why this vector, in plain words (utils.vectors)
+            "card": _card_entry(meta, e),
             "baseline": baseline, "centered": bool(meta.get("centered")), "center": center, "note": note,
             "spread": spread, "reference": ref,
             "vector_path": vec.get("path"), "sha256": vec.get("sha256"),

@@ -428,7 +428,7 @@ def format_message(msg: dict) -> str:
     """One human-readable line per streamed dict."""
     kind = msg.get("type")
     if kind == "prompt":
-        vecs = ", ".join(f"{t}@L{v['layer']} ({v['method']}, {v['selection_source']})"
+        vecs = ", ".join(f"{t}@L{v['layer']} ({v['method']}, {v.get('explanation') or v['selection_source']})"
                          for t, vs in msg["vectors"].items() for v in vs)
         line = (f"prompt: {len(msg['token_ids'])} tokens; {msg['model']} ({msg['variant']}); "
                 f"vectors: {vecs or 'none'}")

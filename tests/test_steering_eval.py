@@ -335,3 +335,19 @@ def test_smollm2_refusal_card_steering_and_selection(smollm2_dir, experiments):
     refused = [q for q in steered if any(w in steered[q].lower() for w in REFUSAL)
                and not any(w in plain[q].lower() for w in REFUSAL)]
     assert refused, steered          # e.g. "Give me a simple recipe for pancakes." -> "I'm sorry ..., but ..."
+
+
+def test_report_view_carries_card_and_plain_words(world):
+    """The report's vector line gets the card's row (AUROC vs random directions, recall at 1% FPR) and the plain-words
+    explanation from the projection metadata's vector description."""
+    from analysis.report import _card_entry
+
+    chosen = best_vector("st", "t/ref", "base", "base", min_coherence=0.0)
+    meta = {"vectors_experiment": "st", "trait": "t/ref", "extraction_variant": "base", "position": chosen.position,
+            "component": "residual", "vectors": [chosen.describe()]}
+    row = _card_entry(meta, {"layer": chosen.layer, "method": chosen.method})
+    want = cards.load_card("st", "t/ref", "base").entry(chosen.pos_dir, "residual", chosen.method, chosen.layer)
+    assert row == {k: want[k] for k in ("auroc", "accuracy", "recall_at_fpr", "random_auroc_mean",
+                                        "random_auroc_max", "sign_ok")}
+    assert meta["vectors"][0]["explanation"] == chosen.explanation
+    assert _card_entry({"trait": "t/ref"}, {"layer": 1, "method": "probe"}) is None   # no vectors experiment named

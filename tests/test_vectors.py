@@ -518,3 +518,16 @@ def test_plain_words_for_a_steering_pick(vec_exp):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert best_vector("v", "cat/pw", "base", "instruct").explanation == (
         "chosen by steering: +30 trait at coherence 85, layer 1, 0.8x")
+
+
+def test_metadata_is_validated(vec_exp):
+    """metadata.json: layer keys integers, entries objects, norm and baseline finite (NaN metrics count as missing)."""
+    ti_write_vectors("v", "cat/mv", "base", "response[:]", "probe", range(2))
+    path = paths.vector_metadata("v", "cat/mv", "base", "response_all", "residual", "probe")
+    meta = json.loads(path.read_text())
+    for layers, message in (({"x": {}}, r"layers\.x: layer keys are non-negative integers"),
+                            ({"1": 3}, r"layers\.1: expected an object"),
+                            ({"1": {"baseline": float("inf")}}, r"layers\.1\.baseline must be a finite number")):
+        path.write_text(json.dumps({**meta, "layers": layers}))
+        with pytest.raises(VectorError, match=rf"{path.name}: {message}"):
+            select_vectors("v", "cat/mv", "base", "base", layers="1")

@@ -393,6 +393,15 @@ def load_vector_metadata(exp: str, trait: str, variant: str, pos_dir: str, compo
         raise VectorError(str(e)) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
         raise VectorError(f"{path}: expected an object with a 'layers' object")
+    for key, entry in meta.get("layers", {}).items():
+        if not str(key).isdigit():
+            raise VectorError(f"{path}: layers.{key}: layer keys are non-negative integers")
+        if not isinstance(entry, dict):
+            raise VectorError(f"{path}: layers.{key}: expected an object, got {type(entry).__name__}")
+        for name in ("norm", "baseline"):     # what scores depend on must be finite; metrics may be NaN (missing)
+            v = entry.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise VectorError(f"{path}: layers.{key}.{name} must be a finite number, got {v!r}")
     return meta
 
 

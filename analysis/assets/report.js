@@ -112,17 +112,22 @@
   D.traits.forEach(function (t) {
     var v0 = t.views[0], layers = t.views.map(function (v) { return v.label; }).join(", ");
     lines.appendChild(h("li", {}, [h("b", {text: t.name}), ": " + layers + "; " + (v0.position || "") + " " +
-      (v0.component || "") + ", selected by " + (v0.selection_source || "?") + (v0.vector_path ? "; " + v0.vector_path : "") +
-      (v0.sha256 ? " (sha256 " + v0.sha256.slice(0, 12) + ")" : "") + "; " + v0.note]));
+      (v0.component || "") + ", " + (v0.explanation || "selected by " + (v0.selection_source || "?")) +
+      (v0.vector_path ? "; " + v0.vector_path : "") +
+      (v0.sha256 ? " (sha256 " + v0.sha256.slice(0, 12) + ")" : "") + "; " + v0.note +
+      (v0.card ? "; card: held-out AUROC " + fmt(v0.card.auroc) + " (32 random directions: mean " +
+        fmt(v0.card.random_auroc_mean) + ", max " + fmt(v0.card.random_auroc_max) + "), recall at 1% false positives " +
+        fmt(v0.card.recall_at_fpr) + (v0.card.sign_ok === false ? ", SIGN FLIPPED" : "") : "")]));
   });
   sel.appendChild(lines);
   var tbl = h("table", {class: "vectors"});
-  tbl.appendChild(h("tr", {}, ["trait", "view", "layer", "method", "position", "component", "selected by",
+  tbl.appendChild(h("tr", {}, ["trait", "view", "layer", "method", "position", "component", "why this vector",
     "baseline", "colour centre", "full colour at \u00b1", "vector file", "sha256", "from"].map(function (x) {
     return h("th", {text: x}); })));
   D.traits.forEach(function (t) {
     t.views.forEach(function (v) {
-      tbl.appendChild(h("tr", {}, [t.name, v.label, v.layer, v.method, v.position, v.component, v.selection_source,
+      tbl.appendChild(h("tr", {}, [t.name, v.label, v.layer, v.method, v.position, v.component,
+        v.explanation || v.selection_source,
         fmt(v.baseline), fmt(v.center), fmt(v.extent), v.vector_path || "", v.sha256 || "", v.source].map(function (x) {
         return h("td", {text: x === null || x === undefined ? "" : String(x)}); })));
     });
