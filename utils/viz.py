@@ -26,10 +26,6 @@ from utils.storage import StorageError, read_json, write_json
 KINDS = ("attention", "logit_lens")
 
 
-class VizError(TraitError):
-    """An attention / logit-lens JSON that does not have the documented shape; the message names it."""
-
-
 @dataclass(frozen=True)
 class VizFile:
     """One attention or logit-lens file: its header fields typed, the rows in `data` (checked, as stored)."""
@@ -37,15 +33,19 @@ class VizFile:
     path: Path
     kind: str
     n_layers: int
-    tokens: tuple[str, ...]
-    layers: tuple[int, ...]
-    model_variant: str | None
     data: Mapping[str, Any] = field(repr=False)      # the whole record as stored
+    tokens: tuple[str, ...] = ()
+    layers: tuple[int, ...] = ()
+    model_variant: str | None = None
 
     @property
     def rows(self) -> list:
         """attention: one entry per token; logit lens: one prediction per token but the last."""
         return self.data["attention" if self.kind == "attention" else "predictions"]
+
+
+class VizError(TraitError):
+    """An attention / logit-lens JSON that does not have the documented shape; the message names it."""
 
 
 def viz_file(folder: Path, prompt_id: str, kind: str) -> Path:
@@ -128,7 +128,7 @@ def parse_viz(d: Any, where: str | Path, kind: str, n_tokens: int | None = None)
         _check_attention(d, where, n_layers, tokens, layers)
     else:
         _check_lens(d, where, n_layers, tokens)
-    return VizFile(Path(where), kind, n_layers, tuple(tokens), tuple(layers), d.get("model_variant"), d)
+    return VizFile(Path(where), kind, n_layers, d, tuple(tokens), tuple(layers), d.get("model_variant"))
 
 
 def read_viz(path: str | Path, kind: str, n_tokens: int | None = None) -> VizFile:
