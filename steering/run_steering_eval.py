@@ -567,11 +567,12 @@ def _trait_summary(tp: TraitPlan, final, baseline: dict, min_coherence: float) -
 
 
 def _first_response(path: Path, line: int) -> str | None:
-    """The first response text of a run line (for the summary)."""
+    """The response of a run line that scored highest for the trait (the summary's example of what steering did)."""
     try:
         rec = json.loads(path.read_text(encoding="utf-8").splitlines()[line - 1])
-        return (rec.get("responses") or [{}])[0].get("response")
-    except (OSError, IndexError, ValueError):
+        rows = [r for r in rec.get("responses") or [] if r.get("trait") is not None]
+        return max(rows, key=lambda r: r["trait"])["response"] if rows else None
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
         return None
 
 
