@@ -43,7 +43,7 @@ if __package__ in (None, ""):   # `python inference/batch.py` without `pip insta
 
 from core.errors import TraitError
 from utils import cli, paths
-from utils.flags import add_projection_flags
+from utils.flags import add_capture_flags, add_generate_flags, add_projection_flags
 
 STAGES = ("generate", "capture", "project")
 SHARDS_PER_WORKER = 4              # default shards: a few per worker (finer resume, balanced tails)
@@ -840,17 +840,8 @@ def build_parser(prog: str = "trait-batch", epilog: str = EPILOG) -> argparse.Ar
     m.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds one shard may run")
     m.add_argument("--detach", action="store_true", help="run the orchestrator on Modal (.spawn) and return: a closed "
                                                          "laptop does not stop the run; `trait-batch status` follows it")
-    g = p.add_argument_group("generate (generate_responses.py)")
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, help="sampling seed (default: drawn once for every shard, printed)")
-    g.add_argument("--prefill", help="text appended after the chat template")
-    c = p.add_argument_group("capture (capture_raw_activations.py)")
-    c.add_argument("--components", help="comma list of residual, attn_contribution, mlp_contribution")
-    c.add_argument("--capture-mlp", action="store_true", help="also attn_contribution and mlp_contribution")
-    c.add_argument("--capture-layers", default="all", help="capture's --layers (default all)")
-    c.add_argument("--response-only", action="store_true", help="store response activations only")
+    add_generate_flags(p.add_argument_group("generate (generate_responses.py)"))
+    add_capture_flags(p.add_argument_group("capture (capture_raw_activations.py)"), layers_flag="--capture-layers")
     j = p.add_argument_group("project (project_raw_activations_onto_traits.py --fused)")
     add_projection_flags(j, layer_alias=False)   # the stage's own declaration (utils/flags.py): same names and help
     j.add_argument("--save-means", action="store_true", help="also write raw/means/{set}/{id}.pt (compare_variants)")

@@ -40,6 +40,7 @@ from utils.model import DTYPES, LoadedModel, load_model_config, load_tokenizer, 
 from utils.prompts import parse_prompt_ids
 from utils.raw import build_raw
 from utils.responses import TokenStrings, list_response_files, load_responses, replayed_response
+from utils.flags import add_capture_flags
 from utils.storage import BackgroundWriter, add_write_flags, guard_outputs
 
 
@@ -426,11 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--experiment", required=True, help="experiment folder name under experiments/")
     a("--prompt-set", required=True, help="prompt set name (nested names like rm_syco/train_100 work)")
     a("--model-variant", help="variant to capture (default: defaults.application of config.json)")
-    a("--components", default=None,
-      help=f"comma list of {', '.join(COMPONENTS)} (default: residual)")
-    a("--capture-mlp", action="store_true", help="also capture attn_contribution and mlp_contribution")
-    a("--layers", default="all", help="layers to capture: all, 16, 5,10,15, 5-20, 10-45:3, 30%%-60%%, -4--1 (default: all)")
-    a("--response-only", action="store_true", help="store response activations only (prompt tokens/text kept)")
+    add_capture_flags(p)
     a("--responses-from", metavar="VARIANT",
       help="read this variant's responses, write under --model-variant (and its missing response JSONs)")
     a("--prompt-ids", help="comma list of prompt ids to capture (default: all)")

@@ -45,6 +45,7 @@ from utils.model import (LoadedModel, decode_tokens, format_prompt, load_model_c
                          resolve_dtype, stop_token_ids, tokenize_continuation, tokenize_prompt)
 from utils.prompts import Prompt, PromptSet, PromptSetError, load_prompt_set, parse_prompt_ids
 from utils.responses import build_response, replay_note, write_response
+from utils.flags import add_generate_flags
 from utils.storage import StorageError, add_write_flags, guard_outputs, read_json
 
 SERVER_BATCH_SIZE = 32  # prompts per request (and per write) when talking to a server without --batch-size
@@ -520,12 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datasets/inference/SET.json (may be nested: a/b), or the path of a .json file of your own "
                         "(the set is then named by its stem: later stages take --prompt-set STEM)")
     p.add_argument("--model-variant", help="variant to use (default: defaults.application of the config)")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
-    p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed: same seed, same sample per prompt (default: drawn and recorded)")
-    p.add_argument("--prefill", default=None, help="text appended after the chat template (part of the prompt)")
+    add_generate_flags(p)
     p.add_argument("--from-responses", metavar="FILE", help="Mode B: import {prompt_id: response_text}, no weights")
     p.add_argument("--prompt-ids", metavar="A,B", default=None,
                    help="only these prompt ids of the set (comma list; natural id order; unknown ids are an error)")

@@ -10,6 +10,10 @@
     add_projection_flags(parser)                      project's choice of vectors, layers and scoring (--traits,
                                         --layer / --layers, --component, the vector flags, --multi-vector,
                                         --centered, --no-calibration): the stage's parser and the batch runner's
+    add_generate_flags(parser)                        generate's sampling: --max-new-tokens, --temperature, --top-p,
+                                        --seed, --prefill (generate_responses.py and the batch runner)
+    add_capture_flags(parser, layers_flag="--layers") capture's choice of what to store: --components, --capture-mlp,
+                                        --layers (the batch runner's --capture-layers), --response-only
 
 No torch here: the batch runner's --help answers without importing it.
 """
@@ -62,3 +66,25 @@ def add_projection_flags(p, layer_alias: bool = True) -> None:
     p.add_argument("--centered", action="store_true", help="subtract each vector's baseline (class midpoint)")
     p.add_argument("--no-calibration", action="store_true",
                    help="neither read nor compute massive-dims calibration (no massive_dim_data)")
+
+
+def add_generate_flags(p) -> None:
+    """How responses are sampled (generate_responses.py; the batch runner's generate stage)."""
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: same seed, same sample per prompt (default: drawn once and recorded)")
+    p.add_argument("--prefill", default=None, help="text appended after the chat template (part of the prompt)")
+
+
+def add_capture_flags(p, layers_flag: str = "--layers") -> None:
+    """What capture stores (capture_raw_activations.py); layers_flag: the batch runner spells it --capture-layers
+    (its --layers is project's), dest follows the flag name."""
+    p.add_argument("--components", default=None,
+                   help="comma list of residual, attn_contribution, mlp_contribution (default: residual)")
+    p.add_argument("--capture-mlp", action="store_true", help="also capture attn_contribution and mlp_contribution")
+    p.add_argument(layers_flag, default="all",
+                   help="layers to capture: all, 16, 5,10,15, 5-20, 10-45:3, 30%%-60%%, -4--1 (default: all)")
+    p.add_argument("--response-only", action="store_true",
+                   help="store response activations only (prompt tokens/text kept)")
