@@ -147,7 +147,7 @@ def test_malformed_config(experiments, text, message):
 
 def test_variant_without_model(experiments):
     experiments("exp", {"base": {"lora": "x"}})
-    with pytest.raises(ConfigError, match="variant 'base' needs a 'model' key"):
+    with pytest.raises(ConfigError, match="variant 'base' needs a 'model' string"):
         resolve_variant("exp")
 
 
