@@ -12,7 +12,7 @@ with --responses-from, its raw .pt; the projection JSONs of every trait; with --
 files, aggregate.json and results.json under model_diff/{A}_vs_{B}/; and extract_viz's attention / logit-lens
 files when they exist. Writes experiments/{exp}/analysis/report/{set}.html, or {set}_{A}_vs_{B}.html.
 
-    python analysis/report.py --experiment demo --prompt-set harmful --model-variant lora
+    python analysis/report.py --experiment demo --prompt-set single_trait --model-variant lora
 """
 from __future__ import annotations
 
@@ -625,9 +625,9 @@ def format_summary(s: ReportSummary) -> str:
 
 EPILOG = """\
 examples:
-  python analysis/report.py --experiment demo --prompt-set harmful --model-variant lora
+  python analysis/report.py --experiment demo --prompt-set single_trait --model-variant lora
   python analysis/report.py --experiment demo --prompt-set single_trait --compare instruct,lora
-  python analysis/report.py --experiment my_exp --prompt-set single_trait --traits behavioral/refusal --centered \\
+  python analysis/report.py --experiment demo --prompt-set harmful --traits demo/refusal --units raw \\
       --out /tmp/refusal.html
 
 Open the file in any browser (it makes no network request). Writes analysis/report/{set}.html, or

@@ -521,10 +521,10 @@ def format_summary(s: dict) -> str:
 EPILOG = """\
 examples:
   # every trait under datasets/traits/, every layer, at response[:5] and response[:] (trait-interp's defaults)
-  python extraction/extract_vectors.py --experiment my_exp
+  python extraction/extract_vectors.py --experiment demo --traits demo/refusal,demo/sycophancy,demo/formality
 
   # one trait, last token, probe only, a layer range
-  python extraction/extract_vectors.py --experiment my_exp --traits behavioral/refusal \\
+  python extraction/extract_vectors.py --experiment demo --traits demo/refusal \\
       --position 'response[-1]' --methods probe --layers 4-12
 
 dataset lines: a text written as the model's answer ("I'm sorry, I can't help with that."), or

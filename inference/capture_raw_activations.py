@@ -418,11 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "again from the ids. With --responses-from, the capturing variant also gets the response JSONs "
                     "it lacks (same ids, its own inference_model, responses_from naming the replayed variant).",
         epilog="""examples:
-  python inference/capture_raw_activations.py --experiment my_exp --prompt-set single_trait
-  python inference/capture_raw_activations.py --experiment my_exp --prompt-set harmful --capture-mlp --layers 10-20
-  # model-diff: the instruct model on rm_lora's tokens
-  python inference/capture_raw_activations.py --experiment my_exp --prompt-set rm_syco/train_100 \\
-      --model-variant instruct --responses-from rm_lora --skip-existing""")
+  python inference/capture_raw_activations.py --experiment demo --prompt-set benign
+  python inference/capture_raw_activations.py --experiment demo --prompt-set harmful --capture-mlp --output-suffix mlp
+  # model-diff: the instruct model on the LoRA's tokens
+  python inference/capture_raw_activations.py --experiment demo --prompt-set single_trait \\
+      --model-variant instruct --responses-from lora --skip-existing""")
     a = p.add_argument
     a("--experiment", required=True, help="experiment folder name under experiments/")
     a("--prompt-set", required=True, help="prompt set name (nested names like rm_syco/train_100 work)")

@@ -327,13 +327,13 @@ def _transfer(command: str, ns) -> dict:
 
 MODAL_EPILOG = f"""\
 examples:
-  python inference/modal_batch.py push --experiment demo --prompt-set harmful
+  python inference/modal_batch.py push --experiment demo --prompt-set harmful   # needs a Modal account
   modal run inference/modal_batch.py --experiment demo --prompt-set harmful --stages generate,project --gpus 8
   modal run inference/modal_batch.py --experiment demo --prompt-set harmful --gpus 8 --dry-run
   modal deploy inference/modal_batch.py
-  python inference/modal_batch.py --experiment demo --prompt-set harmful --gpus 8 --detach
-  python inference/modal_batch.py status --experiment demo
-  python inference/modal_batch.py pull --experiment demo --skip-raw
+  python inference/modal_batch.py --experiment demo --prompt-set harmful --gpus 8 --detach   # needs a Modal account
+  python inference/modal_batch.py status --experiment demo   # needs a Modal account
+  python inference/modal_batch.py pull --experiment demo --skip-raw   # needs a Modal account
   python inference/modal_batch.py --local --shards 3 --experiment demo --prompt-set harmful --dry-run
 
 This file's backend is modal (--local / --backend ray run elsewhere, as trait-batch does). `modal run` orchestrates

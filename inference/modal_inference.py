@@ -329,16 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "talks to the deployed app. Here (no Modal account): --local runs the same class in this process.",
         epilog="examples:\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt \"Tell me a story\" "
-               "--traits behavioral/refusal --max-new-tokens 32 --json\n"
+               "--traits demo/refusal --max-new-tokens 32 --json\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
-               "--steer behavioral/refusal:2:4.0:prompt\n"
+               "--steer demo/refusal:10:40:prompt\n"
                "  python inference/modal_inference.py --local --experiment demo --prompt Hi "
                "--steer demo/refusal:10:0.3x --stop-when demo/refusal:10:20\n"
                "  python inference/modal_inference.py --local --experiment demo --serve --port 8770 "
-               "--prompt \"Tell me a story\"   # then open the printed URL\n"
+               "--prompt \"Tell me a story\"   # serves until Ctrl-C: open the printed URL\n"
                "  TRAIT_EXPERIMENT=demo modal deploy inference/modal_inference.py\n"
-               "  python inference/modal_inference.py --warmup                     # the deployed app, model loaded\n"
-               "  python inference/modal_inference.py --prompt \"Tell me a story\"   # a chat with the deployed app")
+               "  python inference/modal_inference.py --warmup       # needs a Modal account: the deployed app, model "
+               "loaded\n"
+               "  python inference/modal_inference.py --prompt \"Tell me a story\"   # needs a Modal account: a chat "
+               "with the deployed app")
     p.add_argument("--local", action="store_true", help="run here (no Modal account) instead of on the deployed app")
     p.add_argument("--warmup", action="store_true",
                    help="the deployed app: wait until a container has loaded the model (then web requests answer "

@@ -342,8 +342,10 @@ class ServeOptions:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         description="Serve one model (and LoRA) over HTTP so generate_responses.py can skip loading it per run.",
-        epilog="examples:\n  python inference/model_server.py --experiment demo --model-variant instruct\n"
-               "  python inference/model_server.py --model google/gemma-2-2b-it --port 8766 --token s3cret\n\n"
+        epilog="examples:\n  python inference/model_server.py --experiment demo --model-variant instruct   "
+               "# serves until Ctrl-C\n"
+               "  python inference/model_server.py --model google/gemma-2-2b-it --port 8766 --token s3cret   "
+               "# serves until Ctrl-C\n\n"
                "generate_responses.py finds it at $TRAIT_SERVER_URL (default http://127.0.0.1:8765) and sends\n"
                "$TRAIT_SERVER_TOKEN. OpenAI-compatible clients: base_url http://127.0.0.1:8765/v1, api_key the\n"
                "token (any string without one), model as GET /v1/models lists it; per-token trait scores (with\n"

@@ -936,22 +936,22 @@ def _score_lines(s: dict) -> str:
 EPILOG = """\
 examples:
   # every discovered trait, each at its best layer (steering evidence, else held-out extraction accuracy)
-  python inference/project_raw_activations_onto_traits.py --experiment my_exp --prompt-set single_trait
+  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set harmful --skip-existing
 
-  # one layer for every trait; two traits only; subtract the class-midpoint baseline
-  python inference/project_raw_activations_onto_traits.py --experiment my_exp --prompt-set single_trait \\
-      --layer 16 --traits behavioral/refusal,cognitive/retrieval --centered
+  # one layer for every trait; two traits only; subtract the class-midpoint baseline; summaries in raw units
+  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set harmful \\
+      --layer 10 --traits demo/refusal,demo/formality --centered --units raw
 
   # both sides of a model diff with the same vectors (one steering variant for both)
-  python inference/project_raw_activations_onto_traits.py --experiment rm_syco --all-prompt-sets \\
-      --model-variant rm_lora --steering-variant instruct --layers best,best+2
+  python inference/project_raw_activations_onto_traits.py --experiment demo --all-prompt-sets \\
+      --model-variant instruct --steering-variant instruct --skip-existing
 
   # fused: no capture step and no raw files; the model runs over the stored responses' token ids
-  python inference/project_raw_activations_onto_traits.py --experiment my_exp --prompt-set single_trait --fused
+  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set benign --fused
 
-  # fused model diff: instruct replays rm_lora's responses, and writes the means compare_variants.py reads
-  python inference/project_raw_activations_onto_traits.py --experiment rm_syco --prompt-set rm_syco/train_100 \\
-      --fused --model-variant instruct --responses-from rm_lora --save-means --skip-existing
+  # fused model diff: instruct replays the LoRA's responses, and writes the means compare_variants.py reads
+  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set single_trait \\
+      --fused --model-variant instruct --responses-from lora --save-means --skip-existing
 """
 
 

@@ -1,8 +1,8 @@
 """The report's colour scale on a real model (SmolLM2): centred on the vector's baseline, its extent taken from the
 non-special tokens only. The vector points along the residual of the chat template's first token (<|im_start|>),
 so the special tokens score far out; the oracle recomputes the extent from the projection files and the
-tokenizer's special ids, and the page (headless Chromium) must show exactly that. The project summary states the
-baseline and the relative mean, checked against the same files.
+tokenizer's special ids, and the page (headless Chromium) must show exactly that. The project summary and the
+demo's per-set table state the baseline and the means relative to it, checked against the same files.
 """
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def test_report_colour_centre_is_the_baseline_and_scale_ignores_special_tokens(s
     line = next(line for line in out.splitlines() if line.strip().startswith("t/x L5"))
     assert f"mean response {(mean - BASELINE) / spread:+.3g} (held-out spreads ({spread:.3g}) from the baseline " \
            f"{BASELINE:.3g})" in line and f"{above:.0%} of {len(tokens)} response tokens above the baseline" in line
+
+    # the demo's per-set table (run_demo.set_means_lines) on the same files: baseline stated, means relative to it
+    from experiments.demo import run_demo
+
+    lines = run_demo.set_means_lines("r", "instruct", "t/x", ("s",), "z")
+    assert f"baseline {BASELINE:.3g}" in lines[0] and f"held-out spreads ({spread:.3g})" in lines[0]
+    prompt_mean = sum(sum(e["prompt"]) / len(e["prompt"]) for e in entries.values()) / len(entries)
+    row = lines[2].split()
+    assert row[:2] == ["s", "2"] and float(row[2]) == pytest.approx((prompt_mean - BASELINE) / spread, abs=0.006)
+    assert float(row[3]) == pytest.approx((mean - BASELINE) / spread, abs=0.006) and row[4] == f"{above:.0%}"
 
     assert rp.main(["--experiment", "r", "--prompt-set", "s", "--quiet"]) == 0
     special = set(tok.all_special_ids)

@@ -714,18 +714,18 @@ def _num(x: float | None) -> str:
 EPILOG = """\
 example (after capturing both variants on the same tokens, see the README's model-diff workflow):
   python analysis/model_diff/compare_variants.py \\
-      --experiment rm_syco \\
-      --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 --use-best-vector
+      --experiment demo \\
+      --variant-a instruct --variant-b lora \\
+      --prompt-set single_trait --use-best-vector
 
-  # explicit vectors, two traits
-  python analysis/model_diff/compare_variants.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 --method probe --position 'response[:5]' \\
-      --traits behavioral/refusal,alignment/deception
+  # explicit vectors, two traits, the mean difference in raw projection units
+  python analysis/model_diff/compare_variants.py --experiment demo --variant-a instruct --variant-b lora \\
+      --prompt-set single_trait --method probe --position 'response[:5]' \\
+      --traits demo/refusal,demo/formality --units raw
 
   # new vectors later, without the raw files: reuses diff_vectors.pt and prompt_means.pt
-  python analysis/model_diff/compare_variants.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 --use-best-vector --traits alignment/sycophancy --use-existing-diff
+  python analysis/model_diff/compare_variants.py --experiment demo --variant-a instruct --variant-b lora \\
+      --prompt-set single_trait --use-best-vector --traits demo/sycophancy --use-existing-diff
 
 Reads inference/{A|B}/raw/means/{set}/{id}.pt (per-prompt means) where they exist, raw/residual/ elsewhere.
 Writes model_diff/{A}_vs_{B}/{prompt_set}/diff_vectors.pt (trait-interp's [model layers, hidden] tensor),

@@ -603,14 +603,14 @@ def _num(x: float | None) -> str:
 EPILOG = """\
 example (after projecting both variants, see the README's model-diff workflow):
   python analysis/model_diff/per_token_diff.py \\
-      --experiment rm_syco \\
-      --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 \\
+      --experiment demo \\
+      --variant-a instruct --variant-b lora \\
+      --prompt-set single_trait \\
       --traits all --top-pct 5
 
-  # one trait at a fixed layer (--trait is trait-interp's spelling of --traits)
-  python analysis/model_diff/per_token_diff.py --experiment rm_syco --variant-a instruct --variant-b rm_lora \\
-      --prompt-set rm_syco/train_100 --traits alignment/deception --layer 12
+  # one trait, the mean delta in raw projection units
+  python analysis/model_diff/per_token_diff.py --experiment demo --variant-a instruct --variant-b lora \\
+      --prompt-set single_trait --traits demo/formality --units raw
 
 Writes model_diff/{A}_vs_{B}/per_token_diff/{trait}/{prompt_set}/{id}.json and aggregate.json.
 Delta = B - A per response token; clauses end after , . ; : ! ? em dash or newline.

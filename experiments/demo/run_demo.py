@@ -250,7 +250,9 @@ class Setup:
 
 
 REAL = Setup(EXP, EXTRACT_LAYERS, "0-29:3", STEER_LAYER, STEER_COEFFICIENT, MAX_NEW_TOKENS)
-TINY = Setup("demo_tiny", None, None, 1, 0.5, 24)     # relative coefficients: x the layer's prompt norm
+# relative coefficients: x the layer's prompt norm; 30 layers as SmolLM2, so every --help example's layers exist
+TINY = Setup("demo_tiny", EXTRACT_LAYERS, "0-29:3", STEER_LAYER, 0.5, 24)
+TINY_LAYERS = 30
 
 
 def shown(path: Path) -> Path:
@@ -343,7 +345,7 @@ def prepare_tiny(exp: str) -> None:
     path = exp_dir / "config.json"
     if path.exists() and _config_or_none(exp) != config:
         raise SystemExit(f"demo: {shown(path)} exists and is not the tiny demo's: choose another --experiment")
-    build_model("llama", exp_dir / "models" / "tiny", seed=0)
+    build_model("llama", exp_dir / "models" / "tiny", seed=0, num_hidden_layers=TINY_LAYERS)
     build_lora_adapter(exp_dir / "models" / "tiny", exp_dir / "models" / "tiny_lora", seed=1)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
