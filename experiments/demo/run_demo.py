@@ -8,14 +8,16 @@
    and separation (and the vector cards); runs the steering eval for refusal on a small grid
    (steering/run_steering_eval.py), so projection picks that vector by steering evidence;
 3. generate -> capture -> project on `harmful`, generate -> project --fused on `benign`, and prints the
-   refusal score per set;
+   refusal score per set relative to the vector's baseline (its class midpoint), in held-out spreads (--units);
 4. steering: the same benign prompt, greedy, with refusal coefficient 0 and with the demo's coefficient;
 5. a model diff of the LoRA against the model on the LoRA's own tokens (project --fused --save-means,
    compare_variants.py, per_token_diff.py), the HTML report, and a closing per-token table.
 
 Every stage is a script run as a user would (each command printed) and skips what exists, so a rerun is
 quick; `make clean-demo` starts over. `python experiments/demo/run_demo.py --tiny` (`make demo-tiny`) runs
-the same mechanics on a tiny random-weight model for machines that cannot fetch (its text is gibberish).
+the same pipeline on a tiny random-weight model for machines that cannot fetch (its text is gibberish), in
+experiments/demo_tiny, or with `--experiment demo` and a scratch $TRAIT_EXPERIMENTS_DIR in the layout every
+script's --help example uses (tests/test_help_examples.py).
 """
 from __future__ import annotations
 
