@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(final norm + lm_head + soft-capping, top-k per layer) from the response JSONs of a "
                     "model variant, written to analysis/per_token/{set}/{id}_attention.json and _logit_lens.json. "
                     "by_layer has one entry per model layer (empty for layers not in --layers).",
-        epilog="example:\n  python inference/extract_viz.py --experiment demo --prompt-set harmful "
+        epilog="example:\n  python inference/extract_viz.py --experiment demo --prompt-set benign "
                "--attention --logit-lens --layers 0-29:5 --heads mean --limit 2")
     p.add_argument("--experiment", required=True)
     p.add_argument("--prompt-set", required=True, help="responses/{set}/ to read (nested names allowed)")

@@ -938,16 +938,18 @@ examples:
   # every discovered trait, each at its best layer (steering evidence, else held-out extraction accuracy)
   python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set harmful --skip-existing
 
-  # one layer for every trait; two traits only; subtract the class-midpoint baseline; summaries in raw units
-  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set harmful \\
-      --layer 10 --traits demo/refusal,demo/formality --centered --units raw
-
   # both sides of a model diff with the same vectors (one steering variant for both)
   python inference/project_raw_activations_onto_traits.py --experiment demo --all-prompt-sets \\
       --model-variant instruct --steering-variant instruct --skip-existing
 
+  # one layer for every trait; two traits only; subtract the class-midpoint baseline; summaries in raw units;
+  # --overwrite replaces the set's earlier projections (another layer rule)
+  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set harmful \\
+      --layer 10 --traits demo/refusal,demo/formality --centered --units raw --overwrite
+
   # fused: no capture step and no raw files; the model runs over the stored responses' token ids
-  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set benign --fused
+  python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set harmful --model-variant lora \\
+      --fused
 
   # fused model diff: instruct replays the LoRA's responses, and writes the means compare_variants.py reads
   python inference/project_raw_activations_onto_traits.py --experiment demo --prompt-set single_trait \\
