@@ -5,7 +5,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo demo-tiny venv clean-demo
+.PHONY: test test-slow demo demo-tiny venv clean-demo
 
 venv: .venv/.installed
 
@@ -15,8 +15,12 @@ venv: .venv/.installed
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch .venv/.installed
 
+# `make test` leaves out the `slow` tier (minutes each on 2 cores); `make test-slow` runs it; CI runs both.
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: venv
+	$(PY) -m pytest -m slow
 
 demo: venv
 	$(PY) experiments/demo/run_demo.py

@@ -66,6 +66,7 @@ def experiments(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: uses a real trained model (utils/real_models.py; fetched once, then offline)")
+    config.addinivalue_line("markers", "slow: minutes on 2 cores; left out of `make test`, run by `make test-slow` and CI")
 
 
 def _real_model(name: str) -> Path:

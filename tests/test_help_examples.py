@@ -17,6 +17,8 @@ import pytest
 
 from utils import paths
 
+pytestmark = pytest.mark.slow  # the tiny demo plus every example as a subprocess: minutes on 2 cores
+
 REPO = paths.REPO_ROOT
 SCRIPTS = ["inference/generate_responses.py", "inference/capture_raw_activations.py",
            "inference/project_raw_activations_onto_traits.py", "inference/extract_viz.py",

@@ -16,7 +16,7 @@ import statistics
 
 import pytest
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 N_NEW = 32
 CAP_PROMPTS = ("1", "2", "3")       # single_trait: a lock, a novel's opening line, a job form
