@@ -38,7 +38,7 @@ from utils.flags import add_traits_flag, parse_traits
 from utils.model_diff import CompareError, read_aggregate, read_per_token_diff, read_results
 from utils.projections import ProjectionError, list_projected_traits, read_projection
 from utils.responses import ResponseError, scored_tokens
-from utils.storage import atomic_write
+from utils.storage import add_write_flags, atomic_write, guard_outputs
 from utils.viz import VizError, read_viz
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -65,6 +65,8 @@ class ReportOptions:
     viz_top_k: int = 5
     progress: bool = True
     units: str = "baseline"                  # raw: colour centred on 0; baseline / z: on each vector's baseline
+    overwrite: bool = False                  # replace an existing report (without it or skip_existing, refuse)
+    skip_existing: bool = False              # keep an existing report and build nothing
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ReportOptions":
@@ -76,7 +78,8 @@ class ReportOptions:
                 raise ReportError(f"--compare {ns.compare!r}: give two different variants as A,B (B - A is shown)")
             compare = (parts[0], parts[1])
         return cls(ns.experiment, ns.prompt_set, ns.model_variant, traits, compare, ns.centered, ns.out,
-                   ns.precision, ns.viz_suffix, ns.viz_top_k, progress=not ns.quiet, units=ns.units)
+                   ns.precision, ns.viz_suffix, ns.viz_top_k, progress=not ns.quiet, units=ns.units,
+                   overwrite=ns.overwrite, skip_existing=ns.skip_existing)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class ReportSummary:
     bytes: int
     seconds: float
     warnings: list[str]
+    kept: bool = False                       # --skip-existing kept the report that was there (nothing built)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -607,6 +611,9 @@ def report(opts: ReportOptions | None = None, **kwargs) -> ReportSummary:
     opts = opts or ReportOptions(**kwargs)
     t0 = time.perf_counter()
     plan = plan_report(opts)
+    if guard_outputs([plan.out], overwrite=opts.overwrite, skip_existing=opts.skip_existing) and opts.skip_existing:
+        return ReportSummary(str(plan.out), 0, 0, plan.traits, plan.out.stat().st_size, time.perf_counter() - t0,
+                             [], kept=True)
     data, warnings = build_data(plan)
     n_bytes = write_report(plan.out, render_html(data))
     return ReportSummary(str(plan.out), len(data["prompts"]), sum(len(p["t"]) for p in data["prompts"]),
@@ -617,6 +624,8 @@ def report(opts: ReportOptions | None = None, **kwargs) -> ReportSummary:
 # CLI
 
 def format_summary(s: ReportSummary) -> str:
+    if s.kept:
+        return f"report: {s.path} exists, kept (--skip-existing; --overwrite rebuilds it)"
     lines = [f"warning: {w}" for w in s.warnings]
     lines.append(f"report: {s.n_prompts} prompts, {s.n_tokens} tokens, {len(s.traits)} trait(s), "
                  f"{s.bytes / 1e6:.2f} MB in {s.seconds:.1f}s -> {s.path}")
@@ -628,11 +637,12 @@ examples:
   python analysis/report.py --experiment demo --prompt-set single_trait --model-variant lora
   python analysis/report.py --experiment demo --prompt-set single_trait --compare instruct,lora
   python analysis/report.py --experiment demo --prompt-set harmful --traits demo/refusal --units raw \\
-      --out /tmp/refusal.html
+      --out /tmp/refusal.html --overwrite
 
 Open the file in any browser (it makes no network request). Writes analysis/report/{set}.html, or
 {set}_{A}_vs_{B}.html with --compare (B - A per token from per_token_diff.py, its top clauses, and the
-effect sizes of compare_variants.py's results.json).
+effect sizes of compare_variants.py's results.json). An existing report is replaced only with --overwrite
+(--skip-existing keeps it).
 """
 
 
@@ -659,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read extract_viz files from analysis/per_token/{set}_{S}/ (its --output-suffix)")
     p.add_argument("--viz-top-k", type=int, default=5,
                    help="logit-lens predictions and attended tokens kept per layer (default 5; 0: leave them out)")
+    add_write_flags(p, "the report file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

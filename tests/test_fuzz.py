@@ -60,9 +60,10 @@ def _stages():
         "compare": (compare_variants.main, base + ["--variant-a", A, "--variant-b", B, "--quiet", "--use-best-vector"]),
         "existing_diff": (compare_variants.main, base + ["--variant-a", A, "--variant-b", B, "--quiet", "--use-best-vector",
                                                          "--use-existing-diff"]),
-        "per_token": (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--traits", "all", "--quiet"]),
-        "report": (report.main, base + ["--model-variant", A, "--quiet"]),
-        "report_compare": (report.main, base + ["--compare", f"{A},{B}", "--quiet"]),
+        "per_token": (per_token_diff.main, base + ["--variant-a", A, "--variant-b", B, "--traits", "all", "--quiet",
+                                                     "--overwrite"]),
+        "report": (report.main, base + ["--model-variant", A, "--quiet", "--overwrite"]),
+        "report_compare": (report.main, base + ["--compare", f"{A},{B}", "--quiet", "--overwrite"]),
     }
 
 

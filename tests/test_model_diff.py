@@ -423,7 +423,9 @@ def test_per_token_diff_numbers_and_single_prompt_nulls(experiments):
     out = paths.model_diff_dir("pt", "a", "b") / "per_token_diff" / "c/t" / "set"
     out.mkdir(parents=True)
     (out / "9.json").write_text("{}")      # a prompt of an earlier run, no longer in the set
-    s = ptd.per_token_diff("pt", "a", "b", "set", trait="c/t", progress=False)
+    with pytest.raises(ptd.TraitError, match="9.json exists"):   # removing an earlier run's file replaces it
+        ptd.per_token_diff("pt", "a", "b", "set", trait="c/t", progress=False)
+    s = ptd.per_token_diff("pt", "a", "b", "set", trait="c/t", progress=False, overwrite=True)
     assert not (out / "9.json").exists() and any("earlier run" in w for w in s["warnings"])
     rec = strict_json(out / "0.json")
     assert rec["per_token_delta"] == [1.0, 0.0, -2.0, 0.5] and rec["layer"] == 1 and s["layers"]["c/t"] == 1
@@ -437,6 +439,38 @@ def test_per_token_diff_numbers_and_single_prompt_nulls(experiments):
     assert agg["top_clauses_overall"][0]["text"] == "Yes," and agg["bottom_clauses_overall"][0]["text"] == " fine."
     assert agg["layer"] == 1 and agg["prompt_set"] == "set" and agg["top_pct"] == 5.0
     assert agg["per_position_count"] == [1, 1, 1, 1]
+
+
+def _tree(root: Path) -> dict[Path, tuple[bytes, int]]:
+    return {p: (p.read_bytes(), p.stat().st_ino) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_per_token_diff_rerun_refuses_skip_existing_keeps_overwrite_replaces(experiments, capsys):
+    """The rule of utils/storage.py: a rerun without flags refuses (one line naming a file, exit 2, every file
+    byte-identical); --skip-existing rewrites nothing; --overwrite replaces every file."""
+    _per_token_setup(experiments)
+    argv = ["--experiment", "pt", "--variant-a", "a", "--variant-b", "b", "--prompt-set", "set", "--traits", "all",
+            "--quiet"]
+    root = paths.model_diff_dir("pt", "a", "b")
+    assert ptd.main(argv) == 0
+    capsys.readouterr()
+    before = _tree(root)
+    assert len(before) == 3                                       # 0.json, 1.json, aggregate.json
+    assert ptd.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and ".json" in err[0] and "--overwrite" in err[0]
+    assert _tree(root) == before
+    assert ptd.main(argv + ["--skip-existing"]) == 0
+    assert "kept 3 existing" in capsys.readouterr().out
+    assert _tree(root) == before
+    write_projection("pt", "b", "c/t", "set", "1", {1: [9.0, 9.0, 9.0, 9.0], 2: [0.0] * 4}, best=1)
+    assert ptd.main(argv) == 2 and _tree(root) == before          # new inputs do not make a refusal write
+    assert ptd.main(argv + ["--overwrite"]) == 0
+    after = _tree(root)
+    assert set(after) == set(before) and all(after[p][1] != before[p][1] for p in before)   # renamed over
+    assert after[root / "per_token_diff/c/t/set/1.json"][0] != before[root / "per_token_diff/c/t/set/1.json"][0]
+    assert strict_json(root / "per_token_diff/c/t/set/1.json")["per_token_delta"] == [9.0, 8.0, 7.0, 6.0]
+    assert ptd.main(argv + ["--overwrite", "--skip-existing"]) == 2
 
 
 @pytest.mark.parametrize("break_it, needle", [

@@ -103,8 +103,9 @@ def env(pipeline, monkeypatch):
     return pipeline
 
 
-def make_report(args: list[str], capsys) -> tuple[int, str, str]:
-    code = rp.main([*args, "--quiet"])
+def make_report(args: list[str], capsys, write: str = "--overwrite") -> tuple[int, str, str]:
+    """The tests share one pipeline, so a report path is written again: --overwrite unless `write` says otherwise."""
+    code = rp.main([*args, "--quiet", *([write] if write else [])])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -295,6 +296,22 @@ def test_bad_input_is_one_line_and_writes_nothing(env, capsys, args, needle):
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert target.exists() == existed and _nothing_written(env)
+
+
+def test_a_rerun_without_flags_refuses_skip_existing_keeps_overwrite_replaces(env, capsys, tmp_path):
+    out_file = tmp_path / "rerun.html"
+    args = ["--experiment", "rep", "--prompt-set", SET, "--model-variant", "lora", "--out", str(out_file)]
+    assert make_report(args, capsys, write="")[0] == 0
+    before = (out_file.read_bytes(), out_file.stat().st_ino)
+    code, out, err = make_report(args, capsys, write="")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {out_file} exists") and "--overwrite" in err
+    assert (out_file.read_bytes(), out_file.stat().st_ino) == before and _nothing_written(env)
+    code, out, _ = make_report(args, capsys, write="--skip-existing")
+    assert code == 0 and "kept" in out and (out_file.read_bytes(), out_file.stat().st_ino) == before
+    assert make_report(args + ["--precision", "3"], capsys)[0] == 0            # --overwrite: a new file
+    assert out_file.stat().st_ino != before[1] and out_file.read_bytes() != before[0]
+    assert make_report(args + ["--skip-existing"], capsys)[0] == 2            # with --overwrite: contradictory
 
 
 def test_compare_on_different_tokens_is_refused(env, capsys, tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ from utils.flags import add_traits_flag, parse_traits
 from utils.model_diff import AGGREGATE_FILE, write_aggregate, write_per_token_diff
 from utils.projections import list_projected_traits
 from utils.responses import ResponseError, scored_tokens
+from utils.storage import add_write_flags, guard_outputs
 from utils.summaries import DEFAULT_UNITS, add_units_flag
 from utils.vectors import VectorError, resolve_vector_source
 
@@ -229,11 +230,14 @@ class PerTokenOptions:
     top_pct: float = 5.0
     progress: bool = True
     units: str = DEFAULT_UNITS
+    overwrite: bool = False                  # replace existing outputs (without it or skip_existing, refuse)
+    skip_existing: bool = False              # keep existing outputs, write only the missing ones
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "PerTokenOptions":
         return cls(ns.experiment, ns.variant_a, ns.variant_b, ns.prompt_set, ns.traits, ns.variant_a_prompt_set,
-                   ns.layer, ns.top_pct, progress=not ns.quiet, units=ns.units)
+                   ns.layer, ns.top_pct, progress=not ns.quiet, units=ns.units, overwrite=ns.overwrite,
+                   skip_existing=ns.skip_existing)
 
     def check_flags(self) -> None:
         if not (isinstance(self.top_pct, (int, float)) and 0 < self.top_pct <= 100):
@@ -520,17 +524,28 @@ def _aggregate(plan: PerTokenPlan, res: _TraitResult, layer: int, key: VectorKey
 # ---------------------------------------------------------------------------------------------------------
 # Running and writing
 
-def write_trait(res: _TraitResult, warn: Callable[[str], None]) -> list[str]:
-    """The per-prompt files and aggregate.json of one trait; per-prompt files of an earlier run are removed."""
+def _outputs(res: _TraitResult) -> list[Path]:
+    return [res.out_dir / f"{pid}.json" for pid in res.files] + [res.out_dir / AGGREGATE_FILE]
+
+
+def _stale(res: _TraitResult) -> list[Path]:
+    """Per-prompt files of an earlier run whose ids are not in this one (they would pass for current results)."""
+    return [p for stem, p in paths.files_by_id(res.out_dir, ".json").items()
+            if stem != "aggregate" and stem not in res.files]
+
+
+def write_trait(res: _TraitResult, warn: Callable[[str], None], keep: frozenset[Path] = frozenset()) -> list[str]:
+    """The per-prompt files and aggregate.json of one trait, except those in `keep` (--skip-existing); per-prompt
+    files of an earlier run are removed unless kept."""
     files = []
-    for pid, rec in res.files.items():
-        path = res.out_dir / f"{pid}.json"
-        write_per_token_diff(path, rec)
+    for path, rec in [(res.out_dir / f"{pid}.json", rec) for pid, rec in res.files.items()] + [
+            (res.out_dir / AGGREGATE_FILE, res.aggregate)]:
+        if path in keep:
+            continue
+        (write_aggregate if path.name == AGGREGATE_FILE else write_per_token_diff)(path, rec)
         files.append(str(path))
-    write_aggregate(res.out_dir / AGGREGATE_FILE, res.aggregate)
-    stale = [p for stem, p in paths.files_by_id(res.out_dir, ".json").items()
-             if stem != "aggregate" and stem not in res.files]
-    for p in stale:  # ids of an earlier run that are not in this one would pass for current results
+    stale = [p for p in _stale(res) if p not in keep]
+    for p in stale:
         p.unlink()
     if stale:
         warn(f"trait {res.trait}: removed {len(stale)} per-prompt file(s) of an earlier run not in this one")
@@ -552,12 +567,16 @@ def run_per_token(plan: PerTokenPlan) -> dict:
     results = [trait_diff(plan, ti, texts, tokens_of)
                for ti in tqdm(plan.traits, desc="per-token diff", unit="trait", file=sys.stderr,
                               disable=not o.progress)]
-    files = [f for r in results for f in write_trait(r, plan.warn)]
+    # every trait computed and checked: the rule for existing files (utils/storage.py) before the first write
+    existing = guard_outputs([p for r in results for p in _outputs(r) + _stale(r)], overwrite=o.overwrite,
+                             skip_existing=o.skip_existing)
+    keep = frozenset(existing) if o.skip_existing else frozenset()
+    files = [f for r in results for f in write_trait(r, plan.warn, keep)]
     return {
         "experiment": o.experiment, "variant_a": o.variant_a, "variant_b": o.variant_b, "prompt_set": plan.prompt_set,
         "traits": [r.trait for r in results], "skipped": plan.skipped,
         "layers": {r.trait: r.aggregate["layer"] for r in results},
-        "prompts": sum(len(r.files) for r in results), "files": files,
+        "prompts": sum(len(r.files) for r in results), "files": files, "kept": len(keep),
         "output_dirs": [str(r.out_dir) for r in results], "warnings": plan.warnings,
         "aggregates": {r.trait: r.aggregate for r in results}, "seconds": time.perf_counter() - t0,
         "units": o.units,
@@ -566,14 +585,15 @@ def run_per_token(plan: PerTokenPlan) -> dict:
 
 def per_token_diff(experiment: str, variant_a: str, variant_b: str, prompt_set: str, trait: str = "all",
                    variant_a_prompt_set: str | None = None, layer: int | None = None, top_pct: float = 5.0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, overwrite: bool = False, skip_existing: bool = False) -> dict:
     """Write per-prompt clause breakdowns and aggregate.json for each trait; returns a summary.
 
     Every trait is computed and checked in memory first; files are written only when all passed.
     Summary keys: traits (written), skipped ({trait: reason}), prompts, files, output_dirs, seconds.
     """
     return run_per_token(plan_per_token(PerTokenOptions(experiment, variant_a, variant_b, prompt_set, trait,
-                                                        variant_a_prompt_set, layer, top_pct, progress)))
+                                                        variant_a_prompt_set, layer, top_pct, progress,
+                                                        overwrite=overwrite, skip_existing=skip_existing)))
 
 
 def _trait_part(t: str, agg: dict, units: str) -> str:
@@ -588,6 +608,8 @@ def _trait_part(t: str, agg: dict, units: str) -> str:
 def format_summary(s: dict) -> str:
     parts = [_trait_part(t, s["aggregates"][t], s.get("units") or DEFAULT_UNITS) for t in s["traits"]]
     skipped = f"; skipped {len(s['skipped'])} trait(s)" if s["skipped"] else ""
+    if s.get("kept"):
+        skipped += f"; kept {s['kept']} existing file(s) (--skip-existing), wrote {len(s['files'])}"
     return (f"per-token diff {s['variant_b']} - {s['variant_a']} on {s['prompt_set']}: {s['prompts']} prompt files for "
             f"{len(s['traits'])} trait(s) ({'; '.join(parts)}){skipped} in {s['seconds']:.1f} s -> "
             f"{paths.model_diff_dir(s['experiment'], s['variant_a'], s['variant_b']) / 'per_token_diff'}")
@@ -608,9 +630,11 @@ example (after projecting both variants, see the README's model-diff workflow):
       --prompt-set single_trait \\
       --traits all --top-pct 5
 
-  # one trait, the mean delta in raw projection units
+  # one trait, the mean delta in raw projection units (--overwrite: the line above wrote its files)
   python analysis/model_diff/per_token_diff.py --experiment demo --variant-a instruct --variant-b lora \\
-      --prompt-set single_trait --traits demo/formality --units raw
+      --prompt-set single_trait --traits demo/formality --units raw --overwrite
+
+A rerun whose output files exist refuses unless --skip-existing (keep them) or --overwrite (replace them).
 
 Writes model_diff/{A}_vs_{B}/per_token_diff/{trait}/{prompt_set}/{id}.json and aggregate.json.
 Delta = B - A per response token; clauses end after , . ; : ! ? em dash or newline.
@@ -636,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-pct", type=float, default=5.0,
                    help="share of all clauses kept at each end in aggregate.json (default 5)")
     add_units_flag(p)
+    add_write_flags(p, "per-token diff files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

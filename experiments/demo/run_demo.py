@@ -312,9 +312,10 @@ def pipeline(setup: Setup, units: str) -> Path:
          "--units", units])
     pair = ["--variant-a", "instruct", "--variant-b", "lora"]
     run(["analysis/model_diff/compare_variants.py", *diff, *pair, "--use-best-vector", "--units", units])
-    run(["analysis/model_diff/per_token_diff.py", *diff, *pair, "--traits", "all", "--top-pct", "5", "--units", units])
+    run(["analysis/model_diff/per_token_diff.py", *diff, *pair, "--traits", "all", "--top-pct", "5", "--units", units,
+         "--skip-existing"])
     print("\n" + "\n".join(diff_lines(exp, units)))
-    run(["analysis/report.py", *diff, "--compare", "instruct,lora", "--quiet"])
+    run(["analysis/report.py", *diff, "--compare", "instruct,lora", "--quiet", "--skip-existing"])
     show_table(exp, "lora", DIFF_SET, TRAITS, units)
     return paths.report_file(exp, DIFF_SET, ("instruct", "lora"))
 
