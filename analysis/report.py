@@ -635,7 +635,7 @@ def format_summary(s: ReportSummary) -> str:
 EPILOG = """\
 examples:
   python analysis/report.py --experiment demo --prompt-set single_trait --model-variant lora
-  python analysis/report.py --experiment demo --prompt-set single_trait --compare instruct,lora
+  python analysis/report.py --experiment demo --prompt-set single_trait --compare instruct,lora --overwrite
   python analysis/report.py --experiment demo --prompt-set harmful --traits demo/refusal --units raw \\
       --out /tmp/refusal.html --overwrite
 

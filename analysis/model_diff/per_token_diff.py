@@ -623,14 +623,15 @@ def _num(x: float | None) -> str:
 # CLI
 
 EPILOG = """\
-example (after projecting both variants, see the README's model-diff workflow):
+example (after projecting both variants, see the README's model-diff workflow; --overwrite: `make demo` wrote
+these files):
   python analysis/model_diff/per_token_diff.py \\
       --experiment demo \\
       --variant-a instruct --variant-b lora \\
       --prompt-set single_trait \\
-      --traits all --top-pct 5
+      --traits all --top-pct 5 --overwrite
 
-  # one trait, the mean delta in raw projection units (--overwrite: the line above wrote its files)
+  # one trait, the mean delta in raw projection units (--overwrite: replaces what the line above wrote)
   python analysis/model_diff/per_token_diff.py --experiment demo --variant-a instruct --variant-b lora \\
       --prompt-set single_trait --traits demo/formality --units raw --overwrite
 
