@@ -305,11 +305,12 @@ REFUSAL = ("sorry", "can't", "cannot", "unable", "don't have the ability", "not 
 
 
 @pytest.mark.real
-def test_smollm2_refusal_card_steering_and_selection(smollm2_dir, experiments):
+def test_smollm2_refusal_card_steering_and_selection(smollm2_dir, experiments, monkeypatch):
     """SmolLM2-135M-Instruct and the demo refusal trait: the card's held-out AUROC beats the random directions' max;
     a small sweep over the card's top layer writes results.jsonl that trait-interp's reader reads; selection then
     picks the vector by steering (plain words), and the chosen coefficient makes the model refuse a benign request
     that it answers unsteered (the text)."""
+    monkeypatch.delenv("TRAIT_DATASETS_DIR", raising=False)    # the shipped demo traits, not the module's `world`
     experiments("sm", {"instruct": {"model": str(smollm2_dir)}})
     lm = load_model(str(smollm2_dir))
     extract_vectors("sm", traits="demo/refusal", position="response[:]", methods="probe", layers="10", loaded=lm,
