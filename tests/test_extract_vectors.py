@@ -303,8 +303,8 @@ def test_card_matches_hf(ext, hf, loaded, tmp_path, capsys):
     f_tp, f_tn, f_vp, f_vn, f_nu = (hf_features(hf, t) for t in (tp, tn, vp, vn, neutral_texts))
     for L in (1, 2):
         e = card.entry("response_all", "residual", "probe", L)
-        v = torch.load(paths.vector_file("x", "tone/kind", "base", "response_all", "residual", "probe", L),
-                       weights_only=True).double()
+        f = paths.vector_file("x", "tone/kind", "base", "response_all", "residual", "probe", L)
+        v = torch.load(f, weights_only=True).double()
         pv, nv, nu = f_vp[L] @ v, f_vn[L] @ v, f_nu[L] @ v
         assert e["auroc"] == pytest.approx(brute_auroc(pv, nv))
         assert e["accuracy"] == meta["layers"][str(L)]["val_accuracy"]

@@ -469,7 +469,9 @@ def test_pickle_payload_is_refused_not_run(built, tmp_path):
     with pytest.raises(RawError, match="payload.pt"):
         read_raw(bad)
     assert not marker.exists()
-    torch.load(bad, weights_only=False)  # the oracle: the payload is real, it does run when unpickled
+    from tests.malicious import unpickle_unsafely
+
+    unpickle_unsafely(bad)  # the oracle: the payload is real, it does run when unpickled
     assert marker.exists()
 
 

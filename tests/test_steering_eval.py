@@ -114,8 +114,8 @@ def test_sweep_matches_hf_and_trait_interp_reader(world):
     lines = [json.loads(l) for l in results_path().read_text().splitlines()]
     assert [l.get("type") for l in lines] == ["header", "baseline"] + [None] * 4
     judge_layer = t["judge_layer"]
-    jv = torch.load(paths.vector_file("st", "t/ref", "base", "response_all", "residual", "probe", judge_layer),
-                    weights_only=True)
+    jf = paths.vector_file("st", "t/ref", "base", "response_all", "residual", "probe", judge_layer)
+    jv = torch.load(jf, weights_only=True)
     ref = card.entry("response_all", "residual", "probe", judge_layer)
     tok = lm.tokenizer
     prompt_ids = [tokenize_prompt(tok, format_prompt(tok, q)[0]) for q in QUESTIONS[:2]]
@@ -135,8 +135,8 @@ def test_sweep_matches_hf_and_trait_interp_reader(world):
         traits, cohs = [], []
         for ids, row in zip(prompt_ids, rec["responses"]):
             if vec:   # the steered answer: HF generate, greedy, with the vector added by a hook written here
-                v = torch.load(paths.vector_file("st", "t/ref", "base", "response_all", "residual", "probe",
-                                                 vec["layer"]), weights_only=True)
+                vf = paths.vector_file("st", "t/ref", "base", "response_all", "residual", "probe", vec["layer"])
+                v = torch.load(vf, weights_only=True)
                 def add(_m, _i, o):
                     return (o[0] + vec["weight"] * v,) + tuple(o[1:]) if isinstance(o, tuple) else o + vec["weight"] * v
                 handle = hf.model.model.layers[vec["layer"]].register_forward_hook(add)
